@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Keep every cache inside the workspace (CI and shared machines).
+export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
+export WANDB_DIR := $(CURDIR)/.cache/wandb
+export WANDB_CACHE_DIR := $(CURDIR)/.cache/wandb
+export WANDB_CONFIG_DIR := $(CURDIR)/.cache/wandb
+export TORCH_HOME := $(CURDIR)/.cache/torch
+export HF_HOME := $(CURDIR)/.cache/huggingface
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+BENCHMARKS := $(patsubst benchmarks/%.py,%,$(filter-out benchmarks/_%,$(wildcard benchmarks/*.py)))
+
+.PHONY: venv demo test bench $(addprefix bench-,$(BENCHMARKS)) clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip==25.3"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fahr demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(addprefix bench-,$(BENCHMARKS))
+
+bench-%: $(STAMP)
+	$(PY) benchmarks/$*.py
+
+clean:
+	rm -rf runs data/synthetic_faces .cache .pytest_cache
