@@ -1,0 +1,1 @@
+"""The `fahr` command line: one console script, each subcommand a Hydra app."""

@@ -1,0 +1,60 @@
+"""`fahr <subcommand> [hydra overrides...]`.
+
+Start-up stays lazy: ``fahr --help`` imports neither torch nor Lightning; a subcommand imports only
+its own module. Each subcommand is a Hydra app, so it takes overrides (``trainer.max_steps=10``),
+``--cfg job`` (print the composed config), ``--help`` and ``-m`` (multirun).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with a Hydra `main`, one-line description)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("fahr.cli.pretrain", "MAE pretraining of a ViT on webdataset shards (conf/pretrain.yaml)"),
+    "export": ("fahr.cli.export", "a run's checkpoint -> export/model.safetensors + model_card.json"),
+    "demo": ("fahr.cli.demo", "synthetic faces -> MAE pretraining -> export, on a CPU in minutes"),
+}
+
+USAGE = """usage: fahr <command> [hydra overrides...]
+
+commands:
+{commands}
+
+examples:
+  fahr demo
+  fahr pretrain experiment=demo_pretrain trainer.max_steps=50
+  fahr pretrain experiment=fahr_face_pretrain --cfg job     # print the composed config
+  fahr export experiment=demo_pretrain                     # same overrides as the run
+  fahr <command> --help                                    # the command's config groups
+"""
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    return USAGE.format(commands="\n".join(f"  {n:<{width}}  {d}" for n, (_, d) in SUBCOMMANDS.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from fahr import __version__
+
+        print(f"fahr {__version__}")
+        return 0
+    command = argv[0]
+    if command not in SUBCOMMANDS:
+        print(f"fahr: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    sys.argv = [f"fahr-{command}", *argv[1:]]
+    module.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

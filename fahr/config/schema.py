@@ -1,0 +1,186 @@
+"""Structured (dataclass) schemas for the Hydra configs in ``conf/``.
+
+Every YAML file and every command-line override is merged into these typed nodes, so a misspelt
+key fails at start-up with a message naming it (e.g. ``Key 'max_stesp' not in 'TrainerConfig'``),
+and a wrong type (``trainer.max_steps=ten``) fails the same way. Add a field here before using it
+in a YAML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    data_dir: str = "${paths.root_dir}/data"
+    runs_dir: str = "${paths.root_dir}/runs"
+
+
+@dataclass
+class SyntheticShardsConfig:
+    """If set on a data config, the shards are generated (or reused) before training."""
+    out_dir: str = MISSING
+    num_samples: int = MISSING
+    samples_per_shard: int = 256
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    train_shards: Any = MISSING  # a brace pattern, `::`-separated string, or a list of shard URLs
+    samples_per_epoch: int = MISSING  # nominal, global over all ranks
+    batch_size: int = 64  # per device
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    image_size: int = 112
+    on_error: str = "skip"  # bad samples: "skip" (counted, logged) or "raise"
+    seed: int = 0
+    label_keys: list[str] = field(default_factory=list)
+    val_shards: Any = None
+    val_samples: int = 0
+    persistent_workers: bool = False
+    pin_memory: bool = False
+    clinical: bool = False  # clinical photos are never logged as images unless task.log_clinical_images
+    synthetic: bool = False
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    generate: Optional[SyntheticShardsConfig] = None
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_tiny"
+    img_size: int = 112
+    patch_size: int = 16
+    drop_path_rate: float = 0.0
+    global_pool: str = "token"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class PretrainTaskConfig:
+    name: str = "mae"
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
+    base_lr: float = 1.5e-4  # LR = base_lr * effective_batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 100
+    hflip: bool = True  # device-side horizontal flip augmentation
+    log_images_every_n_steps: int = 0  # 0 = never; reconstructions of non-clinical data only
+    log_clinical_images: bool = False
+    num_log_images: int = 8
+
+
+@dataclass
+class TrainerConfig:
+    """A subset of ``lightning.Trainer`` arguments; add a field to expose another."""
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: Any = "32-true"
+    max_steps: int = MISSING
+    max_epochs: int = -1
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    limit_val_batches: Any = None
+    val_check_interval: Any = None
+    num_sanity_val_steps: int = 0
+    fast_dev_run: Any = False
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    benchmark: Optional[bool] = None
+
+
+@dataclass
+class WandbConfig:
+    project: str = "fahr"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: Optional[str] = None  # None: WANDB_MODE from the environment; "offline" runs with no network
+    log_model: bool = False
+
+
+@dataclass
+class TensorBoardConfig:
+    subdir: str = "tensorboard"
+
+
+@dataclass
+class LoggerConfig:
+    """CSV (``metrics.csv`` in the run directory) is always on; W&B and TensorBoard are optional."""
+    wandb: Optional[WandbConfig] = None
+    tensorboard: Optional[TensorBoardConfig] = None
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_train_steps: int = 500
+    monitor: str = "train/loss_epoch"
+    mode: str = "min"
+    save_top_k: int = 1
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    throughput: bool = True
+    lr_monitor: bool = True
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = "last"  # "last", "best" or a path to a .ckpt
+    run_dir: Optional[str] = None  # default: the run directory this config resolves to
+    output_dir: Optional[str] = None  # default: <run_dir>/export
+
+
+@dataclass
+class PretrainConfig:
+    experiment_name: str = "default"
+    run_id: Optional[str] = None  # None: derived from a hash of the config (same command = same run)
+    seed: int = 0
+    resume: bool = True  # a run directory holding a checkpoint resumes it
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: PretrainTaskConfig = field(default_factory=PretrainTaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def register_schemas() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+
+
+def validate(cfg: Any, schema: type = PretrainConfig) -> None:
+    """Re-check a composed config against its schema.
+
+    Hydra's ``+key=value`` may append keys the schema does not know; this rejects them (and wrong
+    types) with the key named, before anything runs.
+    """
+    from omegaconf import OmegaConf
+
+    # merge a plain container: merging the DictConfig itself would carry its appended keys along
+    OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg, resolve=False))

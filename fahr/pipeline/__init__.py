@@ -1,0 +1,1 @@
+"""What each `fahr` subcommand does, as plain functions of a composed config (tests call these)."""

@@ -1,0 +1,107 @@
+"""Run identity, run directories, provenance and resume.
+
+A run lives in ``<paths.runs_dir>/<experiment_name>/<run_id>``. ``run_id`` is given, or derived from a
+hash of the config that determines the training trajectory, so the same command always lands in the
+same directory: re-running it after a crash or preemption resumes from ``checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import secrets
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fahr.utils.atomic import atomic_write_json, atomic_write_text
+
+# Keys that do not change what is trained: where files go, how it is watched, how it is exported.
+_IDENTITY_EXCLUDED = ("run_id", "paths", "logger", "export", "resume")
+_PROVENANCE_PACKAGES = (
+    "fahr", "torch", "torchvision", "lightning", "timm", "webdataset", "hydra-core", "omegaconf",
+    "numpy", "pillow", "safetensors", "wandb", "deepspeed",
+)
+RUN_FILE = "run.json"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def derive_run_id(cfg: DictConfig) -> str:
+    """``<experiment_name>-<8 hex>`` from a hash of the trajectory-defining config.
+
+    Hashed unresolved, so paths interpolated into data locations do not change the id.
+    """
+    container = OmegaConf.to_container(cfg, resolve=False)
+    identity = {k: v for k, v in container.items() if k not in _IDENTITY_EXCLUDED}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{cfg.experiment_name}-{digest[:8]}"
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    run_id = cfg.run_id or derive_run_id(cfg)
+    if "/" in run_id or run_id in {".", ".."}:
+        raise ValueError(f"run_id must be a plain name, got {run_id!r}")
+    return Path(cfg.paths.runs_dir) / cfg.experiment_name / run_id
+
+
+def find_resume_checkpoint(run_dir: Path) -> Path | None:
+    """``checkpoints/last.ckpt`` if the run has one (the saver always writes that name)."""
+    last = run_dir / "checkpoints" / LAST_CHECKPOINT
+    return last if last.is_file() else None
+
+
+def git_sha(repo_dir: Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the checkout holding ``fahr`` (``None`` outside a git checkout)."""
+    repo_dir = repo_dir or Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return {"sha": sha, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _PROVENANCE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Create the run directory and write ``config.yaml`` and ``provenance.json``.
+
+    ``run.json`` (run id, W&B id) is created once and kept across resumes; returns its content.
+    Only rank 0 should call this.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(run_dir / "provenance.json", {
+        "git": git_sha(), "packages": package_versions(), "python": sys.version.split()[0],
+        "platform": platform.platform(), "argv": sys.argv,
+    })
+    run_file = run_dir / RUN_FILE
+    if run_file.is_file():
+        return json.loads(run_file.read_text())
+    info = {"run_id": run_dir.name, "experiment_name": cfg.experiment_name,
+            "wandb_id": secrets.token_hex(6)}
+    atomic_write_json(run_file, info)
+    return info
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a fahr run directory (no {RUN_FILE})")
+    return json.loads(path.read_text())

@@ -1,0 +1,69 @@
+"""Shared fixtures: compose the real Hydra config and shrink it for CPU tests.
+
+Tests start from `conf/` exactly as users do and only override size (vit_test, few steps, tiny
+synthetic data set) and location (tmp dirs), as in lightning-hydra-template's tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from fahr.cli._hydra import config_dir
+from fahr.config.schema import register_schemas
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Keep tracker and library caches out of the home directory.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".cache" / "matplotlib"))
+
+
+def compose_config(config_name: str = "pretrain", overrides: list[str] | None = None) -> DictConfig:
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+# A tiny synthetic data set shared by the whole session: 8 shards x 32 faces.
+TINY_DATA = ["data.generate.num_samples=256", "data.generate.samples_per_shard=32", "data.batch_size=16",
+             "data.num_workers=0", "data.shuffle_buffer=64"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path, data_dir) -> list[str]:
+    """Overrides that shrink the real config to seconds on a CPU, writing under tmp_path."""
+    return [
+        "model=vit_test", "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.max_steps=4",
+        "trainer.log_every_n_steps=1", f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}",
+        "task.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=2", *TINY_DATA,
+    ]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_overrides) -> DictConfig:
+    return compose_config("pretrain", tiny_overrides)
+
+
+def shared_data(sub: str) -> Path:
+    """Path under ../shared/data, skipping the test with a reason when it is absent."""
+    path = SHARED_DATA / sub
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} (CI always has ../shared/data)")
+    return path
+
+
+__all__ = ["compose_config", "open_dict", "shared_data", "TINY_DATA", "REPO"]

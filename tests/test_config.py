@@ -1,0 +1,105 @@
+"""Every config composes; typos fail naming the key; the real recipe holds what it claims."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from conftest import REPO, compose_config
+from fahr.config.schema import validate
+from fahr.tasks.schedules import scaled_lr
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(experiment):
+    cfg = compose_config("pretrain", [f"experiment={experiment}"])
+    assert cfg.experiment_name == experiment
+    from omegaconf import OmegaConf
+
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("name", ["pretrain", "export", "demo"])
+def test_every_command_config_composes(name):
+    cfg = compose_config(name)
+    assert cfg.trainer.max_steps > 0
+
+
+def test_demo_is_the_demo_experiment():
+    assert compose_config("demo").experiment_name == "demo_pretrain"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.max_stesp=3", "max_stesp"),
+    ("+trainer.max_stesp=3", "max_stesp"),
+    ("data.batchsize=3", "batchsize"),
+    ("model.arhc=vit_base", "arhc"),
+])
+def test_misspelt_override_fails_naming_the_key(override, key):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
+        validate(compose_config("pretrain", [override]))
+    assert key in str(err.value) + str(err.value.__cause__)
+
+
+def test_wrong_type_fails():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("pretrain", ["trainer.max_steps=ten"])
+    assert "max_steps" in str(err.value) + str(err.value.__cause__)
+
+
+def test_fahr_face_pretrain_is_the_real_recipe():
+    cfg = compose_config("pretrain", ["experiment=fahr_face_pretrain"])
+    assert (cfg.model.arch, cfg.model.img_size, cfg.model.patch_size) == ("vit_base", 112, 16)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.strategy == "ddp"
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    effective = cfg.data.batch_size * world * cfg.trainer.accumulate_grad_batches
+    assert effective == 4096
+    assert scaled_lr(cfg.task.base_lr, effective) == pytest.approx(2.4e-3)
+    assert cfg.data.samples_per_epoch == 42_000_000
+    assert cfg.trainer.max_steps == 100 * 42_000_000 // 4096
+    assert cfg.logger.wandb is not None
+    assert cfg.data.train_shards.endswith("webface42m-{000000..004199}.tar")
+
+
+def test_run_id_is_derived_from_config_not_time(tmp_path):
+    from fahr.utils.run import derive_run_id, run_dir_for
+
+    a = compose_config("pretrain", [f"paths.root_dir={tmp_path}"])
+    b = compose_config("pretrain", [f"paths.root_dir={tmp_path / 'elsewhere'}", "logger=wandb"])
+    c = compose_config("pretrain", ["trainer.max_steps=7"])
+    assert derive_run_id(a) == derive_run_id(b)  # where it is written and how it is watched do not count
+    assert derive_run_id(a) != derive_run_id(c)
+    assert run_dir_for(a) == tmp_path / "runs" / "default" / derive_run_id(a)
+    named = compose_config("pretrain", ["run_id=my-run"])
+    assert run_dir_for(named).name == "my-run"
+
+
+def test_cli_help_lists_commands_without_importing_torch():
+    code = ("import sys; from fahr.cli.main import main; main(['--help']); "
+            "bad = [m for m in ('torch', 'lightning', 'timm') if m in sys.modules]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    for command in ("pretrain", "export", "demo"):
+        assert command in out.stdout
+
+
+def test_cli_unknown_command_fails():
+    out = subprocess.run([sys.executable, "-m", "fahr.cli.main", "pretrian"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "unknown command 'pretrian'" in out.stderr
+
+
+def test_cli_typo_fails_naming_the_key():
+    out = subprocess.run([sys.executable, "-m", "fahr.cli.main", "pretrain", "trainer.max_stesp=3"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode != 0 and "max_stesp" in out.stderr
+
+
+def test_configs_ship_as_package_data():
+    from importlib.resources import files
+
+    assert (Path(str(files("fahr.conf"))) / "pretrain.yaml").is_file()
