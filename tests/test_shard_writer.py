@@ -1,0 +1,250 @@
+"""Behaviour of the webdataset shard writer, index.json and the synthetic shard cache."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from fahr.data import synthetic
+from fahr.data.shard_writer import ShardWriter, read_index, verify_shards, write_synthetic_shards
+from fahr.data.synthetic import synthetic_face
+
+
+def _samples(n, seed=0):
+    out = []
+    for i in range(n):
+        image, labels = synthetic_face(i, seed)
+        out.append((f"s{i:04d}", image, labels))
+    return out
+
+
+def _jpeg_markers(data: bytes) -> list[int]:
+    """Segment markers before the scan data."""
+    markers, i = [], 2
+    while data[i] == 0xFF and data[i + 1] != 0xDA:
+        markers.append(data[i + 1])
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return markers
+
+
+def _read_back(out_dir: Path) -> list[dict]:
+    """All samples, in order, parsed by webdataset's tar iterator (with files we close ourselves)."""
+    samples = []
+    for s in read_index(out_dir)["shards"]:
+        with open(out_dir / s["name"], "rb") as f:
+            files = (dict(entry, __url__=s["name"]) for entry in tar_file_iterator(f))
+            samples += list(group_by_keys(files))
+    return samples
+
+
+# webdataset 1.0.2 leaves its shard streams for the garbage collector to close
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning", "ignore::ResourceWarning")
+def test_round_trip_keys_images_labels(tmp_path):
+    samples = _samples(25)
+    with ShardWriter(tmp_path, prefix="t", samples_per_shard=10, source="test") as w:
+        for key, image, labels in samples:
+            w.write(key, image, labels)
+        assert w.num_written == 25
+    urls = [str(tmp_path / s["name"]) for s in read_index(tmp_path)["shards"]]
+    read = list(webdataset.WebDataset(urls, shardshuffle=False))
+    gc.collect()
+    assert [s["__key__"] for s in read] == [k for k, _, _ in samples]
+    for got, (_, image, labels) in zip(read, samples):
+        decoded = np.asarray(Image.open(io.BytesIO(got["jpg"])).convert("RGB"))
+        assert decoded.shape == image.shape
+        assert np.abs(decoded.astype(np.int16) - image).mean() < 3
+        assert json.loads(got["json"]) == labels
+
+
+def test_index_counts_bytes_and_hashes(tmp_path):
+    with ShardWriter(tmp_path, prefix="t", samples_per_shard=10, source="test", extra_index={"note": "x"}) as w:
+        for key, image, labels in _samples(25):
+            w.write(key, image, labels)
+    index = read_index(tmp_path)
+    assert index["format"] == "fahr-shards/1" and index["source"] == "test" and index["synthetic"] is False
+    assert index["note"] == "x" and index["image_size"] == 112
+    assert [s["name"] for s in index["shards"]] == ["t-000000.tar", "t-000001.tar", "t-000002.tar"]
+    assert [s["num_samples"] for s in index["shards"]] == [10, 10, 5]
+    assert index["num_shards"] == 3 and index["num_samples"] == 25 == sum(s["num_samples"] for s in index["shards"])
+    for s in index["shards"]:
+        data = (tmp_path / s["name"]).read_bytes()
+        assert s["bytes"] == len(data)
+        assert s["sha256"] == hashlib.sha256(data).hexdigest()
+    labels = index["labels"]
+    ages = [lab["age"] for _, _, lab in _samples(25)]
+    assert sum(labels["age"]["histogram_by_decade"].values()) == 25
+    assert labels["age"]["histogram_by_decade"].get("20-29", 0) == sum(20 <= a < 30 for a in ages)
+    assert labels["age"]["mean"] == pytest.approx(np.mean(ages))
+    assert sum(labels["sex"].values()) == 25 and set(labels["sex"]) <= {"0", "1"}
+    assert 0 < labels["health"]["mean"] < 1 and labels["health"]["std"] > 0
+    verify_shards(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["index.json", "t-000000.tar", "t-000001.tar", "t-000002.tar"]
+
+
+def test_exception_mid_write_leaves_no_index_shards_or_temp_files(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardWriter(tmp_path, samples_per_shard=4) as w:
+            for i, (key, image, labels) in enumerate(_samples(6)):
+                w.write(key, image, labels)
+            raise RuntimeError("boom")  # one finished shard, one open
+    assert os.listdir(tmp_path) == []
+
+
+def test_duplicate_key_raises_and_writer_stays_usable(tmp_path):
+    (key, image, labels), (key2, image2, labels2) = _samples(2)
+    with ShardWriter(tmp_path) as w:
+        w.write(key, image, labels)
+        with pytest.raises(ValueError, match=f"duplicate.*{key}"):
+            w.write(key, image2, labels2)
+        w.write(key2, image2, labels2)
+    assert read_index(tmp_path)["num_samples"] == 2
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        ({"age": float("nan")}, "age"),
+        ({"health": float("inf")}, "health"),
+        ({"extra": object()}, "extra"),
+        ({"age": -3.0}, "age"),
+        ({"sex": 2}, "sex"),
+        ({"health": 1.5}, "health"),
+        ([("age", 30)], "dict"),
+    ],
+)
+def test_bad_labels_raise_naming_the_key(tmp_path, labels, match):
+    image = synthetic_face(0, 0)[0]
+    with ShardWriter(tmp_path) as w:
+        with pytest.raises(ValueError, match=f"'bad01'.*{match}|{match}.*'bad01'"):
+            w.write("bad01", image, labels)
+        w.write("ok", image, {"age": np.float32(30.5), "sex": np.int64(1), "site": "a", "health": None})
+    assert json.loads(_read_back(tmp_path)[0]["json"]) == {"age": 30.5, "sex": 1, "site": "a", "health": None}
+
+
+@pytest.mark.parametrize(
+    "image",
+    [np.zeros((112, 112, 3), np.float32), np.zeros((64, 64, 3), np.uint8), np.zeros((112, 112), np.uint8), b"not a jpeg"],
+)
+def test_bad_images_raise_naming_the_key(tmp_path, image):
+    with ShardWriter(tmp_path) as w:
+        with pytest.raises(ValueError, match="'img7'"):
+            w.write("img7", image, {"age": 30.0})
+
+
+@pytest.mark.parametrize("key", ["a.b", "a/b", "", "a b"])
+def test_bad_keys_rejected(tmp_path, key):
+    with ShardWriter(tmp_path) as w:
+        with pytest.raises(ValueError, match="key"):
+            w.write(key, synthetic_face(0, 0)[0], {})
+
+
+def test_jpeg_has_no_exif_and_encoded_bytes_are_stripped_losslessly(tmp_path):
+    image, labels = synthetic_face(1, 0)
+    exif = Image.Exif()
+    exif[0x010F] = "SomeCamera"  # Make
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90, exif=exif, comment=b"patient 123")
+    with_exif = buf.getvalue()
+    assert 0xE1 in _jpeg_markers(with_exif) and 0xFE in _jpeg_markers(with_exif)
+    with ShardWriter(tmp_path) as w:
+        w.write("array", image, labels)
+        w.write("bytes", with_exif, labels)
+    stored = {s["__key__"]: s["jpg"] for s in _read_back(tmp_path)}
+    for data in stored.values():
+        markers = _jpeg_markers(data)
+        assert 0xE1 not in markers and 0xFE not in markers  # no EXIF/XMP, no comment
+        assert not Image.open(io.BytesIO(data)).getexif()
+    original = np.asarray(Image.open(io.BytesIO(with_exif)))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored["bytes"]))), original)
+
+
+def test_existing_dataset_needs_overwrite_and_stale_shards_are_removed(tmp_path):
+    samples = _samples(12)
+    with ShardWriter(tmp_path, samples_per_shard=4) as w:
+        for s in samples:
+            w.write(*s)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ShardWriter(tmp_path)
+    with ShardWriter(tmp_path, samples_per_shard=4, overwrite=True) as w:
+        for s in samples[:5]:
+            w.write(*s)
+    assert sorted(os.listdir(tmp_path)) == ["index.json", "shard-000000.tar", "shard-000001.tar"]
+    verify_shards(tmp_path)
+
+
+def test_verify_shards_names_corrupt_and_missing_shards(tmp_path):
+    with ShardWriter(tmp_path, samples_per_shard=3) as w:
+        for s in _samples(6):
+            w.write(*s)
+    shard = tmp_path / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    verify_shards(tmp_path, check_hashes=False)  # same size
+    with pytest.raises(ValueError, match="shard-000001.tar"):
+        verify_shards(tmp_path)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="shard-000001.tar"):
+        verify_shards(tmp_path)
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        read_index(tmp_path / "nowhere")
+
+
+def _mtimes(d: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+
+
+def test_write_synthetic_shards_reuses_and_regenerates(tmp_path):
+    index = write_synthetic_shards(tmp_path, num_samples=10, samples_per_shard=4, seed=1)
+    assert index["synthetic"] is True and index["source"] == "synthetic" and index["num_shards"] == 3
+    assert index["generator"]["seed"] == 1 and index["generator"]["version"] == synthetic.GENERATOR_VERSION
+    read = _read_back(tmp_path)
+    assert [s["__key__"] for s in read] == [f"{i:09d}" for i in range(10)]
+    assert json.loads(read[3]["json"]) == synthetic_face(3, 1)[1]
+    before = _mtimes(tmp_path)
+
+    assert write_synthetic_shards(tmp_path, num_samples=10, samples_per_shard=4, seed=1) == index
+    assert _mtimes(tmp_path) == before  # nothing rewritten
+
+    other_seed = write_synthetic_shards(tmp_path, num_samples=10, samples_per_shard=4, seed=2)
+    assert other_seed["generator"]["seed"] == 2
+    assert other_seed["shards"][0]["sha256"] != index["shards"][0]["sha256"]
+
+    fewer = write_synthetic_shards(tmp_path, num_samples=10, samples_per_shard=5, seed=2)
+    assert fewer["num_shards"] == 2
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["synthetic-000000.tar", "synthetic-000001.tar"]
+
+    (tmp_path / "synthetic-000001.tar").unlink()  # a damaged cache is regenerated, not reused
+    again = write_synthetic_shards(tmp_path, num_samples=10, samples_per_shard=5, seed=2)
+    assert again == fewer
+    verify_shards(tmp_path)
+
+
+def test_write_synthetic_shards_never_replaces_a_real_dataset(tmp_path):
+    with ShardWriter(tmp_path, prefix="utk", source="utkface") as w:
+        w.write("a", *synthetic_face(0, 0))
+    with pytest.raises(FileExistsError, match="utkface"):
+        write_synthetic_shards(tmp_path, num_samples=3, samples_per_shard=3)
+    assert read_index(tmp_path)["source"] == "utkface"
+
+
+def test_synthetic_shards_are_byte_reproducible(tmp_path):
+    a = write_synthetic_shards(tmp_path / "a", num_samples=6, samples_per_shard=3, seed=4)
+    b = write_synthetic_shards(tmp_path / "b", num_samples=6, samples_per_shard=3, seed=4)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_command_line_entry(tmp_path):
+    synthetic.main(["--out", str(tmp_path), "--num-samples", "7", "--samples-per-shard", "3", "--seed", "5"])
+    index = read_index(tmp_path)
+    assert index["num_samples"] == 7 and index["num_shards"] == 3 and index["generator"]["seed"] == 5
