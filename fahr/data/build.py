@@ -1,0 +1,63 @@
+"""Build the shard DataModule from a ``data`` config node (generating synthetic shards if asked)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def shard_list_from_index(index_path: str | Path) -> list[str]:
+    """The shard paths listed in an ``index.json`` (as written by ``ShardWriter``), in order."""
+    from fahr.data.shard_writer import read_index
+
+    index_dir = Path(index_path).parent
+    index = read_index(index_dir)
+    return [str(index_dir / s["name"]) for s in index["shards"]]
+
+
+def resolve_train_shards(spec: str | list[str]) -> str | list[str]:
+    """An ``.../index.json`` path stands for the shards it lists; anything else is passed through."""
+    if isinstance(spec, str) and spec.endswith("index.json") and "://" not in spec and not spec.startswith("pipe:"):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"shard index not found: {spec}")
+        return shard_list_from_index(spec)
+    return spec
+
+
+def ensure_synthetic_shards(data: DictConfig, image_size: int) -> None:
+    """Generate the synthetic shards described by ``data.generate`` unless identical ones exist."""
+    if data.get("generate") is None:
+        return
+    from fahr.data.shard_writer import write_synthetic_shards
+
+    g = data.generate
+    index = write_synthetic_shards(g.out_dir, num_samples=g.num_samples, samples_per_shard=g.samples_per_shard,
+                                   seed=g.seed, image_size=image_size)
+    log.info("synthetic shards: %d samples in %d shards at %s", index["num_samples"], index["num_shards"], g.out_dir)
+
+
+def build_datamodule(data: DictConfig):
+    """A :class:`fahr.data.datamodule.ShardDataModule` for ``data`` (shards must exist)."""
+    from fahr.data.datamodule import ShardDataModule
+
+    val = data.val_shards
+    return ShardDataModule(
+        train_shards=resolve_train_shards(OmegaConf.to_object(data.train_shards)
+                                          if OmegaConf.is_config(data.train_shards) else data.train_shards),
+        samples_per_epoch=data.samples_per_epoch,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        seed=data.seed,
+        shuffle_buffer=data.shuffle_buffer,
+        label_keys=tuple(data.label_keys),
+        image_size=data.image_size,
+        on_error=data.on_error,
+        val_shards=resolve_train_shards(OmegaConf.to_object(val) if OmegaConf.is_config(val) else val) if val else None,
+        val_samples=data.val_samples,
+        persistent_workers=data.persistent_workers,
+        pin_memory=data.pin_memory,
+    )
