@@ -27,8 +27,8 @@ def select_checkpoint(run_dir: Path, which: str) -> Path:
         path = ckpt_dir / LAST_CHECKPOINT
     elif which == "best":
         last = torch.load(ckpt_dir / LAST_CHECKPOINT, map_location="cpu", weights_only=True)
-        best = [s.get("best_model_path") for k, s in last.get("callbacks", {}).items() if "ModelCheckpoint" in k]
-        best = [b for b in best if b]
+        best = [s["best_model_path"] for k, s in last.get("callbacks", {}).items()
+                if "ModelCheckpoint" in k and s.get("best_model_score") is not None and s.get("best_model_path")]
         if not best:
             raise FileNotFoundError(f"{run_dir}: no best checkpoint recorded (was a metric monitored?)")
         path = Path(best[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,12 +50,16 @@ class RunInfoInCheckpoint(Callback):
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, run_info: dict[str, Any]) -> list[Callback]:
     c = cfg.callbacks
+    every = c.checkpoint.every_n_train_steps
     callbacks: list[Callback] = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
-            every_n_train_steps=c.checkpoint.every_n_train_steps, save_last=True,
-            monitor=c.checkpoint.monitor, mode=c.checkpoint.mode, save_top_k=c.checkpoint.save_top_k,
-        ),
+        # Recovery: last.ckpt every N steps, unconditionally. Kept apart from the monitored saver
+        # because Lightning defers a monitored saver's `last` until its metric exists.
+        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=every, save_last=True,
+                        save_top_k=0, monitor=None),
+        # Best: top-k by the monitored metric, as step*.ckpt.
+        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}",
+                        auto_insert_metric_name=False, every_n_train_steps=every, save_last=False,
+                        monitor=c.checkpoint.monitor, mode=c.checkpoint.mode, save_top_k=c.checkpoint.save_top_k),
         RunInfoInCheckpoint(run_info),
     ]
     if c.throughput:
@@ -68,6 +73,21 @@ def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
         v = float(value)
         out[key] = v if math.isfinite(v) else str(v)
     return out
+
+
+def _silence_known_warnings() -> None:
+    """Lightning warnings that do not apply to the shard stream (each checked by a test instead)."""
+    # The stream sizes every worker's share itself (tests/test_shards.py checks exact coverage).
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+    # Device-side normalisation lives in the task on purpose; the datamodule has no such hook.
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningModule`.*")
+
+
+def _finish_trackers(loggers: list) -> None:
+    """Close W&B runs so a later run in the same process (a notebook, a test) starts its own."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish()
 
 
 def pretrain(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> RunResult:
@@ -96,21 +116,27 @@ def pretrain(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> RunRe
     callbacks = build_callbacks(cfg, run_dir, run_info) + list(extra_callbacks)
     if cfg.callbacks.lr_monitor and any(not type(lg).__name__.endswith("CSVLogger") for lg in loggers):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if cfg.data.val_shards is None:
+        trainer_args["limit_val_batches"] = 0  # no validation data: no empty validation loop
+    _silence_known_warnings()
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_args,
         default_root_dir=str(run_dir),
         logger=loggers,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the shard stream splits data by rank itself
     )
-    trainer.fit(task, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
-
-    last = run_dir / "checkpoints" / LAST_CHECKPOINT
-    if not cfg.trainer.fast_dev_run and not trainer.interrupted:
-        # ModelCheckpoint saves every N steps; make sure `last` holds the final step too.
-        trainer.save_checkpoint(str(last))
-    metrics = {**_final_metrics(trainer), "global_step": trainer.global_step}
-    if trainer.is_global_zero:
-        atomic_write_json(run_dir / "metrics.json", metrics)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                    weights_only=True)
+        if not cfg.trainer.fast_dev_run and not trainer.interrupted:
+            # ModelCheckpoint saves every N steps; make sure `last` holds the final step too.
+            trainer.save_checkpoint(str(run_dir / "checkpoints" / LAST_CHECKPOINT), weights_only=False)
+        metrics = {**_final_metrics(trainer), "global_step": trainer.global_step}
+        if trainer.is_global_zero:
+            atomic_write_json(run_dir / "metrics.json", metrics)
+    finally:
+        _finish_trackers(loggers)
     return RunResult(run_dir=run_dir, global_step=trainer.global_step, resumed_from=resume_from, metrics=metrics)

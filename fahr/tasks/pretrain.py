@@ -74,10 +74,11 @@ class MAEPretrainTask(L.LightningModule):
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.model(batch["image"])
-        self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True, sync_dist=False)
+        n = batch["image"].shape[0]
+        self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         if "n_skipped" in batch:
             self.log("data/skipped", batch["n_skipped"].float(), on_step=False, on_epoch=True,
-                     reduce_fx="sum", sync_dist=True)
+                     reduce_fx="sum", sync_dist=True, batch_size=n)
         every = self.cfg["log_images_every_n_steps"]
         if every and self.allow_image_logging and self.global_step % every == 0 and self.trainer.is_global_zero:
             self._log_reconstructions(batch["image"], out)
@@ -85,7 +86,8 @@ class MAEPretrainTask(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.model(batch["image"])
-        self.log("val/loss", out["loss"], on_epoch=True, sync_dist=True, prog_bar=True)
+        self.log("val/loss", out["loss"], on_epoch=True, sync_dist=True, prog_bar=True,
+                 batch_size=batch["image"].shape[0])
 
     # ---- optimisation ---------------------------------------------------------------------------
     def effective_batch_size(self) -> int:
