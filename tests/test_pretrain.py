@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 
 import lightning as L
@@ -40,6 +41,11 @@ def test_run_directory_layout(tiny_cfg):
     metrics = json.loads((d / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and "train/loss_step" in metrics
     assert not list(d.rglob("*.tmp")), "no temporary files left behind"
+    # the same command again: nothing left to train, nothing lost
+    before = (d / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    again = pretrain(tiny_cfg)
+    assert again.global_step == 4 and again.metrics["train/loss_step"] == metrics["train/loss_step"]
+    assert (d / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before
     # hparams and the LR rule are logged
     hparams = (d / "hparams.yaml").read_text()
     assert "lr/peak" in hparams and "batch/effective: 16" in hparams
@@ -205,3 +211,40 @@ def test_resume_in_a_later_epoch_streams_that_epochs_order(tiny_overrides):
         expected[epoch] = list(next(iter(make_loader(stream, num_workers=2)))["__key__"])
     assert expected[0] != expected[1]
     assert probe.keys == expected[1]
+
+
+def test_bf16_mixed_precision_runs(tiny_overrides):
+    """The GPU recipe's precision setting, exercised on the CPU (autocast to bfloat16)."""
+    result = pretrain(compose_config("pretrain", tiny_overrides + ["trainer.precision=bf16-mixed", "trainer.max_steps=2"]))
+    assert result.global_step == 2 and math.isfinite(result.metrics["train/loss_step"])
+
+
+def test_corrupt_sample_in_a_real_run_is_skipped_and_reported(tiny_overrides, tmp_path):
+    """One undecodable JPEG among 64 samples: training goes on and metrics report exactly one skip."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shards = []
+    for s in range(4):
+        path = tmp_path / f"bad-{s:06d}.tar"
+        with wds.TarWriter(str(path)) as w:
+            for i in range(s * 16, (s + 1) * 16):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                jpg = buf.getvalue() if i != 21 else b"\xff\xd8 this is not a jpeg"
+                w.write({"__key__": f"{i:09d}", "jpg": jpg, "json": b"{}"})
+        shards.append(str(path))
+    cfg = compose_config("pretrain", tiny_overrides + [
+        "data.generate=null", f"data.train_shards='{tmp_path}/bad-{{000000..000003}}.tar'", "data.samples_per_epoch=64",
+        "trainer.max_steps=4", "data.shuffle_buffer=0"])
+    result = pretrain(cfg)
+    assert result.global_step == 4  # 63 good samples, batch 16: the epoch still has its 4 batches
+    assert result.metrics["data/skipped"] == 1.0
+    with pytest.raises(Exception, match="000000021"):
+        pretrain(compose_config("pretrain", tiny_overrides + [
+            "data.generate=null", f"data.train_shards='{tmp_path}/bad-{{000000..000003}}.tar'", "data.samples_per_epoch=64",
+            "trainer.max_steps=4", "data.on_error=raise", "run_id=raises"]))

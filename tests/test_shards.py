@@ -299,3 +299,30 @@ def test_datamodule_resizes_and_fails_early(data8, tmp_path):
     dm = ShardDataModule(paths, samples_per_epoch=8, batch_size=4, num_workers=0, val_shards=val_paths)
     dm.setup("validate")
     assert dm.train_stream is None and dm.val_stream.samples_per_epoch == 12 and len(_keys(dm.val_dataloader())) == 12
+
+
+def test_http_shards_stream_like_local_ones(data8):
+    """http(s) URLs go through webdataset's gopen (curl); served here from loopback only."""
+    import functools
+    import http.server
+    import threading
+
+    shards, images = data8
+    folder = Path(shards[0]).parent
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        urls = expand_shards(f"http://127.0.0.1:{port}/shard-{{000000..000007}}.tar")
+        stream = ShardStream(urls, samples_per_epoch=80, batch_size=8, seed=0, shuffle_buffer=0,
+                             world_size=1, rank=0, num_workers=0)
+        keys = _keys(make_loader(stream, num_workers=0))
+        assert sorted(keys) == sorted(images)
+        missing = ShardStream([f"http://127.0.0.1:{port}/nope-000000.tar"], samples_per_epoch=8, batch_size=8,
+                              seed=0, shuffle_buffer=0, world_size=1, rank=0, num_workers=0)
+        with pytest.raises(ShardReadError, match="nope-000000.tar"):
+            list(make_loader(missing, num_workers=0))
+    finally:
+        server.shutdown()

@@ -6,6 +6,7 @@ The run directory is derived from the config (see :mod:`fahr.utils.run`); if it 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -36,6 +37,16 @@ class RunResult:
     global_step: int
     resumed_from: Path | None
     metrics: dict[str, float]
+
+
+class _SessionSteps(Callback):
+    """Counts the optimiser steps taken in this session (0 when resuming a finished run)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.steps += 1
 
 
 class RunInfoInCheckpoint(Callback):
@@ -113,7 +124,8 @@ def pretrain(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> RunRe
         allow_image_logging=(not cfg.data.clinical) or cfg.task.log_clinical_images,
     )
     loggers = build_loggers(cfg, run_dir, run_info)
-    callbacks = build_callbacks(cfg, run_dir, run_info) + list(extra_callbacks)
+    session = _SessionSteps()
+    callbacks = build_callbacks(cfg, run_dir, run_info) + [session] + list(extra_callbacks)
     if cfg.callbacks.lr_monitor and any(not type(lg).__name__.endswith("CSVLogger") for lg in loggers):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -131,12 +143,17 @@ def pretrain(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> RunRe
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
                     weights_only=True)
-        if not cfg.trainer.fast_dev_run and not trainer.interrupted:
+        if session.steps == 0:
+            log.info("run already complete at step %d (trainer.max_steps=%d): nothing to train",
+                     trainer.global_step, cfg.trainer.max_steps)
+        elif not cfg.trainer.fast_dev_run and not trainer.interrupted:
             # ModelCheckpoint saves every N steps; make sure `last` holds the final step too.
             trainer.save_checkpoint(str(run_dir / "checkpoints" / LAST_CHECKPOINT), weights_only=False)
-        metrics = {**_final_metrics(trainer), "global_step": trainer.global_step}
+        metrics_file = run_dir / "metrics.json"
+        previous = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        metrics = {**previous, **_final_metrics(trainer), "global_step": trainer.global_step}
         if trainer.is_global_zero:
-            atomic_write_json(run_dir / "metrics.json", metrics)
+            atomic_write_json(metrics_file, metrics)
     finally:
         _finish_trackers(loggers)
     return RunResult(run_dir=run_dir, global_step=trainer.global_step, resumed_from=resume_from, metrics=metrics)
