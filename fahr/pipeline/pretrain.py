@@ -40,7 +40,7 @@ class RunResult:
 
 
 class _SessionSteps(Callback):
-    """Counts the optimiser steps taken in this session (0 when resuming a finished run)."""
+    """Counts the training batches run in this session (0 when re-running a finished run)."""
 
     def __init__(self) -> None:
         self.steps = 0
