@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+FACENET := facenet-pytorch==2.6.0
 # Keep every cache inside the workspace (CI and shared machines).
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export WANDB_DIR := $(CURDIR)/.cache/wandb
@@ -22,6 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==25.3"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# facenet-pytorch (MTCNN, weights inside the wheel) declares torch<2.3 and numpy<2 although it runs
+	# with ours: installed without its dependency pins, or pip would fetch a second torch.
+	$(PY) -m pip install --quiet --no-deps "$(FACENET)"
 	touch $(STAMP)
 
 demo: $(STAMP)

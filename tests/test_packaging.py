@@ -10,8 +10,9 @@ from conftest import REPO
 
 def test_pyproject_lists_every_package():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "fahr").rglob("__init__.py")}
-    on_disk |= {"data_pipelines", "fahr.conf"}
+    on_disk = {".".join(p.parent.relative_to(REPO).parts)
+               for top in ("fahr", "data_pipelines") for p in (REPO / top).rglob("__init__.py")}
+    on_disk |= {"fahr.conf"}
     assert on_disk <= listed, f"add to pyproject.toml [tool.setuptools] packages: {sorted(on_disk - listed)}"
 
 

@@ -1,0 +1,120 @@
+"""Exact and near-duplicate photos, found before splitting.
+
+Exact duplicates share a SHA-256 of their bytes; near duplicates (re-encoded, resized, lightly
+edited copies) have 64-bit perceptual hashes (pHash: DCT of a 32x32 greyscale image, top-left 8x8
+coefficients against their median) within a small Hamming distance. Candidate pairs come from
+multi-index hashing (8 bytes of the hash; with a threshold below 8, near duplicates share at least
+one byte exactly), so the search stays near-linear instead of all-pairs.
+
+Policy: within a group of duplicates of one person, the first record (input order) is kept and the
+others are rejected (``duplicate:exact`` / ``duplicate:near``); a group spanning several persons is
+rejected entirely (``duplicate:conflicting_persons``): nobody can tell whose face it is, and keeping
+one copy could put the same face in two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+
+import numpy as np
+
+PHASH_THRESHOLD = 6  # bits out of 64
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def phash(image: np.ndarray) -> int:
+    """64-bit perceptual hash of an (H, W, 3) or (H, W) uint8 image."""
+    from PIL import Image
+
+    grey = Image.fromarray(image).convert("L").resize((32, 32), Image.Resampling.BILINEAR)
+    coeffs = _DCT32 @ np.asarray(grey, dtype=np.float64) @ _DCT32.T
+    low = coeffs[:8, :8].flatten()
+    bits = low > np.median(low[1:])  # the DC term would dominate the median
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+class Deduplicator:
+    """Collect (record id, person id, bytes, pHash), then :meth:`decide` which records to reject."""
+
+    def __init__(self, threshold: int = PHASH_THRESHOLD) -> None:
+        if not 0 <= threshold < 8:
+            raise ValueError("threshold must be in [0, 8) for multi-index hashing to find every pair")
+        self.threshold = threshold
+        self._ids: list[str] = []
+        self._persons: list[str] = []
+        self._sha: list[str] = []
+        self._phash: list[int | None] = []
+
+    def add(self, record_id: str, person_id: str, data: bytes, image: np.ndarray | None = None) -> None:
+        """Register a record; ``image`` (decoded) enables near-duplicate detection for it."""
+        self._ids.append(record_id)
+        self._persons.append(person_id)
+        self._sha.append(hashlib.sha256(data).hexdigest())
+        self._phash.append(phash(image) if image is not None else None)
+
+    def _groups(self) -> tuple[list[list[int]], dict[int, str]]:
+        """Groups (>= 2 records, sorted indices) of duplicates, and how each later member joined."""
+        parent = list(range(len(self._ids)))
+        kind: dict[int, str] = {}
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        def union(i: int, j: int, how: str) -> None:  # i < j: j is the later record
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+            kind.setdefault(j, how)
+
+        first_by_sha: dict[str, int] = {}
+        for i, sha in enumerate(self._sha):
+            if sha in first_by_sha:
+                union(first_by_sha[sha], i, "exact")
+            else:
+                first_by_sha[sha] = i
+        buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, h in enumerate(self._phash):
+            if h is None:
+                continue
+            for byte in range(8):
+                buckets[(byte, (h >> (8 * byte)) & 0xFF)].append(i)
+        for members in buckets.values():
+            for a_pos, i in enumerate(members):
+                for j in members[a_pos + 1:]:
+                    if find(i) != find(j) and hamming(self._phash[i], self._phash[j]) <= self.threshold:
+                        union(i, j, "near")
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i in range(len(self._ids)):
+            groups[find(i)].append(i)
+        return [sorted(m) for m in groups.values() if len(m) > 1], kind
+
+    def decide(self) -> dict[str, str]:
+        """Record id -> rejection reason, for every record to drop (kept records are absent)."""
+        groups, kind = self._groups()
+        rejected: dict[str, str] = {}
+        for members in groups:
+            if len({self._persons[i] for i in members}) > 1:
+                for i in members:
+                    rejected[self._ids[i]] = "duplicate:conflicting_persons"
+                continue
+            for i in members[1:]:
+                rejected[self._ids[i]] = f"duplicate:{kind.get(i, 'near')}"
+        return rejected
