@@ -1,0 +1,213 @@
+"""Generic source: a folder of photos described by a CSV manifest.
+
+Expected layout::
+
+    input_dir/
+        manifest.csv          # one row per photo
+        <any/relative/path>.jpg
+
+``manifest.csv`` (UTF-8, header row) columns:
+
+- ``file`` (required): the photo's path relative to ``input_dir`` (it may not leave ``input_dir``).
+- ``person_id`` (optional): who is in the photo. When the column is absent, or a cell is empty, each
+  file is its own person (``person_id`` = the ``file`` value), so person-disjoint splits are then
+  image-level.
+- ``age`` (optional): years, 0-120; ``sex`` (optional): 0 male / 1 female (``m``/``male``/``f``/``female``
+  are accepted); ``race`` (optional): the UTKFace coding 0-4. An empty cell means "unknown" (``None``).
+- any other column must be listed in ``keep_columns=[...]``; it is copied verbatim (a string, ``None``
+  when empty) into ``labels``. An unlisted column raises ``ValueError`` naming it, so nothing
+  unexpected (free text, identifiers) slips into the shards.
+
+Rows are yielded sorted by ``file``. Rejections: ``label:age`` / ``label:sex`` / ``label:race`` for
+unparsable or out-of-range labels, ``image:missing`` for a listed file that does not exist,
+``image:unreadable`` for one that cannot be read, ``image:path`` for a path outside ``input_dir``,
+``duplicate`` for a second row naming the same file.
+
+This module also holds the small parsing helpers the other sources share.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from data_pipelines.records import Record, RejectedError, Rejection
+
+MANIFEST = "manifest.csv"
+LABEL_COLUMNS = ("age", "sex", "race")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+def require_dir(input_dir: str | Path) -> Path:
+    path = Path(input_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"input directory not found: {path}")
+    return path
+
+
+def read_csv(path: Path, required: Iterable[str], allowed: Iterable[str] | None = None,
+             ) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a CSV with a header row; cells are stripped strings ('' when empty).
+
+    Raises FileNotFoundError when the file is absent, ValueError naming the required columns that are
+    missing and, when ``allowed`` is given, the columns that are neither required nor allowed.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = [name.strip() for name in next(reader)]
+        except StopIteration:
+            raise ValueError(f"{path}: empty CSV (no header row)") from None
+        required = list(required)
+        missing = [name for name in required if name not in header]
+        if missing:
+            raise ValueError(f"{path}: missing required column(s) {missing} (found {header})")
+        if allowed is not None:
+            known = set(required) | set(allowed)
+            unknown = [name for name in header if name not in known]
+            if unknown:
+                raise ValueError(f"{path}: unexpected column(s) {unknown}; allowed: {sorted(known)}")
+        duplicated = sorted({name for name in header if header.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"{path}: duplicated column(s) {duplicated}")
+        rows = []
+        for cells in reader:
+            if not any(cell.strip() for cell in cells):
+                continue  # blank line
+            cells = [cell.strip() for cell in cells] + [""] * (len(header) - len(cells))
+            rows.append(dict(zip(header, cells)))  # extra cells beyond the header are dropped
+    return header, rows
+
+
+def parse_float(value: Any, field: str) -> float | None:
+    """'' / None -> None; otherwise a float (NaN kept so the caller's range check rejects it)."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RejectedError(f"label:{field}", f"not a number: {value!r}") from None
+
+
+def parse_age(value: Any, field: str = "age", required: bool = False) -> float | None:
+    age = parse_float(value, field)
+    if age is None:
+        if required:
+            raise RejectedError(f"label:{field}", "missing")
+        return None
+    if math.isnan(age) or not 0.0 <= age <= 120.0:
+        raise RejectedError(f"label:{field}", f"age out of range [0, 120]: {value!r}")
+    return age
+
+
+_SEX = {"0": 0, "1": 1, "m": 0, "male": 0, "f": 1, "female": 1}
+
+
+def parse_sex(value: Any) -> int | None:
+    """0 male / 1 female; also accepts m/male/f/female and 0.0/1.0; '' -> None."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == "":
+        return None
+    if text in ("0.0", "1.0"):
+        text = text[0]
+    if text not in _SEX:
+        raise RejectedError("label:sex", f"expected 0 (male) / 1 (female): {value!r}")
+    return _SEX[text]
+
+
+def parse_int_code(value: Any, field: str, allowed: Iterable[int]) -> int | None:
+    if value is None or str(value).strip() == "":
+        return None
+    number = parse_float(value, field)
+    if number is None or math.isnan(number) or number != int(number) or int(number) not in set(allowed):
+        raise RejectedError(f"label:{field}", f"expected one of {sorted(set(allowed))}: {value!r}")
+    return int(number)
+
+
+def parse_race(value: Any) -> int | None:
+    return parse_int_code(value, "race", range(5))
+
+
+def parse_date(value: Any, field: str) -> date | None:
+    """ISO YYYY-MM-DD -> datetime.date; '' -> None."""
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    try:
+        if len(text) != 10:
+            raise ValueError
+        return date.fromisoformat(text)
+    except ValueError:
+        raise RejectedError(f"label:{field}", f"not an ISO date YYYY-MM-DD: {value!r}") from None
+
+
+def read_image(input_dir: Path, relative: str) -> bytes:
+    """The bytes of ``input_dir/relative`` (not decoded); RejectedError image:* when unusable."""
+    if not relative:
+        raise RejectedError("image:missing", "empty path")
+    # Lexical check (symlinked image folders are fine): no absolute paths, no escaping with "..".
+    normal = os.path.normpath(relative)
+    if os.path.isabs(relative) or normal == ".." or normal.startswith(".." + os.sep):
+        raise RejectedError("image:path", f"outside the input directory: {relative}")
+    path = input_dir / relative
+    if not path.is_file():
+        raise RejectedError("image:missing", str(relative))
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise RejectedError("image:unreadable", f"{relative}: {error}") from None
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def reject(source_id: str, error: RejectedError) -> Rejection:
+    return Rejection(source_id, error.reason, error.detail)
+
+
+# --------------------------------------------------------------------------- the source
+
+def iter_records(input_dir: str | Path, keep_columns: Iterable[str] = (),
+                 manifest: str = MANIFEST) -> Iterator[Record | Rejection]:
+    """Yield one Record or Rejection per manifest row, sorted by ``file`` (see the module docstring)."""
+    root = require_dir(input_dir)
+    keep = list(keep_columns)
+    clash = [name for name in keep if name in ("file", "person_id", *LABEL_COLUMNS)]
+    if clash:
+        raise ValueError(f"keep_columns {clash} are standard columns, not extras")
+    header, rows = read_csv(root / manifest, required=["file"], allowed=["person_id", *LABEL_COLUMNS, *keep])
+    seen: set[str] = set()
+    for row in sorted(rows, key=lambda r: r["file"]):
+        source_id = row["file"]
+        if source_id in seen:
+            yield Rejection(source_id, "duplicate", "file listed twice in the manifest")
+            continue
+        seen.add(source_id)
+        try:
+            labels: dict[str, Any] = {}
+            if "age" in header:
+                labels["age"] = parse_age(row["age"])
+            if "sex" in header:
+                labels["sex"] = parse_sex(row["sex"])
+            if "race" in header:
+                labels["race"] = parse_race(row["race"])
+            for name in keep:
+                labels[name] = row.get(name) or None
+            image = read_image(root, source_id)
+        except RejectedError as error:
+            yield reject(source_id, error)
+            continue
+        person = row.get("person_id") or source_id
+        yield Record(source_id=source_id, person_id=person, image=image, labels=labels)
