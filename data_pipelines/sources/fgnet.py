@@ -47,7 +47,7 @@ import numpy as np
 
 from data_pipelines.records import Record, RejectedError, Rejection
 from data_pipelines.sources.folder import (
-    is_image, parse_age, parse_int_code, read_csv, read_image, reject, require_dir,
+    is_image, parse_age, parse_int_code, read_csv, read_image, reject, require_dir, unique_manifest_rows,
 )
 
 MANIFEST = "manifest.csv"
@@ -106,13 +106,10 @@ def iter_records(input_dir: str | Path) -> Iterator[Record | Rejection]:
 
 def _from_manifest(root: Path) -> Iterator[Record | Rejection]:
     header, rows = read_csv(root / MANIFEST, required=["file", "subject", "age"])
-    seen: set[str] = set()
-    for row in sorted(rows, key=lambda r: r["file"]):
-        source_id = row["file"]
-        if source_id in seen:
+    for source_id, row in unique_manifest_rows(rows):
+        if row is None:
             yield Rejection(source_id, "duplicate", "file listed twice in the manifest")
             continue
-        seen.add(source_id)
         try:
             subject = parse_int_code(row["subject"], "subject", range(1000))
             if subject is None:

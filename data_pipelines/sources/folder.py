@@ -152,6 +152,15 @@ def parse_date(value: Any, field: str) -> date | None:
         raise RejectedError(f"label:{field}", f"not an ISO date YYYY-MM-DD: {value!r}") from None
 
 
+def unique_manifest_rows(rows: list[dict[str, str]], column: str = "file") -> Iterator[tuple[str, dict[str, str] | None]]:
+    """(source id, row) in source-id order; a repeated source id comes with ``None`` (a duplicate row)."""
+    seen: set[str] = set()
+    for row in sorted(rows, key=lambda r: r[column]):
+        source_id = row[column]
+        yield source_id, (None if source_id in seen else row)
+        seen.add(source_id)
+
+
 def read_image(input_dir: Path, relative: str) -> bytes:
     """The bytes of ``input_dir/relative`` (not decoded); RejectedError image:* when unusable."""
     if not relative:
@@ -188,13 +197,10 @@ def iter_records(input_dir: str | Path, keep_columns: Iterable[str] = (),
     if clash:
         raise ValueError(f"keep_columns {clash} are standard columns, not extras")
     header, rows = read_csv(root / manifest, required=["file"], allowed=["person_id", *LABEL_COLUMNS, *keep])
-    seen: set[str] = set()
-    for row in sorted(rows, key=lambda r: r["file"]):
-        source_id = row["file"]
-        if source_id in seen:
+    for source_id, row in unique_manifest_rows(rows):
+        if row is None:
             yield Rejection(source_id, "duplicate", "file listed twice in the manifest")
             continue
-        seen.add(source_id)
         try:
             labels: dict[str, Any] = {}
             if "age" in header:

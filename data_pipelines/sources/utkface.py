@@ -43,6 +43,7 @@ from typing import Any
 from data_pipelines.records import Record, RejectedError, Rejection
 from data_pipelines.sources.folder import (
     is_image, parse_age, parse_int_code, parse_race, read_csv, read_image, reject, require_dir,
+    unique_manifest_rows,
 )
 
 MANIFEST = "manifest.csv"
@@ -96,13 +97,10 @@ def iter_records(input_dir: str | Path, verify_sha1: bool = True) -> Iterator[Re
 
 def _from_manifest(root: Path, verify_sha1: bool) -> Iterator[Record | Rejection]:
     _, rows = read_csv(root / MANIFEST, required=["file", "age", "gender", "race"])
-    seen: set[str] = set()
-    for row in sorted(rows, key=lambda r: r["file"]):
-        source_id = row["file"]
-        if source_id in seen:
+    for source_id, row in unique_manifest_rows(rows):
+        if row is None:
             yield Rejection(source_id, "duplicate", "file listed twice in the manifest")
             continue
-        seen.add(source_id)
         try:
             labels = _labels_from_manifest(row)
             image = read_image(root, source_id)
