@@ -84,7 +84,7 @@ def test_cli_help_lists_commands_without_importing_torch():
             "bad = [m for m in ('torch', 'lightning', 'timm') if m in sys.modules]; "
             "assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    for command in ("pretrain", "export", "demo"):
+    for command in ("shards", "pretrain", "export", "demo"):
         assert command in out.stdout
 
 

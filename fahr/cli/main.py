@@ -12,6 +12,7 @@ import sys
 
 # name -> (module with a Hydra `main`, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "shards": ("fahr.cli.shards", "raw photos / cohorts -> aligned, split webdataset shards (conf/shards.yaml)"),
     "pretrain": ("fahr.cli.pretrain", "MAE pretraining of a ViT on webdataset shards (conf/pretrain.yaml)"),
     "export": ("fahr.cli.export", "a run's checkpoint -> export/model.safetensors + model_card.json"),
     "demo": ("fahr.cli.demo", "synthetic faces -> MAE pretraining -> export, on a CPU in minutes"),
@@ -24,6 +25,7 @@ commands:
 
 examples:
   fahr demo
+  fahr shards source=utkface input=../shared/data/utkface output=data/utkface align.skip_detection=true
   fahr pretrain experiment=demo_pretrain trainer.max_steps=50
   fahr pretrain experiment=fahr_face_pretrain --cfg job     # print the composed config
   fahr export experiment=demo_pretrain                     # same overrides as the run

@@ -168,10 +168,55 @@ class PretrainConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+@dataclass
+class ShardsSplitConfig:
+    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    seed: str = "fahr"
+    stratify: str = "auto"  # "age", "event", "none"; auto: event for cohorts, age otherwise
+
+
+@dataclass
+class ShardsDedupConfig:
+    enabled: bool = True
+    near_threshold: int = 6  # pHash bits out of 64
+
+
+@dataclass
+class ShardsDeidConfig:
+    enabled: str = "auto"  # "auto" (on for cohorts), "true", "false"
+    key_file: Optional[str] = None  # else $FAHR_DEID_SALT
+    allowed_labels: list[str] = field(default_factory=lambda: ["age", "sex", "race", "followup_days", "event", "diagnosis"])
+
+
+@dataclass
+class ShardsAlignConfig:
+    image_size: int = 112
+    margin: float = 0.0
+    multi_face: str = "reject"  # "reject", "largest", "central"
+    min_confidence: float = 0.95
+    skip_detection: bool = False  # inputs are already aligned crops
+
+
+@dataclass
+class ShardsConfig:
+    source: str = MISSING
+    input: str = MISSING
+    output: str = MISSING
+    source_options: dict[str, Any] = field(default_factory=dict)
+    processes: int = 1
+    chunk_size: int = 2000
+    samples_per_shard: int = 1000
+    split: ShardsSplitConfig = field(default_factory=ShardsSplitConfig)
+    dedup: ShardsDedupConfig = field(default_factory=ShardsDedupConfig)
+    deid: ShardsDeidConfig = field(default_factory=ShardsDeidConfig)
+    align: ShardsAlignConfig = field(default_factory=ShardsAlignConfig)
+
+
 def register_schemas() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="shards_schema", node=ShardsConfig)
 
 
 def validate(cfg: Any, schema: type = PretrainConfig) -> None:

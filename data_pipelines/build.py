@@ -1,0 +1,317 @@
+"""Raw photos -> detected, aligned, de-identified, split webdataset shards (`fahr shards`).
+
+Two passes over the source (both in the source's deterministic order):
+
+1. **Plan** (main process): every record's bytes are hashed and decoded once (small) for a
+   perceptual hash; exact and near duplicates are decided, persons are assigned to splits
+   (person-disjoint, stratified), cohort anchors (first photo date per patient) are collected.
+2. **Write**: records are cut into fixed chunks of ``chunk_size`` source items. Each chunk is
+   decoded, aligned, de-identified and written to ``parts/c<chunk>/<split>/`` by
+   :class:`fahr.data.shard_writer.ShardWriter` (temp file + rename per shard); then
+   ``parts/c<chunk>.json`` records its counts. A rerun skips every chunk that has that file, so a
+   crash costs at most the chunks in flight. Chunks run in ``processes`` worker processes, each
+   building its face aligner once.
+
+Finally ``index.json`` sums the chunks: ``read`` (items the source yielded), ``written``,
+``rejected`` (reason -> count; ``read == written + sum(rejected)``) and ``splits`` (split -> count,
+shards with bytes and sha256, label histograms). The trainer streams a split with
+``data.train_shards=<output>/index.json#train``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_pipelines.records import Record, RejectedError, Rejection
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = "fahr-shards-splits/1"
+
+
+@dataclass
+class AlignOptions:
+    image_size: int = 112
+    margin: float = 0.0
+    multi_face: str = "reject"
+    min_confidence: float = 0.95
+    skip_detection: bool = False
+
+
+@dataclass
+class BuildOptions:
+    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    split_seed: str = "fahr"
+    stratify: str = "age"  # "age" (decade of the person's first photo), "event", or "none"
+    dedup: bool = True
+    near_threshold: int = 6
+    deidentify: bool = False  # cohorts: hashed ids, relative days, whitelisted labels
+    salt_key_file: str | None = None
+    allowed_labels: tuple[str, ...] = ("age", "sex", "race", "followup_days", "event", "diagnosis")
+    samples_per_shard: int = 1000
+    chunk_size: int = 2000
+    processes: int = 1
+    align: AlignOptions = field(default_factory=AlignOptions)
+
+
+# ---- pass 1: plan ---------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    read: int = 0
+    rejected: dict[str, str] = field(default_factory=dict)  # item id -> reason (pass 1)
+    split_of_person: dict[str, str] = field(default_factory=dict)
+    anchors: dict[str, Any] = field(default_factory=dict)
+
+
+def _item_id(position: int) -> str:
+    return f"{position:09d}"
+
+
+def _stratum(record: Record, stratify: str) -> Any:
+    from data_pipelines.splits import age_bin
+
+    if stratify == "age" and record.labels.get("age") is not None:
+        return age_bin(float(record.labels["age"]))
+    if stratify == "event":
+        return record.labels.get("event")
+    return None
+
+
+def plan(items: Iterable[Record | Rejection], options: BuildOptions) -> Plan:
+    """Pass 1 over the source: duplicates, split per person, cohort anchors."""
+    from data_pipelines.dedup import Deduplicator
+    from data_pipelines.deid import patient_anchors
+    from data_pipelines.imageio import decode_photo
+    from data_pipelines.splits import split_persons
+
+    result = Plan()
+    dedup = Deduplicator(options.near_threshold)
+    strata: dict[str, Any] = {}
+    kept: list[Record] = []
+    for position, item in enumerate(items):
+        result.read += 1
+        item_id = _item_id(position)
+        if isinstance(item, Rejection):
+            result.rejected[item_id] = item.reason
+            continue
+        try:
+            image = decode_photo(item.image)
+        except RejectedError as err:
+            result.rejected[item_id] = err.reason
+            continue
+        if options.dedup:
+            dedup.add(item_id, item.person_id, item.image, _thumbnail(image))
+        strata.setdefault(item.person_id, _stratum(item, options.stratify))
+        kept.append(Record(item_id, item.person_id, b"", item.labels))
+    if options.dedup:
+        result.rejected.update(dedup.decide())
+    result.split_of_person = split_persons(strata, options.fractions, options.split_seed)
+    if options.deidentify:
+        result.anchors = patient_anchors(r for r in kept if r.source_id not in result.rejected)
+    return result
+
+
+def _thumbnail(image):
+    """A 64-px-wide copy: pHash works on 32x32, and hashing full photos is the slow part of pass 1."""
+    from PIL import Image
+
+    im = Image.fromarray(image)
+    im.thumbnail((64, 64))
+    import numpy as np
+
+    return np.asarray(im)
+
+
+# ---- pass 2: one chunk ----------------------------------------------------------------------------
+
+_ALIGNER = None
+
+
+def _aligner(options: AlignOptions):
+    global _ALIGNER  # one per process: building MTCNN costs more than aligning a photo
+    if _ALIGNER is None:
+        from data_pipelines.align import FaceAligner
+
+        _ALIGNER = FaceAligner(image_size=options.image_size, margin=options.margin, multi_face=options.multi_face,
+                               min_confidence=options.min_confidence, skip_detection=options.skip_detection)
+    return _ALIGNER
+
+
+def _labels_for_shard(record: Record) -> dict[str, Any]:
+    out = {}
+    for key, value in record.labels.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def _histograms(labels: dict[str, Any], counters: dict[str, Counter]) -> None:
+    from data_pipelines.splits import age_bin
+
+    if labels.get("age") is not None:
+        counters["age_decade"][str(age_bin(float(labels["age"])) * 10)] += 1
+    for key in ("sex", "race", "event"):
+        if labels.get(key) is not None:
+            counters[key][str(labels[key])] += 1
+
+
+def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, options: BuildOptions,
+                output: str, source: str, salt: bytes | None) -> dict[str, Any]:
+    """Decode, align, de-identify and write one chunk; returns (and stores) its counts."""
+    from data_pipelines.deid import deidentify
+    from data_pipelines.imageio import decode_photo
+    from fahr.data.shard_writer import ShardWriter
+
+    out = Path(output)
+    chunk_dir = out / "parts" / f"c{chunk:06d}"
+    if chunk_dir.exists():  # an interrupted earlier attempt at this chunk
+        shutil.rmtree(chunk_dir)
+    rejected: Counter = Counter()
+    images, kept = [], []
+    for item_id, record in records:
+        try:
+            images.append(decode_photo(record.image))
+            kept.append((item_id, record))
+        except RejectedError as err:
+            rejected[err.reason] += 1
+    aligned = _aligner(options.align).align(images) if images else []
+    writers: dict[str, ShardWriter] = {}
+    hist: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    written: Counter = Counter()
+    try:
+        for (item_id, record), face in zip(kept, aligned):
+            if isinstance(face, RejectedError):
+                rejected[face.reason] += 1
+                continue
+            split = plan_.split_of_person[record.person_id]
+            if options.deidentify:
+                record = deidentify(record, salt, plan_.anchors.get(record.person_id), options.allowed_labels)
+                key = record.source_id
+            else:
+                key = hashlib.sha256(f"{source}\x00{record.source_id}".encode()).hexdigest()[:24]
+            labels = {**_labels_for_shard(record), "person": record.person_id}
+            if split not in writers:
+                writers[split] = ShardWriter(chunk_dir / split, prefix=split, samples_per_shard=options.samples_per_shard,
+                                             source=source, image_size=options.align.image_size)
+            writers[split].write(key, face.crop, labels)
+            _histograms(labels, hist[split])
+            written[split] += 1
+        indexes = {split: w.close() for split, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    summary = {
+        "chunk": chunk, "read": len(records), "rejected": dict(rejected), "written": dict(written),
+        "shards": {split: [{**s, "name": f"parts/c{chunk:06d}/{split}/{s['name']}"} for s in idx["shards"]]
+                   for split, idx in indexes.items()},
+        "histograms": {split: {k: dict(v) for k, v in h.items()} for split, h in hist.items()},
+    }
+    from fahr.utils.atomic import atomic_write_json
+
+    atomic_write_json(out / "parts" / f"c{chunk:06d}.json", summary)  # the chunk's completion mark
+    return summary
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+
+def _chunks(items: Iterable[Record | Rejection], plan_: Plan, chunk_size: int) -> Iterator[tuple[int, list, int]]:
+    """(chunk number, [(item id, record)] to write, items in the chunk) in source order."""
+    chunk, batch, count = 0, [], 0
+    for position, item in enumerate(items):
+        item_id = _item_id(position)
+        if not isinstance(item, Rejection) and item_id not in plan_.rejected:
+            batch.append((item_id, item))
+        count += 1
+        if count == chunk_size:
+            yield chunk, batch, count
+            chunk, batch, count = chunk + 1, [], 0
+    if count:
+        yield chunk, batch, count
+
+
+def build_shards(
+    source: str, make_items: Callable[[], Iterable[Record | Rejection]], output: str | Path,
+    options: BuildOptions, progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run both passes and write ``<output>/index.json``; returns the index.
+
+    ``make_items`` must yield the same items in the same order each call (sources are deterministic).
+    """
+    from data_pipelines.deid import load_salt
+    from fahr.utils.atomic import atomic_write_json
+
+    output = Path(output)
+    (output / "parts").mkdir(parents=True, exist_ok=True)
+    salt = load_salt(options.salt_key_file) if options.deidentify else None
+    plan_ = plan(make_items(), options)
+    summaries: list[dict[str, Any]] = []
+
+    def finished(summary: dict[str, Any], count: int) -> None:
+        summaries.append(summary)
+        if progress:
+            progress(count)
+
+    pool = None
+    in_flight: list[tuple[Any, int]] = []
+    try:
+        for chunk, records, count in _chunks(make_items(), plan_, options.chunk_size):
+            done = output / "parts" / f"c{chunk:06d}.json"
+            if done.is_file():  # finished by an earlier run
+                finished(json.loads(done.read_text()), count)
+            elif options.processes <= 1:
+                finished(write_chunk(chunk, records, plan_, options, str(output), source, salt), count)
+            else:
+                if pool is None:  # spawn, not fork: the parent may already hold torch threads
+                    pool = multiprocessing.get_context("spawn").Pool(options.processes)
+                in_flight.append((pool.apply_async(
+                    write_chunk, (chunk, records, plan_, options, str(output), source, salt)), count))
+                while len(in_flight) >= 2 * options.processes:  # bounded: chunks carry image bytes
+                    job, n = in_flight.pop(0)
+                    finished(job.get(), n)
+        for job, n in in_flight:
+            finished(job.get(), n)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    index = _merge(source, plan_, summaries, options)
+    atomic_write_json(output / "index.json", index)
+    return index
+
+
+def _merge(source: str, plan_: Plan, summaries: list[dict[str, Any]], options: BuildOptions) -> dict[str, Any]:
+    summaries = sorted(summaries, key=lambda s: s["chunk"])
+    rejected = Counter(plan_.rejected.values())
+    splits: dict[str, dict[str, Any]] = {}
+    for s in summaries:
+        rejected.update(s["rejected"])
+        for split, n in s["written"].items():
+            entry = splits.setdefault(split, {"count": 0, "shards": [], "labels": defaultdict(Counter)})
+            entry["count"] += n
+            entry["shards"].extend(s["shards"].get(split, []))
+            for key, counts in s["histograms"].get(split, {}).items():
+                entry["labels"][key].update(counts)
+    for entry in splits.values():
+        entry["labels"] = {k: dict(sorted(v.items())) for k, v in entry["labels"].items()}
+    written = sum(e["count"] for e in splits.values())
+    read = plan_.read
+    if read != written + sum(rejected.values()):
+        raise AssertionError(f"records lost: read {read} != written {written} + rejected {sum(rejected.values())}")
+    return {
+        "format": INDEX_FORMAT, "source": source, "image_size": options.align.image_size,
+        "read": read, "written": written, "rejected": dict(sorted(rejected.items())), "splits": splits,
+        "options": {"fractions": options.fractions, "stratify": options.stratify, "dedup": options.dedup,
+                    "deidentified": options.deidentify, "skip_detection": options.align.skip_detection},
+    }

@@ -1,0 +1,16 @@
+"""`fahr shards`: Hydra app over conf/shards.yaml."""
+
+import hydra
+from omegaconf import DictConfig
+
+from fahr.cli._hydra import config_dir
+from fahr.config.schema import register_schemas
+
+register_schemas()
+
+
+@hydra.main(config_path=config_dir(), config_name="shards", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from fahr.pipeline.shards import shards
+
+    shards(cfg)
