@@ -166,3 +166,10 @@ def test_fahr_shards_command_config_and_summary(tmp_path, capsys):
     assert batches[0]["image"].shape[1:] == (3, 112, 112) and batches[0]["age"].dtype.is_floating_point
     with pytest.raises(ValueError, match="no split 'holdout'"):
         resolve_train_shards(f"{tmp_path / 'out'}/index.json#holdout")
+
+
+def test_parallel_build_equals_sequential(tmp_path):
+    root = _utk_subset(tmp_path, 120)
+    one = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "one", _utk_options(processes=1))
+    two = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "two", _utk_options(processes=2))
+    assert one == two  # same counts, shard names and sha256s, whatever process wrote them
