@@ -173,3 +173,91 @@ def test_parallel_build_equals_sequential(tmp_path):
     one = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "one", _utk_options(processes=1))
     two = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "two", _utk_options(processes=2))
     assert one == two  # same counts, shard names and sha256s, whatever process wrote them
+
+
+def _png_claiming_size(width: int, height: int) -> bytes:
+    """A valid tiny PNG whose header claims ``width`` x ``height`` (a decompression-bomb header)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_bad_input_through_the_whole_command(tmp_path):
+    """Every kind of bad input gives a counted rejection or a clear error, and nothing is lost."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    fg = shared_data("fgnet") / "images"
+    # a different photo for every case that should survive: copies of one photo are duplicates
+    face_a, face_b, face_c, face_d, face_e = (
+        Image.open(fg / n).convert("RGB") for n in ("003A25.JPG", "017A22.JPG", "003A47.JPG", "003A35.JPG", "017A26.JPG"))
+    root = tmp_path / "in"
+    root.mkdir()
+
+    def save(name: str, image: Image.Image, **kw) -> None:
+        image.save(root / name, **kw)
+
+    save("good.jpg", face_a, quality=95)
+    save("alpha.png", face_b.convert("RGBA"))
+    save("cmyk.jpg", face_c.convert("CMYK"))
+    grey16 = np.asarray(face_d.convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey16).save(root / "sixteen.png")
+    assert Image.open(root / "sixteen.png").mode.startswith("I")
+    (root / "empty.jpg").write_bytes(b"")
+    good = (root / "good.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "notes.jpg").write_bytes(b"this is not an image")
+    (root / "bomb.png").write_bytes(_png_claiming_size(100_000, 100_000))
+    save("noface.jpg", Image.new("RGB", (300, 300), (120, 160, 200)))
+    two = Image.new("RGB", (face_a.width + face_c.width, max(face_a.height, face_c.height)))
+    two.paste(face_a, (0, 0))
+    two.paste(face_c, (face_a.width, 0))
+    save("twofaces.jpg", two, quality=95)
+    buf = io.BytesIO()
+    face_e.save(buf, format="JPEG", quality=90)
+    (root / "shared_a.jpg").write_bytes(buf.getvalue())
+    (root / "shared_b.jpg").write_bytes(buf.getvalue())  # the same photo under another person
+    rows = [
+        ("good.jpg", "p1", "2"), ("alpha.png", "p2", "3"), ("cmyk.jpg", "p3", "18"), ("sixteen.png", "p1", "2"),
+        ("empty.jpg", "p4", "30"), ("truncated.jpg", "p4", "30"), ("notes.jpg", "p4", "30"),
+        ("bomb.png", "p5", "30"), ("noface.jpg", "p6", "30"), ("twofaces.jpg", "p7", "30"),
+        ("shared_a.jpg", "p8", "40"), ("shared_b.jpg", "p9", "40"),
+        ("nan_age.jpg", "p10", "nan"), ("negative_age.jpg", "p11", "-3"), ("missing.jpg", "p12", "20"),
+    ]
+    for name in ("nan_age.jpg", "negative_age.jpg"):
+        (root / name).write_bytes(good)
+    with open(root / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file", "person_id", "age"), *rows])
+
+    out = tmp_path / "out"
+    options = BuildOptions(stratify="none", fractions={"train": 0.5, "test": 0.5}, chunk_size=4, samples_per_shard=2)
+    index = build_shards("folder", lambda: get_source("folder")(root), out, options)
+    assert index["read"] == len(rows) == index["written"] + sum(index["rejected"].values())
+    assert index["written"] == 4  # good, alpha (on white), CMYK, 16-bit: converted to 8-bit RGB
+    assert index["rejected"] == {
+        "image:empty": 1, "image:unreadable": 2, "image:too_large": 1, "face:none": 1, "face:multiple": 1,
+        "duplicate:conflicting_persons": 2, "label:age": 2, "image:missing": 1,
+    }
+
+    # CSV with a missing required column or an unexpected extra column: a clear error naming it
+    with open(root / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "age"), ("good.jpg", "2")])
+    with pytest.raises(ValueError, match="file"):
+        build_shards("folder", lambda: get_source("folder")(root), tmp_path / "o2", options)
+    with open(root / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file", "age", "patient_name"), ("good.jpg", "2", "Jane")])
+    with pytest.raises(ValueError, match="patient_name"):
+        build_shards("folder", lambda: get_source("folder")(root), tmp_path / "o3", options)
