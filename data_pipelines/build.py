@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 INDEX_FORMAT = "fahr-shards-splits/1"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlignOptions:
     image_size: int = 112
     margin: float = 0.0
@@ -134,17 +134,18 @@ def _thumbnail(image):
 
 # ---- pass 2: one chunk ----------------------------------------------------------------------------
 
-_ALIGNER = None
+_ALIGNERS: dict[AlignOptions, Any] = {}
 
 
 def _aligner(options: AlignOptions):
-    global _ALIGNER  # one per process: building MTCNN costs more than aligning a photo
-    if _ALIGNER is None:
+    """One aligner per process and options: building MTCNN costs more than aligning a photo."""
+    if options not in _ALIGNERS:
         from data_pipelines.align import FaceAligner
 
-        _ALIGNER = FaceAligner(image_size=options.image_size, margin=options.margin, multi_face=options.multi_face,
-                               min_confidence=options.min_confidence, skip_detection=options.skip_detection)
-    return _ALIGNER
+        _ALIGNERS[options] = FaceAligner(
+            image_size=options.image_size, margin=options.margin, multi_face=options.multi_face,
+            min_confidence=options.min_confidence, skip_detection=options.skip_detection)
+    return _ALIGNERS[options]
 
 
 def _labels_for_shard(record: Record) -> dict[str, Any]:

@@ -261,3 +261,36 @@ def test_bad_input_through_the_whole_command(tmp_path):
         csv.writer(f).writerows([("file", "age", "patient_name"), ("good.jpg", "2", "Jane")])
     with pytest.raises(ValueError, match="patient_name"):
         build_shards("folder", lambda: get_source("folder")(root), tmp_path / "o3", options)
+
+
+def test_built_shards_stream_over_http_and_pipe(tmp_path):
+    """As from object storage: index.json#split over a loopback HTTP server, and shards via pipe:."""
+    import functools
+    import http.server
+    import threading
+
+    from fahr.data.shards import ShardStream, make_loader
+
+    root = _utk_subset(tmp_path, 80)
+    out = tmp_path / "out"
+    index = build_shards("utkface", lambda: get_source("utkface")(root), out, _utk_options())
+    expected = index["splits"]["train"]["count"]
+
+    def stream_keys(urls):
+        stream = ShardStream(urls, samples_per_epoch=expected, batch_size=expected, seed=0, shuffle_buffer=0,
+                             world_size=1, rank=0, num_workers=0, label_keys=("age",))
+        return sorted(k for b in make_loader(stream, num_workers=0) for k in b["__key__"])
+
+    local = stream_keys(resolve_train_shards(f"{out}/index.json#train"))
+    assert len(local) == expected
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        urls = resolve_train_shards(f"http://127.0.0.1:{server.server_address[1]}/index.json#train")
+        assert all(u.startswith("http://127.0.0.1") for u in urls)
+        assert stream_keys(urls) == local
+    finally:
+        server.shutdown()
+    assert stream_keys([f"pipe:cat {u}" for u in resolve_train_shards(f"{out}/index.json#train")]) == local

@@ -20,23 +20,37 @@ def shard_list_from_index(index_path: str | Path) -> list[str]:
     return [str(index_dir / s["name"]) for s in index["shards"]]
 
 
-def shard_list_from_split_index(index_path: str | Path, split: str) -> list[str]:
-    """The shards of one split of an ``index.json`` written by ``fahr shards``."""
-    index_path = Path(index_path)
-    if not index_path.is_file():
-        raise FileNotFoundError(f"shard index not found: {index_path}")
-    splits = json.loads(index_path.read_text()).get("splits")
+def _read_index_text(location: str) -> str:
+    if location.startswith(("http://", "https://")):
+        from urllib.request import urlopen
+
+        try:
+            with urlopen(location, timeout=60) as response:
+                return response.read().decode("utf-8")
+        except OSError as err:
+            raise FileNotFoundError(f"shard index not readable: {location}: {err}") from err
+    if not Path(location).is_file():
+        raise FileNotFoundError(f"shard index not found: {location}")
+    return Path(location).read_text()
+
+
+def shard_list_from_split_index(location: str | Path, split: str) -> list[str]:
+    """The shards of one split of an ``index.json`` written by ``fahr shards``: a local path or an
+    http(s) URL (shards are then URLs relative to it, streamed like any other http shard)."""
+    location = str(location)
+    splits = json.loads(_read_index_text(location)).get("splits")
     if splits is None:
-        raise ValueError(f"{index_path} has no splits; drop the '#{split}' suffix")
+        raise ValueError(f"{location} has no splits; drop the '#{split}' suffix")
     if split not in splits:
-        raise ValueError(f"{index_path} has no split {split!r}; it has {sorted(splits)}")
-    return [str(index_path.parent / s["name"]) for s in splits[split]["shards"]]
+        raise ValueError(f"{location} has no split {split!r}; it has {sorted(splits)}")
+    base = location.rsplit("/", 1)[0]
+    return [f"{base}/{s['name']}" for s in splits[split]["shards"]]
 
 
 def resolve_train_shards(spec: str | list[str]) -> str | list[str]:
     """An ``.../index.json`` path stands for the shards it lists, ``.../index.json#train`` for one
     split of a ``fahr shards`` output; anything else is passed through."""
-    if isinstance(spec, str) and "index.json#" in spec and "://" not in spec:
+    if isinstance(spec, str) and "index.json#" in spec and not spec.startswith("pipe:"):
         path, split = spec.rsplit("#", 1)
         return shard_list_from_split_index(path, split)
     if isinstance(spec, str) and spec.endswith("index.json") and "://" not in spec and not spec.startswith("pipe:"):
