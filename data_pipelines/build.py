@@ -31,7 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from data_pipelines.records import Record, RejectedError, Rejection
+from fahr.utils.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +125,10 @@ def plan(items: Iterable[Record | Rejection], options: BuildOptions) -> Plan:
     return result
 
 
-def _thumbnail(image):
-    """A 64-px-wide copy: pHash works on 32x32, and hashing full photos is the slow part of pass 1."""
-    from PIL import Image
-
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    """At most 64x64: pHash works on 32x32, and hashing full-size photos is the slow part of pass 1."""
     im = Image.fromarray(image)
     im.thumbnail((64, 64))
-    import numpy as np
-
     return np.asarray(im)
 
 
@@ -219,8 +219,6 @@ def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, opti
                    for split, idx in indexes.items()},
         "histograms": {split: {k: dict(v) for k, v in h.items()} for split, h in hist.items()},
     }
-    from fahr.utils.atomic import atomic_write_json
-
     atomic_write_json(out / "parts" / f"c{chunk:06d}.json", summary)  # the chunk's completion mark
     return summary
 
@@ -251,7 +249,6 @@ def build_shards(
     ``make_items`` must yield the same items in the same order each call (sources are deterministic).
     """
     from data_pipelines.deid import load_salt
-    from fahr.utils.atomic import atomic_write_json
 
     output = Path(output)
     (output / "parts").mkdir(parents=True, exist_ok=True)
