@@ -41,11 +41,7 @@ def test_unshuffling_restores_order():
     ids_keep, mask, ids_restore = random_masking(49, 3, 0.75, torch.device("cpu"), g)
     tokens = torch.arange(49).float().view(1, 49, 1).expand(3, -1, -1)
     visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1))
-    # the decoder appends mask tokens after the visible ones, then gathers with ids_restore
-    masked_ids = torch.stack([(m == 1).nonzero().flatten() for m in mask])
-    masked = torch.gather(tokens, 1, masked_ids.unsqueeze(-1))
-    shuffled = torch.cat([visible, masked], 1)
-    # ids_keep then the masked ids, in ids_shuffle order, restores only if masked ids follow the shuffle
+    # the decoder lays out [visible; mask tokens] in shuffle order, then gathers with ids_restore
     ids_shuffle = torch.argsort(ids_restore, dim=1)
     shuffled = torch.gather(tokens, 1, ids_shuffle.unsqueeze(-1))
     assert torch.equal(shuffled[:, :12], visible)
