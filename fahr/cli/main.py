@@ -15,7 +15,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("fahr.cli.shards", "raw photos / cohorts -> aligned, split webdataset shards (conf/shards.yaml)"),
     "pretrain": ("fahr.cli.pretrain", "MAE pretraining of a ViT on webdataset shards (conf/pretrain.yaml)"),
     "export": ("fahr.cli.export", "a run's checkpoint -> export/model.safetensors + model_card.json"),
-    "demo": ("fahr.cli.demo", "synthetic faces -> MAE pretraining -> export, on a CPU in minutes"),
+    "finetune-age": ("fahr.cli.finetune_age", "FAHR-FaceAge: two-stage, age-balanced fine-tune of a backbone"),
+    "finetune-survival": ("fahr.cli.finetune_survival", "FAHR-FaceSurvival: Cox fine-tune on images or a feature table"),
+    "predict": ("fahr.cli.predict", "raw photos -> detect + align -> FaceAge (and risk) per photo, CSV"),
+    "far": ("fahr.cli.far", "photos of the same people over time -> Face Aging Rate per person, CSV"),
+    "evaluate": ("fahr.cli.evaluate", "per-patient predictions + clinical columns -> Cox HRs, KM, C-index report"),
+    "demo": ("fahr.cli.demo", "synthetic faces -> pretrain -> FaceAge -> FaceSurvival -> report, on a CPU"),
 }
 
 USAGE = """usage: fahr <command> [hydra overrides...]

@@ -1,0 +1,1 @@
+"""Evaluation metrics (age: MAE, CS@5, ...; survival: C-index, time-dependent AUC, Brier)."""
