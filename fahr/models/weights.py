@@ -52,13 +52,27 @@ def save_backbone(export_dir: str | Path, encoder_state: dict[str, torch.Tensor]
     return export_dir
 
 
-def read_card(export_dir: str | Path) -> dict[str, Any]:
+MODEL_FORMAT = "fahr-model/1"  # a fine-tuned model (fahr.models.face_model): backbone.* + heads.*
+
+
+def read_any_card(export_dir: str | Path) -> dict[str, Any]:
+    """The model card of a backbone export (``fahr-backbone/1``) or a fine-tuned model (``fahr-model/1``)."""
     path = Path(export_dir) / CARD_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CARD_FILE} in {export_dir}: is this a `fahr export` directory?")
     card = json.loads(path.read_text())
-    if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{path}: unsupported model card format {card.get('format')!r}, expected {CARD_FORMAT}")
+    if card.get("format") not in (CARD_FORMAT, MODEL_FORMAT):
+        raise ValueError(f"{path}: unsupported model card format {card.get('format')!r}, "
+                         f"expected {CARD_FORMAT} or {MODEL_FORMAT}")
+    return card
+
+
+def read_card(export_dir: str | Path) -> dict[str, Any]:
+    """The backbone facts of an export: a backbone card as is, or a fine-tuned model's ``backbone``
+    section merged over its card (so a FaceAge model can seed a FaceSurvival fine-tune)."""
+    card = read_any_card(export_dir)
+    if card["format"] == MODEL_FORMAT:
+        return {**card, **card["backbone"]}
     return card
 
 
@@ -77,6 +91,8 @@ def load_backbone(
     """
     card = read_card(export_dir)
     state = load_file(str(Path(export_dir) / WEIGHTS_FILE))
+    if card["format"] == MODEL_FORMAT:
+        state = strip_prefix(state, "backbone.")
     size = img_size or card["img_size"]
     model = create_backbone(
         arch=card["arch"], img_size=size, patch_size=card["patch_size"],

@@ -1,0 +1,118 @@
+"""A fine-tuned face model (backbone + task heads) and its pickle-free export.
+
+An export directory of a fine-tuned model holds ``model.safetensors`` (keys ``backbone.*``,
+``heads.age.*``, ``heads.risk.*``) and ``model_card.json`` with ``format: "fahr-model/1"``:
+
+- ``backbone``: architecture facts (arch, img_size, patch_size, global_pool, ...);
+- ``heads``: head name -> constructor config (see :mod:`fahr.models.heads`);
+- ``normalization``: ``mean`` / ``std`` of [0, 1] RGB;
+- ``preprocessing``: how training photos were prepared (detection, alignment template, image size,
+  margin, multi-face policy, minimum confidence); ``fahr predict`` applies exactly this by default;
+- optional extras written by the task: ``age_calibration`` (a linear bias correction),
+  ``baseline_hazard`` (Breslow, for survival curves), training data and metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fahr.models.backbone import backbone_config, create_backbone
+from fahr.models.heads import build_head
+from fahr.utils.atomic import atomic_write_json
+
+MODEL_FORMAT = "fahr-model/1"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model_card.json"
+
+# What `fahr shards` does by default (data_pipelines.build.AlignOptions): recorded when a model is
+# trained on shards whose index.json says nothing else.
+DEFAULT_PREPROCESSING: dict[str, Any] = {
+    "detect": True, "detector": "mtcnn (facenet-pytorch)", "template": "fahr 5-point, 112x112",
+    "image_size": 112, "margin": 0.0, "multi_face": "reject", "min_confidence": 0.95,
+}
+
+
+class FaceModel(nn.Module):
+    """Backbone + named heads. ``forward(images)`` takes uint8 RGB (B, 3, S, S) as the shards hold
+    them and normalises with the stored mean/std, so callers never re-implement preprocessing.
+
+    Returns a dict: ``"features"`` (B, D) plus every head's outputs (``"age"`` (B,) years,
+    ``"risk"`` (B,) log-hazard, ``"logits"`` when the age head has bins).
+    """
+
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) in [0, 255] -> float (B, 3, S, S), (x / 255 - mean) / std."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"FaceModel takes uint8 images (B, 3, S, S), got {images.dtype}")
+        return (images.float() / 255.0 - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> pre-logits features (B, D)."""
+        x = self.backbone.forward_features(self.normalize(images))
+        return self.backbone.forward_head(x, pre_logits=True)
+
+    def forward(self, images: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        feats = self.features(images)
+        out: dict[str, torch.Tensor] = {"features": feats}
+        for name, head in self.heads.items():
+            out.update(head(feats, covariates) if name == "risk" else head(feats))
+        return out
+
+
+def save_face_model(export_dir: str | Path, model: FaceModel, card: dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` + ``model_card.json`` (format ``fahr-model/1``) atomically.
+
+    ``card`` holds the task facts (preprocessing, calibration, data, metrics); the architecture,
+    head configs and normalisation are filled in from ``model``.
+    """
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = export_dir / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"format": MODEL_FORMAT})
+    os.replace(tmp, export_dir / WEIGHTS_FILE)
+    full = {
+        "format": MODEL_FORMAT,
+        "backbone": backbone_config(model.backbone),
+        "heads": {name: head.config for name, head in model.heads.items()},
+        "normalization": {"input": "RGB uint8 / 255, then (x - mean) / std per channel",
+                          "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
+        "preprocessing": dict(DEFAULT_PREPROCESSING),
+        **card,
+    }
+    atomic_write_json(export_dir / CARD_FILE, full)
+    return export_dir
+
+
+def load_face_model(export_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[FaceModel, dict[str, Any]]:
+    """Rebuild a :class:`FaceModel` from an export directory (safetensors: no pickle). Returns (model in
+    eval mode, card)."""
+    from fahr.models.weights import read_any_card
+
+    card = read_any_card(export_dir)
+    if card["format"] != MODEL_FORMAT:
+        raise ValueError(
+            f"{export_dir} holds a backbone ({card['format']}) without task heads: fine-tune it first "
+            "(`fahr finetune-age` / `fahr finetune-survival`), or load it with fahr.models.load_backbone"
+        )
+    arch = card["backbone"]
+    backbone = create_backbone(arch=arch["arch"], img_size=arch["img_size"], patch_size=arch["patch_size"],
+                               global_pool=arch.get("global_pool", "token"))
+    heads = {name: build_head(name, backbone.num_features, cfg) for name, cfg in card["heads"].items()}
+    model = FaceModel(backbone, heads, card["normalization"]["mean"], card["normalization"]["std"])
+    state = load_file(str(Path(export_dir) / WEIGHTS_FILE), device=str(map_location))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), card
