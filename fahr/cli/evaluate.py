@@ -1,0 +1,22 @@
+"""`fahr evaluate`: Hydra app over conf/evaluate.yaml."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from fahr.cli._hydra import config_dir
+from fahr.config.evaluate_schema import register_evaluate_schema
+
+register_evaluate_schema()
+
+
+@hydra.main(config_path=config_dir(), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from fahr.pipeline.evaluate import evaluate
+
+    try:
+        evaluate(cfg)
+    except ValueError as err:  # bad input: the message is the whole story, a traceback only hides it
+        print(f"fahr evaluate: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,64 @@
+"""Structured schema for ``conf/evaluate.yaml`` (``fahr evaluate``).
+
+Kept apart from ``fahr.config.schema`` so the statistics command owns its config; the CLI module
+registers it with Hydra's ConfigStore as ``evaluate_schema``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class EvaluateColumnsConfig:
+    """Names of the outcome columns in the input table."""
+
+    time: str = "time"  # follow-up from photo to event or last contact, in `time_unit`
+    event: str = "event"  # 1 = event (death), 0 = censored
+    time_unit: str = "days"  # only used for axis labels and the report
+    patient: Optional[str] = None  # pseudonymous id: checks one row per patient; never printed
+    photo_date: Optional[str] = None  # with event_date: a photo after the event is an error
+    event_date: Optional[str] = None  # date of the event or of last contact
+
+
+@dataclass
+class MarkerConfig:
+    """A prediction column to study. The hazard ratio is reported per `per` units (or SDs)."""
+
+    column: str = MISSING
+    label: str = ""  # name in the report; defaults to the marker's key
+    per: float = 1.0  # HR per this many units of the column (or SDs when standardize)
+    unit: str = ""  # e.g. "years"; "SD" is implied by standardize
+    standardize: bool = False  # true: per `per` standard deviations (sample SD of the analysed rows)
+
+
+@dataclass
+class FarConfig:
+    """Face Aging Rate analysis: one Cox model per interval bin, adjusted for the covariates."""
+
+    column: Optional[str] = None  # FAR column; null = no FAR analysis
+    interval_bin: str = "interval_bin"  # bin label ("10-365"), or the interval in days (binned here)
+    bins: list[str] = field(default_factory=lambda: ["10-365", "366-730", "731-1460"])  # days, inclusive
+    per: float = 1.0
+    standardize: bool = True  # HR per 1 SD of FAR within the bin
+
+
+@dataclass
+class EvaluateConfig:
+    input: str = MISSING  # CSV, one row per patient
+    output: str = MISSING  # directory for the tables, figures, report.md and summary.json
+    columns: EvaluateColumnsConfig = field(default_factory=EvaluateColumnsConfig)
+    markers: dict[str, MarkerConfig] = field(default_factory=dict)
+    covariates: list[str] = field(default_factory=list)
+    categorical: list[str] = field(default_factory=list)  # numeric covariates to dummy-code anyway
+    far: FarConfig = field(default_factory=FarConfig)
+    min_events: int = 10  # fewer events (after dropping incomplete rows) is an error
+
+
+def register_evaluate_schema() -> None:
+    """Register ``EvaluateConfig`` with Hydra's ConfigStore as ``evaluate_schema`` (idempotent)."""
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
