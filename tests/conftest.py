@@ -15,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from fahr.cli._hydra import config_dir
+from fahr.config.finetune_schema import register_finetune_schemas
 from fahr.config.schema import register_schemas
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".cache" / "matplotlib"))
 
 def compose_config(config_name: str = "pretrain", overrides: list[str] | None = None) -> DictConfig:
     register_schemas()
+    register_finetune_schemas()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides or []))

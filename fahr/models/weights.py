@@ -104,8 +104,21 @@ def load_backbone(
         state["pos_embed"] = resample_abs_pos_embed(
             state["pos_embed"], new_size=new_grid, old_size=[old, old], num_prefix_tokens=1
         )
+    state = _adapt_final_norm(state, model)
     model.load_state_dict(state, strict=True)
     return model, card
+
+
+def _adapt_final_norm(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """timm puts the final LayerNorm after pooling (``fc_norm``) for ``global_pool="avg"`` and before
+    it (``norm``) for the class token. Moving between the two (MAE pretrains with the class token and
+    fine-tunes with average pooling) reuses the pretrained LayerNorm for the new position."""
+    has = {k.split(".")[0] for k in model.state_dict() if k.startswith(("norm.", "fc_norm."))}
+    got = {k.split(".")[0] for k in state if k.startswith(("norm.", "fc_norm."))}
+    if has == got or len(has) != 1 or len(got) != 1:
+        return state
+    (src,), (dst,) = got, has
+    return {(dst + k[len(src):] if k.startswith(src + ".") else k): v for k, v in state.items()}
 
 
 def model_card(encoder: VisionTransformer, **facts: Any) -> dict[str, Any]:

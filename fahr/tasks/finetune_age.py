@@ -1,0 +1,131 @@
+"""FAHR-FaceAge fine-tuning task (LightningModule), one instance per stage.
+
+Stage 1 trains the head on a frozen backbone (kept in eval mode: no drop-path, fixed features).
+Stage 2 fine-tunes everything with layer-wise LR decay (timm's ``param_groups_layer_decay``; the
+BEiT/MAE recipe) and drop-path. Batches are uint8 images (B, 3, S, S) with ``age`` (B,) in years and
+optional ``weight`` (B,) for loss re-weighting; normalisation happens inside :class:`FaceModel`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from timm.optim import param_groups_layer_decay
+
+from fahr.losses.age import l1_age_loss, label_distribution_loss
+from fahr.models.face_model import FaceModel
+from fahr.tasks.schedules import warmup_cosine
+
+
+class AgeTask(L.LightningModule):
+    """Args:
+        model: the :class:`FaceModel` (backbone + ``heads["age"]``).
+        task: the ``task`` config as a dict (loss, label_sigma, hflip, ...).
+        stage: 1 or 2; ``stage_cfg`` is that stage's config dict (max_steps, base_lr, ...).
+        effective_batch: samples per optimiser step over all devices (for the LR scaling).
+        metric_prefix: prefix of logged names (``"stage1/"``), so both stages share one logger.
+    """
+
+    def __init__(self, model: FaceModel, task: dict[str, Any], stage: int, stage_cfg: dict[str, Any],
+                 effective_batch: int, metric_prefix: str = "") -> None:
+        super().__init__()
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self.model = model
+        self.cfg = task
+        self.stage = stage
+        self.stage_cfg = stage_cfg
+        self.effective_batch = effective_batch
+        self.prefix = metric_prefix
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.model.backbone.requires_grad_(stage == 2)
+        self._set_modes()
+
+    def _set_modes(self) -> None:
+        # Lightning keeps each module's train/eval mode as it finds it (evaluation left it in eval)
+        self.model.train()
+        if self.stage == 1:
+            self.model.backbone.eval()  # frozen features: no drop-path / dropout noise
+
+    def on_train_epoch_start(self) -> None:
+        self._set_modes()
+
+    def on_validation_model_train(self) -> None:
+        self._set_modes()
+
+    def _age_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.model.features(images)
+        return self.model.heads["age"](feats)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        if self.cfg.get("hflip", True):
+            flip = torch.rand(images.shape[0], device=images.device) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        out = self._age_outputs(images)
+        target = batch["age"]
+        weight = batch.get("weight")
+        if self.cfg["loss"] == "distribution":
+            loss = label_distribution_loss(out["logits"], self.model.heads["age"].centres, target,
+                                           sigma=self.cfg["label_sigma"], weight=weight)
+        elif self.cfg["loss"] == "l1":
+            loss = l1_age_loss(out["age"], target, weight)
+        else:
+            raise ValueError(f"unknown age loss {self.cfg['loss']!r} (distribution, l1)")
+        mae = (out["age"].detach() - target).abs().mean()
+        self.log(f"{self.prefix}train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log(f"{self.prefix}train/mae", mae, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        pred = self._age_outputs(batch["image"])["age"].float()
+        self._val.append((pred.detach().cpu(), batch["age"].detach().cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        pred = torch.cat([p for p, _ in self._val])
+        true = torch.cat([t for _, t in self._val])
+        self._val.clear()
+        if self.trainer.world_size > 1:
+            pred, true = self.all_gather(pred).flatten(), self.all_gather(true).flatten()
+        self.log(f"{self.prefix}val/mae", (pred - true).abs().mean(), prog_bar=True, sync_dist=False)
+        self.log(f"{self.prefix}val/cs5", ((pred - true).abs() <= 5).float().mean(), sync_dist=False)
+
+    @torch.inference_mode()
+    def predict_ages(self, loader) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(predicted ages, true ages, other labels) over a loader, in loader order (years)."""
+        self.model.eval()
+        preds, labels = [], {}
+        for batch in loader:
+            preds.append(self._age_outputs(batch["image"].to(self.device))["age"].float().cpu())
+            for k, v in batch.items():
+                if k != "image":
+                    labels.setdefault(k, []).append(torch.as_tensor(v).cpu())
+        out = {k: torch.cat(v).numpy() for k, v in labels.items()}
+        return torch.cat(preds).numpy().astype(np.float64), out.pop("age").astype(np.float64), out
+
+    def configure_optimizers(self):
+        s = self.stage_cfg
+        lr = s["base_lr"] * self.effective_batch / 256
+        head = self.model.heads["age"]
+        head_group = {"params": [p for p in head.parameters() if p.requires_grad],
+                      "weight_decay": s["weight_decay"], "lr_scale": 1.0}
+        groups = [head_group]
+        if self.stage == 2:
+            # block i gets layer_decay ** (depth + 1 - i); the head (not in the backbone) gets 1.
+            groups += param_groups_layer_decay(self.model.backbone, weight_decay=s["weight_decay"],
+                                               no_weight_decay_list=list(self.model.backbone.no_weight_decay()),
+                                               layer_decay=s["layer_decay"])
+        for g in groups:
+            g["lr"] = lr * g.pop("lr_scale", 1.0)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+        total, warmup = s["max_steps"], s["warmup_steps"]
+        floor = min(1.0, s["min_lr"] / lr) if lr > 0 else 0.0
+        # a multiplier on each group's own LR, so the layer-wise scales survive the schedule
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, 1.0, warmup, total, min_lr=floor))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

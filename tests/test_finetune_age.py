@@ -1,0 +1,146 @@
+"""FAHR-FaceAge: balancing, losses, metrics, the two-stage fine-tune from the real config, export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fahr.data.labelled import balancing_weights, effective_histogram
+from fahr.losses.age import gaussian_label_distribution, l1_age_loss, label_distribution_loss
+from fahr.metrics.age import age_metrics, apply_bias_correction, fit_bias_correction
+from fahr.models import AgeHead, load_face_model
+
+from conftest import compose_config
+
+
+def test_balanced_sampler_gives_near_uniform_histogram_on_skewed_ages():
+    rng = np.random.default_rng(0)
+    # public-data shape: mostly 20-40 year olds, few elderly
+    ages = np.concatenate([rng.uniform(20, 40, 8000), rng.uniform(40, 60, 1500), rng.uniform(60, 80, 400),
+                           rng.uniform(80, 90, 100)])
+    w = balancing_weights(ages, bin_width=10, max_weight=1000)
+    hist = effective_histogram(ages, w, 10)
+    assert len(hist) == 7
+    assert max(hist.values()) - min(hist.values()) < 1e-9  # exactly uniform without a cap
+    sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(w), 20000, generator=torch.Generator().manual_seed(0))
+    drawn = np.floor(ages[list(sampler)] / 10)
+    shares = np.unique(drawn, return_counts=True)[1] / len(drawn)
+    assert np.all(np.abs(shares - 1 / 7) < 0.015)
+
+
+def test_balancing_cap_limits_repeats_of_rare_bins():
+    ages = np.array([25.0] * 990 + [95.0] * 10)
+    w = balancing_weights(ages, bin_width=10, max_weight=5)
+    assert w[-1] / w[0] == pytest.approx(5.0)
+    assert w.mean() == pytest.approx(1.0)
+    assert np.allclose(balancing_weights(ages, 10, max_weight=1), 1.0)
+
+
+def test_label_distribution_expectation_equals_true_age_for_one_hot():
+    head = AgeHead(16, kind="distribution", min_age=0, max_age=100, bin_width=1)
+    ages = torch.tensor([0.0, 37.0, 64.0, 100.0])
+    q = gaussian_label_distribution(ages, head.centres, sigma=0)
+    assert torch.equal(q.argmax(1), ages.long())
+    assert torch.allclose(q @ head.centres, ages)
+    logits = torch.log(q.clamp_min(1e-30))  # a head that puts all mass on the true bin
+    loss = label_distribution_loss(logits, head.centres, ages, sigma=0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_label_distribution_loss_gradients_are_finite_and_gaussian_is_centred():
+    centres = torch.arange(0, 101, dtype=torch.float32)
+    q = gaussian_label_distribution(torch.tensor([42.3]), centres, sigma=2.0)
+    assert (q @ centres).item() == pytest.approx(42.3, abs=1e-3)
+    logits = (torch.randn(8, 101) * 30).requires_grad_()
+    loss = label_distribution_loss(logits, centres, torch.rand(8) * 100, sigma=2.0,
+                                   weight=torch.rand(8))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_l1_loss_weighted():
+    pred, true = torch.tensor([10.0, 20.0]), torch.tensor([12.0, 30.0])
+    assert l1_age_loss(pred, true).item() == 6.0
+    assert l1_age_loss(pred, true, torch.tensor([1.0, 0.0])).item() == 2.0
+
+
+def test_age_metrics_exact_values_and_bias_correction():
+    true = np.array([20.0, 25.0, 40.0, 70.0])
+    pred = np.array([22.0, 31.0, 40.0, 60.0])
+    m = age_metrics(pred, true, {"sex": np.array([0, 1, 0, np.nan])})
+    assert m["mae"] == pytest.approx(4.5)
+    assert m["cs5"] == pytest.approx(0.5)
+    assert m["mae/decade/20-29"] == pytest.approx(4.0)
+    assert m["mean_error/decade/70-79"] == pytest.approx(-10.0)
+    assert m["mae/sex/0"] == pytest.approx(1.0) and m["mae/sex/1"] == pytest.approx(6.0)
+    assert m["pearson_r"] == pytest.approx(np.corrcoef(pred, true)[0, 1], abs=1e-6)
+    shrunk = 45 + 0.5 * (true - 45)  # regression to the mean, exactly linear
+    c = fit_bias_correction(shrunk, true)
+    assert c["slope"] == pytest.approx(0.5) and c["intercept"] == pytest.approx(22.5)
+    assert np.allclose(apply_bias_correction(shrunk, c), true)
+    with pytest.raises(ValueError, match="ill-posed"):
+        fit_bias_correction(np.full(4, 45.0) + 1e-3 * true, true)
+
+
+TINY = [
+    "experiment=demo_faceage", "backbone=null", "model=vit_test", "data.generate.train=128",
+    "data.generate.val=32", "data.generate.test=32", "data.batch_size=16", "data.num_workers=0",
+    "task.stage1.max_steps=4", "task.stage2.max_steps=3", "task.stage1.val_every_n_steps=2",
+    "task.stage2.val_every_n_steps=3", "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.mark.slow
+def test_two_stages_from_the_real_config_stage2_starts_from_stage1(tmp_path):
+    from fahr.pipeline.finetune_age import finetune_age
+
+    # stage 2 at LR 0 leaves the weights as stage 2 found them: they must be stage 1's best
+    cfg = compose_config("finetune_age", TINY + [f"paths.root_dir={tmp_path}", "task.stage2.base_lr=0.0",
+                                                 "task.stage2.min_lr=0.0", "task.stage2.weight_decay=0.0"])
+    result = finetune_age(cfg)
+    run = result.run_dir
+    s1 = torch.load(run / "stage1/checkpoints/best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    exported = load_file(str(result.export_dir / "model.safetensors"))
+    for key, value in exported.items():
+        assert torch.equal(value, s1[f"model.{key}"]), key
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["stages"]["stage1"]["steps"] == 4 and metrics["stages"]["stage2"]["steps"] == 3
+    assert metrics["test/n"] == 32 and 0 < metrics["test/mae"] < 100
+    assert (run / "figures/faceage_scatter.png").stat().st_size > 1000
+    balance = json.loads((run / "age_balance.json").read_text())
+    assert abs(sum(balance["effective_histogram"].values()) - 1) < 1e-9
+    model, card = load_face_model(result.export_dir)
+    assert card["task"] == "faceage" and card["preprocessing"]["detect"] is False
+    out = model(torch.zeros(2, 3, 112, 112, dtype=torch.uint8))
+    assert out["age"].shape == (2,)
+    # rerunning the same command skips both finished stages and gives the same model
+    again = finetune_age(cfg)
+    assert again.metrics["test/mae"] == pytest.approx(metrics["test/mae"])
+
+
+@pytest.mark.slow
+def test_finetune_from_an_mae_export_and_with_loss_balancing(tmp_path):
+    from fahr.models import create_backbone, save_backbone
+    from fahr.models.weights import model_card
+    from fahr.pipeline.finetune_age import finetune_age
+
+    enc = create_backbone(arch="vit_test", img_size=112, patch_size=16)
+    save_backbone(tmp_path / "mae", enc.state_dict(), model_card(enc, task="mae_pretrain",
+                  normalization={"mean": [0.5] * 3, "std": [0.25] * 3}))
+    cfg = compose_config("finetune_age", TINY + [f"paths.root_dir={tmp_path}", f"backbone={tmp_path / 'mae'}",
+                                                 "task.balance.mode=loss", "task.loss=l1", "task.stage1.max_steps=0"])
+    result = finetune_age(cfg)
+    model, card = load_face_model(result.export_dir)
+    assert card["init"]["backbone_task"] == "mae_pretrain"
+    assert card["normalization"]["mean"] == [0.5] * 3
+    assert card["heads"]["age"]["kind"] == "regression"
+    assert result.metrics["stages"]["stage1"] == {"steps": 0, "skipped": "max_steps=0"}
+
+
+def test_typo_in_finetune_override_fails_clearly():
+    with pytest.raises(Exception, match="stage1x"):
+        compose_config("finetune_age", ["task.stage1x.max_steps=3"])
