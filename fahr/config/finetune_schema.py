@@ -100,7 +100,74 @@ class FinetuneAgeConfig:
     export_dir: Optional[str] = None  # default: <run_dir>/export
 
 
+@dataclass
+class SurvivalDataConfig:
+    """``mode: images``: labelled shards (``fahr shards source=cohort``: json with ``followup_days``,
+    ``event``, ``person``, covariates). ``mode: table``: CSVs where every column but ``time`` and
+    ``event`` is a feature (DeepSurv mode)."""
+    name: str = MISSING
+    mode: str = "images"  # "images" or "table"
+    root: Optional[str] = None
+    train: Any = MISSING
+    val: Any = None  # None: a deterministic val_fraction of train (table mode)
+    test: Any = None
+    val_fraction: float = 0.2
+    time: str = "followup_days"  # column / label of the follow-up time (days for cohorts)
+    event: str = "event"  # 1 = death observed, 0 = censored
+    covariates: list[str] = field(default_factory=list)  # images: clinical labels fed to the head too
+    image_size: int = 112
+    batch_size: int = 64  # per device; table mode: 0 = the whole training table in one batch
+    eval_batch_size: int = 128
+    num_workers: int = 2
+    clinical: bool = True
+    synthetic: bool = False
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    generate: Optional[dict[str, Any]] = None  # the demo's semi-synthetic cohort (fahr.data.cohort)
+
+
+@dataclass
+class RiskHeadConfig:
+    hidden: list[int] = field(default_factory=lambda: [64])
+    dropout: float = 0.1
+
+
+@dataclass
+class SurvivalTaskConfig:
+    ties: str = "efron"  # "efron" or "breslow"
+    head: RiskHeadConfig = field(default_factory=RiskHeadConfig)
+    max_steps: int = 1000
+    base_lr: float = 1e-3  # images: LR = base_lr * effective_batch / 256; table: the LR itself
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 1e-4
+    layer_decay: float = 0.75
+    drop_path_rate: float = 0.1
+    freeze_backbone: bool = False  # train the head only (a linear/MLP probe)
+    val_every_n_steps: int = 50
+    person_aggregation: str = "mean"  # person-level risk: "mean" over photos or "first" (nearest baseline)
+    horizons_days: list[float] = field(default_factory=lambda: [365.0, 730.0, 1825.0])
+    hflip: bool = True
+
+
+@dataclass
+class FinetuneSurvivalConfig:
+    experiment_name: str = "facesurvival"
+    run_id: Optional[str] = None
+    seed: int = 0
+    resume: bool = True
+    backbone: Optional[str] = None  # images: a `fahr export` dir (MAE backbone or FaceAge model)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: SurvivalDataConfig = field(default_factory=SurvivalDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: SurvivalTaskConfig = field(default_factory=SurvivalTaskConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=-1))  # steps: task.max_steps
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    export_dir: Optional[str] = None
+
+
 def register_finetune_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="finetune_age_schema", node=FinetuneAgeConfig)
+    ConfigStore.instance().store(name="finetune_survival_schema", node=FinetuneSurvivalConfig)

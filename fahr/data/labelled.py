@@ -40,6 +40,7 @@ class LabelledFaces(Dataset):
     keys: list[str]
     image_size: int
     skipped: dict[str, int]
+    persons: list[str]  # the shard json's "person" (a pseudonym for cohorts; "" when absent)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -73,6 +74,7 @@ def load_labelled_faces(shards: str | Sequence[str], required: Sequence[str], op
     urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
     images: list[bytes] = []
     keys: list[str] = []
+    persons: list[str] = []
     columns: dict[str, list[float]] = {k: [] for k in (*required, *optional)}
     skipped: Counter[str] = Counter()
     for url in urls:
@@ -90,12 +92,14 @@ def load_labelled_faces(shards: str | Sequence[str], required: Sequence[str], op
                 columns[key].append(float(value) if ok else math.nan)
             images.append(bytes(next(sample[e] for e in _IMAGE_EXTS if e in sample)))
             keys.append(sample["__key__"])
+            persons.append(str(meta.get("person", "")))
     if skipped:
         log.warning("skipped %d samples of %d shards: %s", sum(skipped.values()), len(urls), dict(skipped))
     if not images:
         raise ValueError(f"no usable samples in {len(urls)} shards (skipped: {dict(skipped)})")
     labels = {k: np.asarray(v, dtype=np.float64) for k, v in columns.items()}
-    return LabelledFaces(images=images, labels=labels, keys=keys, image_size=image_size, skipped=dict(skipped))
+    return LabelledFaces(images=images, labels=labels, keys=keys, image_size=image_size, skipped=dict(skipped),
+                          persons=persons)
 
 
 def _check_sample(sample: dict[str, Any], required: Sequence[str]) -> str | None:

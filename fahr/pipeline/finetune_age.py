@@ -38,7 +38,7 @@ from fahr.metrics.age import age_metrics, apply_bias_correction, fit_bias_correc
 from fahr.models.backbone import create_backbone
 from fahr.models.face_model import DEFAULT_PREPROCESSING, FaceModel, save_face_model
 from fahr.models.heads import AgeHead
-from fahr.models.weights import load_backbone, read_card
+from fahr.models.weights import load_backbone
 from fahr.tasks.finetune_age import AgeTask
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
 from fahr.utils.checkpoint_io import AtomicCheckpointIO
@@ -70,9 +70,14 @@ def ensure_synthetic_splits(data: DictConfig) -> None:
                                samples_per_shard=g.samples_per_shard, seed=g.seed * 1000 + i, image_size=data.image_size)
 
 
-def load_split(spec: Any, image_size: int) -> LabelledFaces:
+def load_split_labels(spec: Any, required: list[str], optional: list[str], image_size: int) -> LabelledFaces:
+    """One split's photos and labels (``spec``: an ``index.json[#split]``, brace pattern or list)."""
     shards = resolve_train_shards(OmegaConf.to_container(spec) if not isinstance(spec, str) else spec)
-    return load_labelled_faces(shards, required=["age"], optional=["sex", "race"], image_size=image_size)
+    return load_labelled_faces(shards, required=required, optional=optional, image_size=image_size)
+
+
+def load_split(spec: Any, image_size: int) -> LabelledFaces:
+    return load_split_labels(spec, ["age"], ["sex", "race"], image_size)
 
 
 class _Weighted(torch.utils.data.Dataset):
@@ -134,24 +139,28 @@ def preprocessing_of(spec: Any) -> dict[str, Any]:
 # ---- model ----------------------------------------------------------------------------------------
 
 
-def build_model(cfg: DictConfig) -> tuple[FaceModel, dict[str, Any]]:
-    """Backbone (from ``cfg.backbone`` or from scratch) + age head; returns (model, init facts)."""
-    drop_path = cfg.task.stage2.drop_path_rate
-    head_cfg = OmegaConf.to_container(cfg.task.head)
-    kind = "distribution" if cfg.task.loss == "distribution" else "regression"
+def backbone_for(cfg: DictConfig, drop_path_rate: float) -> tuple[torch.nn.Module, dict[str, Any], list, list]:
+    """The backbone a fine-tune starts from: ``cfg.backbone`` (an export: MAE backbone or a fine-tuned
+    model, resized to ``data.image_size``) or a new one from ``cfg.model``. Returns (backbone, init
+    facts for the card, mean, std): an export's normalisation wins over the data config's."""
     if cfg.backbone:
-        backbone, card = load_backbone(cfg.backbone, img_size=cfg.data.image_size, drop_path_rate=drop_path,
+        backbone, card = load_backbone(cfg.backbone, img_size=cfg.data.image_size, drop_path_rate=drop_path_rate,
                                        global_pool=cfg.model.global_pool)
         init = {"backbone": str(cfg.backbone), "backbone_task": card.get("task"), "arch": card["arch"],
                 "backbone_step": card.get("global_step")}
-        mean, std = card.get("normalization", {}).get("mean", cfg.data.mean), card.get("normalization", {}).get("std", cfg.data.std)
-    else:
-        backbone = create_backbone(arch=cfg.model.arch, img_size=cfg.data.image_size, patch_size=cfg.model.patch_size,
-                                   drop_path_rate=drop_path, global_pool=cfg.model.global_pool)
-        init = {"backbone": None, "arch": cfg.model.arch}
-        mean, std = list(cfg.data.mean), list(cfg.data.std)
-    head = AgeHead(backbone.num_features, kind=kind, **head_cfg)
-    return FaceModel(backbone, {"age": head}, list(mean), list(std)), init
+        norm = card.get("normalization", {})
+        return backbone, init, list(norm.get("mean", cfg.data.mean)), list(norm.get("std", cfg.data.std))
+    backbone = create_backbone(arch=cfg.model.arch, img_size=cfg.data.image_size, patch_size=cfg.model.patch_size,
+                               drop_path_rate=drop_path_rate, global_pool=cfg.model.global_pool)
+    return backbone, {"backbone": None, "arch": cfg.model.arch}, list(cfg.data.mean), list(cfg.data.std)
+
+
+def build_model(cfg: DictConfig) -> tuple[FaceModel, dict[str, Any]]:
+    """Backbone (from ``cfg.backbone`` or from scratch) + age head; returns (model, init facts)."""
+    backbone, init, mean, std = backbone_for(cfg, cfg.task.stage2.drop_path_rate)
+    kind = "distribution" if cfg.task.loss == "distribution" else "regression"
+    head = AgeHead(backbone.num_features, kind=kind, **OmegaConf.to_container(cfg.task.head))
+    return FaceModel(backbone, {"age": head}, mean, std), init
 
 
 def _load_weights(model: FaceModel, ckpt: Path) -> None:

@@ -1,0 +1,384 @@
+"""`fahr finetune-survival`: FAHR-FaceSurvival, a DeepSurv-style Cox head on face features or on a table.
+
+- ``data.mode=images``: the backbone (``backbone=EXPORT_DIR``: an MAE export or a FaceAge model) plus
+  a risk head, trained per photo; evaluated per person (mean risk over a person's photos, or the
+  photo nearest baseline), because outcomes belong to patients, not photos.
+- ``data.mode=table`` (``data=table data.train=CSV data.test=CSV``): the same head on feature rows,
+  every column but ``time`` and ``event`` being a feature (the DeepSurv benchmark format).
+
+Writes ``metrics.json`` (``test_c_index`` = Harrell's C on the test set, Uno's C, time-dependent AUC,
+integrated Brier score), ``predictions_test.csv`` (per person), and an export whose card stores the
+Breslow baseline hazard, so S(t | x) = exp(-H0(t) exp(risk)) can be produced later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from fahr.config.finetune_schema import FinetuneSurvivalConfig
+from fahr.config.schema import validate
+from fahr.data.labelled import LabelledFaces
+from fahr.models.face_model import FaceModel, save_face_model
+from fahr.models.heads import RiskHead
+from fahr.stats.validation import check_survival_arrays
+from fahr.tasks.survival import SurvivalTask, TableRiskModel, predict_risk
+from fahr.utils.atomic import atomic_write, atomic_write_json, atomic_write_text
+from fahr.utils.checkpoint_io import AtomicCheckpointIO
+from fahr.utils.loggers import build_loggers
+from fahr.utils.run import prepare_run_dir, run_dir_for
+
+log = logging.getLogger(__name__)
+TABLE_FORMAT = "fahr-table-model/1"
+
+
+@dataclass
+class SurvivalResult:
+    run_dir: Path
+    export_dir: Path
+    metrics: dict[str, Any]
+
+
+@dataclass
+class Split:
+    """One split: a dataset plus per-row outcome arrays (days, 0/1) and person ids (images)."""
+    dataset: Dataset
+    time: np.ndarray
+    event: np.ndarray
+    persons: list[str] | None = None
+
+
+# ---- table mode -----------------------------------------------------------------------------------
+
+
+def read_table(path: str, time: str, event: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """(features, time, event) from a CSV; every column but ``time`` and ``event`` is a feature."""
+    df = pd.read_csv(path)
+    missing = [c for c in (time, event) if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; it has {list(df.columns)[:20]}")
+    feats = df.drop(columns=[time, event])
+    bad = [c for c in feats.columns if not pd.api.types.is_numeric_dtype(feats[c])]
+    if bad:
+        raise ValueError(f"{path}: non-numeric feature column(s) {bad}: encode them as numbers first")
+    if feats.isna().any().any():
+        raise ValueError(f"{path}: {int(feats.isna().any(axis=1).sum())} rows have missing feature values")
+    t, e = check_survival_arrays(df[time].to_numpy(), df[event].to_numpy(), name=os.path.basename(path))
+    return feats, t, e
+
+
+def holdout(n: int, event: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of a validation part, stratified by event, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(n, dtype=bool)
+    for value in (0, 1):
+        idx = np.flatnonzero(event == value)
+        rng.shuffle(idx)
+        mask[idx[: int(round(fraction * len(idx)))]] = True
+    return mask
+
+
+def table_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any]]:
+    d = cfg.data
+    x_train, t_train, e_train = read_table(d.train, d.time, d.event)
+    if d.val:
+        x_val, t_val, e_val = read_table(d.val, d.time, d.event)
+    else:
+        mask = holdout(len(t_train), e_train, d.val_fraction, cfg.seed)
+        x_val, t_val, e_val = x_train[mask], t_train[mask], e_train[mask]
+        x_train, t_train, e_train = x_train[~mask], t_train[~mask], e_train[~mask]
+    columns = list(x_train.columns)
+    mean = x_train.mean().to_numpy(np.float64)
+    std = x_train.std(ddof=0).replace(0, 1.0).to_numpy(np.float64)
+    scaler = {"features": columns, "mean": mean.tolist(), "std": std.tolist()}
+
+    def make(x: pd.DataFrame, t: np.ndarray, e: np.ndarray) -> Split:
+        if list(x.columns) != columns:
+            raise ValueError(f"feature columns differ between splits: {list(x.columns)} vs {columns}")
+        z = torch.tensor((x.to_numpy(np.float64) - mean) / std, dtype=torch.float32)
+        ds = _TableRows(z, torch.tensor(t, dtype=torch.float32), torch.tensor(e, dtype=torch.float32))
+        return Split(ds, t, e)
+
+    splits = {"train": make(x_train, t_train, e_train), "val": make(x_val, t_val, e_val)}
+    if d.test:
+        splits["test"] = make(*read_table(d.test, d.time, d.event))
+    return splits, scaler
+
+
+class _TableRows(Dataset):
+    def __init__(self, x: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> None:
+        self.x, self.time, self.event = x, time, event
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "time": self.time[i], "event": self.event[i]}
+
+
+# ---- image mode -----------------------------------------------------------------------------------
+
+
+class _PhotoOutcomes(Dataset):
+    """LabelledFaces items renamed for the task: ``time``, ``event``, ``covariates`` (standardised)."""
+
+    def __init__(self, base: LabelledFaces, time: str, event: str, covariates: np.ndarray | None) -> None:
+        self.base, self.time_key, self.event_key, self.covariates = base, time, event, covariates
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[i]
+        out = {"image": item["image"], "time": item[self.time_key], "event": item[self.event_key]}
+        if self.covariates is not None:
+            out["covariates"] = torch.tensor(self.covariates[i], dtype=torch.float32)
+        return out
+
+
+def image_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any]]:
+    from fahr.pipeline.finetune_age import load_split_labels
+
+    d = cfg.data
+    cov = list(d.covariates)
+    raw = {}
+    for split in ("train", "val", "test"):
+        spec = d[split]
+        if spec is None:
+            if split == "val":
+                raise ValueError("data.val is required in images mode (a person-disjoint split from `fahr shards`)")
+            continue
+        raw[split] = load_split_labels(spec, [d.time, d.event], cov, d.image_size)
+    scaler: dict[str, Any] = {"features": cov}
+    if cov:
+        train_cov = np.stack([raw["train"].labels[c] for c in cov], axis=1)
+        if np.isnan(train_cov).any():
+            raise ValueError(f"covariates {cov} have missing values in {int(np.isnan(train_cov).any(1).sum())} training photos")
+        scaler["mean"] = train_cov.mean(0).tolist()
+        scaler["std"] = np.where(train_cov.std(0) > 0, train_cov.std(0), 1.0).tolist()
+    splits = {}
+    for split, ds in raw.items():
+        t, e = check_survival_arrays(ds.labels[d.time], ds.labels[d.event], name=f"{split} shards")
+        z = None
+        if cov:
+            z = (np.stack([ds.labels[c] for c in cov], axis=1) - scaler["mean"]) / scaler["std"]
+            if np.isnan(z).any():
+                raise ValueError(f"covariates {cov} have missing values in the {split} split")
+        splits[split] = Split(_PhotoOutcomes(ds, d.time, d.event, z), t, e, ds.persons)
+    return splits, scaler
+
+
+def person_level(split: Split, risk: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Per-person (time, event, risk, person): follow-up from the person's earliest photo (the
+    longest follow-up), risk = mean over photos or that earliest photo's."""
+    if split.persons is None:
+        return split.time, split.event, risk, [str(i) for i in range(len(risk))]
+    if how not in ("mean", "first"):
+        raise ValueError(f"task.person_aggregation must be mean or first, got {how!r}")
+    df = pd.DataFrame({"person": split.persons, "time": split.time, "event": split.event, "risk": risk})
+    if (df["person"] == "").any():
+        raise ValueError("photos without a person id: person-level evaluation needs `person` in the shard json")
+    conflicting = df.groupby("person")["event"].nunique().gt(1).sum()
+    if conflicting:
+        raise ValueError(f"{conflicting} persons have photos with conflicting events")
+    first = df.loc[df.groupby("person")["time"].idxmax()].set_index("person")
+    if how == "mean":
+        first["risk"] = df.groupby("person")["risk"].mean()
+    return first["time"].to_numpy(), first["event"].to_numpy(), first["risk"].to_numpy(), list(first.index)
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def build_model(cfg: DictConfig, num_features: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    h = cfg.task.head
+    if cfg.data.mode == "table":
+        return TableRiskModel(num_features, list(h.hidden), h.dropout), {"backbone": None}
+    from fahr.pipeline.finetune_age import backbone_for
+
+    backbone, init, mean, std = backbone_for(cfg, cfg.task.drop_path_rate)
+    head = RiskHead(backbone.num_features, num_covariates=num_features, hidden=list(h.hidden), dropout=h.dropout)
+    return FaceModel(backbone, {"risk": head}, mean, std), init
+
+
+def loaders(cfg: DictConfig, splits: dict[str, Split]) -> dict[str, DataLoader]:
+    d = cfg.data
+    full = d.mode == "table" and d.batch_size == 0
+    train_bs = len(splits["train"].dataset) if full else d.batch_size
+    if train_bs > len(splits["train"].dataset):
+        raise ValueError(f"{len(splits['train'].dataset)} training rows are fewer than one batch ({train_bs})")
+    workers = 0 if d.mode == "table" else d.num_workers
+    g = torch.Generator().manual_seed(cfg.seed)
+    out = {"train": DataLoader(splits["train"].dataset, batch_size=train_bs, shuffle=True, drop_last=True,
+                               num_workers=workers, generator=g, persistent_workers=workers > 0)}
+    for name in ("val", "test"):
+        if name in splits:
+            bs = len(splits[name].dataset) if d.mode == "table" else d.eval_batch_size
+            out[name] = DataLoader(splits[name].dataset, batch_size=bs, shuffle=False, num_workers=min(workers, 1))
+    return out
+
+
+def train(cfg: DictConfig, model: torch.nn.Module, dl: dict[str, DataLoader], run_dir: Path, loggers: list) -> dict[str, Any]:
+    t = cfg.task
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args.pop("max_steps")
+    trainer_args.pop("val_check_interval", None)
+    devices = trainer_args.get("devices") if isinstance(trainer_args.get("devices"), int) else 1
+    batch = dl["train"].batch_size * devices * trainer_args.get("num_nodes", 1)
+    lr = t.base_lr if cfg.data.mode == "table" else t.base_lr * batch / 256
+    task = SurvivalTask(model, OmegaConf.to_container(t, resolve=True), lr)
+    ckpt_dir = run_dir / "checkpoints"
+    done_file = run_dir / "train_done.json"
+    if done_file.is_file():
+        done = json.loads(done_file.read_text())
+        _load_weights(model, run_dir / done["best"])
+        log.info("training already finished (best val loss %.4f): skipped", done["best_val_loss"])
+        return done
+    every = min(t.val_every_n_steps, t.max_steps)
+    per_epoch = len(dl["train"])
+    best = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                           save_last=False, auto_insert_metric_name=False)
+    recovery = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=every, save_last=True, save_top_k=0, monitor=None)
+    resume = ckpt_dir / "last.ckpt"
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+    trainer = L.Trainer(**trainer_args, max_steps=t.max_steps, default_root_dir=str(run_dir), logger=loggers,
+                        callbacks=[recovery, best], plugins=[AtomicCheckpointIO()],
+                        # small tables: an epoch is one or a few batches, so validate every k epochs
+                        val_check_interval=None if every >= per_epoch else every,
+                        check_val_every_n_epoch=max(1, every // per_epoch) if every >= per_epoch else None)
+    trainer.fit(task, train_dataloaders=dl["train"], val_dataloaders=dl["val"],
+                ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
+    if trainer.interrupted:
+        raise RuntimeError(f"training was interrupted at step {trainer.global_step}; rerun to resume")
+    if not best.best_model_path:
+        raise RuntimeError("no validation loss was computed (a validation set without events?)")
+    _load_weights(model, Path(best.best_model_path))
+    done = {"steps": trainer.global_step, "best": os.path.relpath(Path(best.best_model_path).resolve(), run_dir.resolve()),
+            "best_val_loss": float(best.best_model_score)}
+    if trainer.is_global_zero:
+        atomic_write_json(done_file, done)
+    return done
+
+
+def _load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
+
+
+# ---- evaluation and export ------------------------------------------------------------------------
+
+
+def survival_metrics(train: tuple[np.ndarray, np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray, np.ndarray],
+                     horizons: list[float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Harrell's and Uno's C, time-dependent AUC and integrated Brier score of test risks; the
+    Breslow baseline (fitted on the training risks) is returned for the export."""
+    from fahr.metrics.survival import BreslowBaseline, harrell_c, integrated_brier, time_dependent_auc, uno_c
+
+    (tr_t, tr_e, tr_r), (te_t, te_e, te_r) = train, test
+    out: dict[str, Any] = {"test_c_index": float(harrell_c(te_t, te_e, te_r)),
+                           "test_n": int(len(te_t)), "test_events": int(te_e.sum())}
+    baseline = BreslowBaseline().fit(tr_r, tr_t, tr_e)
+    lo, hi = float(te_t[te_e == 1].min()), float(min(te_t.max(), tr_t.max()))
+    try:
+        out["test_uno_c"] = float(uno_c(tr_t, tr_e, te_t, te_e, te_r))
+        valid = [h for h in horizons if lo < h < hi]
+        if valid:
+            aucs = time_dependent_auc(tr_t, tr_e, te_t, te_e, te_r, valid)
+            out.update({f"test_auc@{h:g}d": float(a) for h, a in zip(valid, np.atleast_1d(aucs))})
+        grid = np.quantile(te_t[(te_t >= lo) & (te_t < hi)], np.linspace(0.05, 0.95, 20))
+        grid = np.unique(grid)
+        if len(grid) >= 2:
+            out["test_integrated_brier"] = float(integrated_brier(tr_t, tr_e, te_t, te_e, baseline.survival(te_r, grid), grid))
+    except ValueError as err:  # e.g. test follow-up beyond training follow-up for IPCW
+        log.warning("some survival metrics were not computed: %s", err)
+    return out, baseline.to_dict()
+
+
+def finetune_survival(cfg: DictConfig) -> SurvivalResult:
+    """Train (or resume) the survival model ``cfg`` describes, evaluate per person, export."""
+    validate(cfg, FinetuneSurvivalConfig)
+    if cfg.data.mode not in ("images", "table"):
+        raise ValueError(f"data.mode must be images or table, got {cfg.data.mode!r}")
+    L.seed_everything(cfg.seed, workers=True)
+    ensure_cohort(cfg)
+    run_dir = run_dir_for(cfg)
+    run_info = prepare_run_dir(cfg, run_dir)
+    log.info("run directory: %s", run_dir)
+    splits, scaler = table_splits(cfg) if cfg.data.mode == "table" else image_splits(cfg)
+    for name, s in splits.items():
+        log.info("%s: %d rows, %d events", name, len(s.time), int(s.event.sum()))
+    model, init = build_model(cfg, len(scaler["features"]))
+    dl = loaders(cfg, splits)
+    loggers = build_loggers(cfg, run_dir, run_info)
+    try:
+        done = train(cfg, model, dl, run_dir, loggers)
+    finally:
+        for lg in loggers:
+            if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+                lg.experiment.finish()
+    how = cfg.task.person_aggregation
+    train_eval = DataLoader(splits["train"].dataset, batch_size=dl["val"].batch_size, shuffle=False)
+    tr = person_level(splits["train"], predict_risk(model, train_eval), how)
+    metrics: dict[str, Any] = {"training": done, "init": init, "rows": {k: len(s.time) for k, s in splits.items()}}
+    va = person_level(splits["val"], predict_risk(model, dl["val"]), how)
+    from fahr.metrics.survival import harrell_c
+
+    metrics["val_c_index"] = float(harrell_c(va[0], va[1], va[2]))
+    baseline = None
+    if "test" in splits:
+        te = person_level(splits["test"], predict_risk(model, dl["test"]), how)
+        m, baseline = survival_metrics(tr[:3], te[:3], list(cfg.task.horizons_days))
+        metrics.update(m)
+        rows = ["person,time,event,risk"] + [f"{p},{t:g},{int(e)},{r:.6f}" for t, e, r, p in zip(*te)]
+        atomic_write_text(run_dir / "predictions_test.csv", "\n".join(rows) + "\n")
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
+    card = {"task": "facesurvival", "mode": cfg.data.mode, "covariates": scaler, "init": init,
+            "baseline_hazard": baseline, "metrics": {k: v for k, v in metrics.items() if k.startswith(("test_", "val_"))},
+            "run_id": run_info["run_id"], "training_data": {"name": cfg.data.name, "synthetic": bool(cfg.data.synthetic)}}
+    if cfg.data.mode == "images":
+        from fahr.pipeline.finetune_age import preprocessing_of
+
+        save_face_model(export_dir, model, {**card, "preprocessing": preprocessing_of(cfg.data.train)})
+    else:
+        save_table_model(export_dir, model, card)
+    log.info("test C-index %s; exported to %s", f"{metrics['test_c_index']:.4f}" if "test_c_index" in metrics else "-", export_dir)
+    return SurvivalResult(run_dir=run_dir, export_dir=export_dir, metrics=metrics)
+
+
+def save_table_model(export_dir: Path, model: TableRiskModel, card: dict[str, Any]) -> None:
+    """safetensors + card for a table (DeepSurv-mode) model: the head and the feature scaler."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(export_dir / "model.safetensors", lambda f: f.write(_safetensors_bytes(state)), mode="wb")
+    head = model.heads["risk"]
+    atomic_write_json(export_dir / "model_card.json", {"format": TABLE_FORMAT, "heads": {"risk": head.config},
+                                                       "num_features": len(card["covariates"]["features"]), **card})
+
+
+def _safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(state, metadata={"format": TABLE_FORMAT})
+
+
+def ensure_cohort(cfg: DictConfig) -> None:
+    """The demo's semi-synthetic cohort: generated by fahr.data.cohort when ``data.generate`` is set."""
+    if cfg.data.get("generate") is None:
+        return
+    from fahr.data.cohort import ensure_cohort_shards
+
+    ensure_cohort_shards(**OmegaConf.to_container(cfg.data.generate, resolve=True))

@@ -1,0 +1,129 @@
+"""FAHR-FaceSurvival task (LightningModule): a Cox risk head trained with the partial likelihood.
+
+Two inputs, one task:
+- images: :class:`FaceModel` with a ``risk`` head (optionally fed clinical covariates too: the
+  "combined" model); batches ``{"image": uint8 (B, 3, S, S), "time": (B,) days, "event": (B,),
+  "covariates": (B, C)?}``;
+- table (DeepSurv mode): :class:`TableRiskModel` on standardised feature rows ``{"x": (B, F), ...}``.
+
+The loss is computed on risks gathered from all ranks (``CoxPHLoss(sync_dist=True)``), so under DDP
+the risk set is the global batch. Validation accumulates the whole validation set and reports its
+partial likelihood (mean over events) and Harrell's C.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from timm.optim import param_groups_layer_decay
+from torch import nn
+
+from fahr.losses.cox import CoxPHLoss, cox_ph_loss
+from fahr.models.heads import RiskHead
+from fahr.tasks.schedules import warmup_cosine
+
+
+class TableRiskModel(nn.Module):
+    """Standardised features (B, F) -> ``{"risk": (B,)}`` (a DeepSurv MLP)."""
+
+    def __init__(self, num_features: int, hidden: list[int], dropout: float) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({"risk": RiskHead(num_features, 0, hidden, dropout)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.heads["risk"](x)
+
+
+def batch_risk(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-hazards (B,) of a batch, for either kind of model."""
+    if "x" in batch:
+        return model(batch["x"])["risk"].float()
+    return model(batch["image"], batch.get("covariates"))["risk"].float()
+
+
+class SurvivalTask(L.LightningModule):
+    """Args:
+        model: a FaceModel with a ``risk`` head, or a :class:`TableRiskModel`.
+        task: the ``task`` config dict (ties, LRs, freeze_backbone, hflip, ...).
+        lr: the peak learning rate (already scaled for the batch).
+    """
+
+    def __init__(self, model: nn.Module, task: dict[str, Any], lr: float) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = task
+        self.lr = lr
+        self.loss = CoxPHLoss(ties=task["ties"], reduction="mean", sync_dist=True)
+        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.backbone = getattr(model, "backbone", None)
+        if self.backbone is not None and task["freeze_backbone"]:
+            self.backbone.requires_grad_(False)
+
+    def _set_modes(self) -> None:
+        self.model.train()
+        if self.backbone is not None and self.cfg["freeze_backbone"]:
+            self.backbone.eval()
+
+    def on_train_epoch_start(self) -> None:
+        self._set_modes()
+
+    def on_validation_model_train(self) -> None:
+        self._set_modes()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if "image" in batch and self.cfg.get("hflip", True):
+            images = batch["image"]
+            flip = torch.rand(images.shape[0], device=images.device) < 0.5
+            batch = {**batch, "image": torch.where(flip[:, None, None, None], images.flip(-1), images)}
+        risk = batch_risk(self.model, batch)
+        loss = self.loss(risk, batch["time"], batch["event"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(risk))
+        self.log("train/events", batch["event"].sum(), on_step=True, on_epoch=False, batch_size=len(risk))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        risk = batch_risk(self.model, batch)
+        self._val.append((risk.detach().cpu(), batch["time"].cpu(), batch["event"].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        risk, time, event = (torch.cat(x) for x in zip(*self._val))
+        self._val.clear()
+        if self.trainer.world_size > 1:
+            risk, time, event = (self.all_gather(x.to(self.device)).flatten().cpu() for x in (risk, time, event))
+        if event.sum() == 0:
+            return
+        from fahr.metrics.survival import harrell_c
+
+        val_loss = cox_ph_loss(risk.double(), time.double(), event.double(), ties=self.cfg["ties"])
+        self.log("val/loss", val_loss.float(), prog_bar=True, sync_dist=False)
+        self.log("val/c_index", float(harrell_c(time.numpy(), event.numpy(), risk.numpy())), sync_dist=False)
+
+    def configure_optimizers(self):
+        c = self.cfg
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.backbone is not None and not c["freeze_backbone"]:
+            groups = param_groups_layer_decay(self.backbone, weight_decay=c["weight_decay"],
+                                              no_weight_decay_list=list(self.backbone.no_weight_decay()),
+                                              layer_decay=c["layer_decay"])
+            groups.append({"params": list(self.model.heads.parameters()), "weight_decay": c["weight_decay"]})
+        else:
+            groups = [{"params": trainable, "weight_decay": c["weight_decay"]}]
+        for g in groups:
+            g["lr"] = self.lr * g.pop("lr_scale", 1.0)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        floor = min(1.0, c["min_lr"] / self.lr) if self.lr > 0 else 0.0
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, 1.0, c["warmup_steps"], c["max_steps"], min_lr=floor))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@torch.inference_mode()
+def predict_risk(model: nn.Module, loader) -> np.ndarray:
+    """Log-hazards (N,) over a loader, in loader order."""
+    model.eval()
+    return torch.cat([batch_risk(model, b) for b in loader]).numpy().astype(np.float64)
