@@ -1,0 +1,82 @@
+"""Structured schemas for ``conf/predict.yaml`` (``fahr predict``) and ``conf/far.yaml`` (``fahr far``).
+
+Each CLI module registers its schema with Hydra's ConfigStore (``predict_schema`` / ``far_schema``),
+so a misspelt key (``batchsize=8``) fails at start-up naming the key.
+
+The YAML file itself is also put in the ConfigStore (:func:`register_yaml_config`) and the app is
+composed from there, not from ``conf/``: ``conf/`` has a ``model`` config group (backbone sizes), and
+Hydra reads ``model=EXPORT_DIR`` as a choice from a group whenever one of that name is on its search
+path ("Could not override 'model'. No match in the defaults list").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class PreprocessingOverrides:
+    """Overrides of the model card's ``preprocessing``; null keeps the card's value."""
+
+    detect: Optional[bool] = None  # false: inputs are already aligned crops, only resized
+    image_size: Optional[int] = None  # side of the aligned crop, pixels
+    margin: Optional[float] = None  # template zoom-out, e.g. 0.25
+    multi_face: Optional[str] = None  # "reject", "largest", "central"
+    min_confidence: Optional[float] = None  # detector probability, 0-1
+
+
+@dataclass
+class PredictConfig:
+    model: str = MISSING  # export directory: model.safetensors + model_card.json (fahr-model/1)
+    input: str = MISSING  # directory (scanned recursively) or CSV with a `path` column
+    output: str = MISSING  # CSV, one row per input photo
+    batch_size: int = 32  # photos decoded + aligned + inferred per step
+    device: str = "auto"  # auto, cpu, cuda
+    preprocessing: PreprocessingOverrides = field(default_factory=PreprocessingOverrides)
+
+
+@dataclass
+class FarConfig:
+    model: str = MISSING
+    input: str = MISSING  # CSV: person, path, and date (ISO) or age_at_photo (years)
+    output: str = MISSING  # CSV, one row per person
+    method: str = "pair"  # "pair" (widest gap, as in the FAR study) or "slope" (least squares)
+    use_corrected: bool = True  # use faceage_corrected when the card has an age_calibration
+    photos_output: Optional[str] = None  # optional CSV of the per-photo predictions
+    batch_size: int = 32
+    device: str = "auto"
+    preprocessing: PreprocessingOverrides = field(default_factory=PreprocessingOverrides)
+
+
+def register_predict_schema() -> None:
+    """Register ``PredictConfig`` as ``predict_schema`` (idempotent)."""
+    ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
+
+
+def register_far_schema() -> None:
+    """Register ``FarConfig`` as ``far_schema`` (idempotent)."""
+    ConfigStore.instance().store(name="far_schema", node=FarConfig)
+
+
+def register_yaml_config(name: str) -> None:
+    """Store ``conf/<name>.yaml`` (its defaults list included) in the ConfigStore under ``name``."""
+    from fahr.cli._hydra import config_dir
+
+    ConfigStore.instance().store(name=name, node=OmegaConf.load(Path(config_dir()) / f"{name}.yaml"))
+
+
+def register_predict() -> None:
+    """Schema + ``conf/predict.yaml``, for ``@hydra.main(config_path=None, config_name="predict")``."""
+    register_predict_schema()
+    register_yaml_config("predict")
+
+
+def register_far() -> None:
+    """Schema + ``conf/far.yaml``, for ``@hydra.main(config_path=None, config_name="far")``."""
+    register_far_schema()
+    register_yaml_config("far")

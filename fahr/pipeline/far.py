@@ -1,0 +1,82 @@
+"""`fahr far`: a ``FarConfig`` -> one CSV row per person with their Face Aging Rate.
+
+Input CSV columns: ``person``, ``path``, and ``date`` (ISO) or ``age_at_photo`` (years). Each
+distinct photo is predicted once (:func:`fahr.inference.predict.predict_photos`); the FAR maths are
+:func:`fahr.inference.far.far_from_photos`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from fahr.config.inference_schema import FarConfig
+from fahr.config.schema import validate
+from fahr.pipeline.predict import load_model, preprocessing_overrides, write_csv
+
+log = logging.getLogger("fahr.far")
+
+
+def read_far_input(path: str) -> list[dict[str, Any]]:
+    """The input rows, each with ``file`` (the photo's resolved Path) added."""
+    from fahr.inference.photos import read_csv_rows, resolve
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"input {path!r} is not a CSV file (columns: person, path, date or age_at_photo)")
+    rows = read_csv_rows(p, required=("person", "path"))
+    if rows and "date" not in rows[0] and "age_at_photo" not in rows[0]:
+        raise ValueError(f"{path}: needs a `date` (ISO, e.g. 2019-05-31) or `age_at_photo` (years) column")
+    if not rows:
+        raise ValueError(f"input {path!r} has no rows")
+    for row in rows:
+        row["file"] = resolve(row["path"], p.parent)
+    return rows
+
+
+def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], cfg: DictConfig) -> list[dict[str, Any]]:
+    """Predict each distinct photo once; set ``status`` and ``faceage`` (corrected if configured) on
+    every row. Returns the per-photo predictions, in input order of first appearance."""
+    from fahr.inference.photos import Photo
+    from fahr.inference.predict import predict_photos
+
+    files = list(dict.fromkeys(row["file"] for row in rows))
+    labels = {row["file"]: row["path"] for row in reversed(rows)}
+    preds = predict_photos(model, card, [Photo(labels[f], f) for f in files], batch_size=cfg.batch_size,
+                           device=cfg.device, preprocessing=preprocessing_overrides(cfg))
+    by_file = dict(zip(files, preds))
+    key = "faceage_corrected" if cfg.use_corrected and card.get("age_calibration") else "faceage"
+    for row in rows:
+        pred = by_file[row["file"]]
+        row["status"], row["faceage"] = pred["status"], pred.get(key)
+    return preds
+
+
+def far(cfg: DictConfig) -> dict[str, Any]:
+    """Run ``fahr far``; returns ``{"output", "persons", "counts"}`` (counts by person status)."""
+    from fahr.inference.far import METHODS, OUTPUT_COLUMNS, far_table, photo_days
+    from fahr.inference.predict import output_columns
+
+    validate(cfg, FarConfig)
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    rows = read_far_input(cfg.input)
+    undated = sum(photo_days(r) is None for r in rows)
+    if undated:
+        log.warning("%d of %d photos have no usable date / age_at_photo (they are left out)", undated, len(rows))
+    model, card = load_model(cfg.model)
+    if "age" not in model.heads:
+        raise ValueError(f"{cfg.model} has no FaceAge head (heads: {list(model.heads)}): FAR needs a FaceAge model")
+    preds = attach_predictions(rows, model, card, cfg)
+    if cfg.photos_output:
+        write_csv(cfg.photos_output, output_columns(model, card), preds)
+    table = far_table(rows, cfg.method)
+    write_csv(cfg.output, OUTPUT_COLUMNS, table)
+    counts = Counter(r["status"] for r in table)
+    log.info("fahr far: %d photos, %d persons (%s) -> %s", len(rows), len(table),
+             ", ".join(f"{s} {n}" for s, n in counts.most_common()), cfg.output)
+    return {"output": cfg.output, "persons": len(table), "counts": dict(counts)}

@@ -1,0 +1,92 @@
+"""`fahr predict`: a ``PredictConfig`` -> one CSV row per input photo (FaceAge, corrected, risk).
+
+The CSV is streamed into a temporary file and renamed at the end (atomic); a summary (counts by
+status, photos/s) is logged. Paths are logged, image content never.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fahr.config.inference_schema import PredictConfig
+from fahr.config.schema import validate
+from fahr.utils.atomic import atomic_write
+
+log = logging.getLogger("fahr.predict")
+
+
+def format_value(value: Any) -> Any:
+    """CSV cell: None -> empty, floats to 4 decimals (years / log-hazard), others unchanged."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.4f}"
+    return value
+
+
+def write_csv(path: str, columns: list[str], rows: Iterable[dict[str, Any]]) -> int:
+    """Stream ``rows`` into ``path`` atomically; returns the number of rows written."""
+    written = 0
+
+    def write(f) -> None:
+        nonlocal written
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: format_value(row.get(k)) for k in columns})
+            written += 1
+
+    atomic_write(path, write, mode="w")
+    return written
+
+
+def preprocessing_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The non-null ``preprocessing.*`` keys of the config."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.preprocessing).items() if v is not None}
+
+
+def load_model(export_dir: str):
+    """(FaceModel, card) from an export directory, with a clear error when it is not one."""
+    from fahr.models.face_model import load_face_model
+
+    return load_face_model(export_dir)
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Run ``fahr predict``; returns ``{"output", "photos", "counts", "seconds", "photos_per_second"}``."""
+    from tqdm import tqdm
+
+    from fahr.inference.photos import list_photos
+    from fahr.inference.predict import iter_predictions, output_columns, resolve_preprocessing, summarize
+
+    validate(cfg, PredictConfig)
+    model, card = load_model(cfg.model)
+    photos = list_photos(cfg.input)
+    if not photos:
+        raise ValueError(f"no photos in {cfg.input!r} (image extensions: jpg, jpeg, png, bmp, gif, tif(f), webp, ppm, pgm)")
+    overrides = preprocessing_overrides(cfg)
+    log.info("%d photos from %s; preprocessing %s", len(photos), cfg.input, resolve_preprocessing(card, overrides))
+    counts: Counter = Counter()
+
+    def rows():
+        for row in iter_predictions(model, card, photos, batch_size=cfg.batch_size, device=cfg.device,
+                                    preprocessing=overrides, progress=bar.update):
+            counts[row["status"]] += 1
+            yield row
+
+    t0 = time.perf_counter()
+    with tqdm(total=len(photos), desc="predict", unit="photo", disable=None) as bar:
+        written = write_csv(cfg.output, output_columns(model, card), rows())
+    seconds = time.perf_counter() - t0
+    assert written == len(photos), "one output row per input photo"
+    log.info("fahr predict: %s -> %s", summarize(counts, seconds), cfg.output)
+    return {"output": cfg.output, "photos": written, "counts": dict(counts), "seconds": seconds,
+            "photos_per_second": written / seconds if seconds > 0 else float("nan")}

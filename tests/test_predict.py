@@ -1,0 +1,244 @@
+"""`fahr predict`: raw photos -> detect + align as the model card says -> FaceAge / risk CSV.
+
+A tiny FaceModel (vit_test) is saved with save_face_model, so the real export and card path are
+exercised. Real faces come from ../shared/data/fgnet (skipped with a reason when absent); unreadable
+and face-less files are written next to them and must get a status, not a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+
+from fahr.config.inference_schema import register_predict
+from fahr.inference.photos import STATUSES, list_photos, status_of
+from fahr.inference.predict import (
+    predict_photos,
+    resolve_preprocessing,
+    run_model,
+    time_photos_per_second,
+)
+from fahr.models.backbone import create_backbone
+from fahr.models.face_model import FaceModel, load_face_model, save_face_model
+from fahr.models.heads import AgeHead, RiskHead
+from tests.conftest import REPO, shared_data
+
+CALIBRATION = {"slope": 0.8, "intercept": 5.0}
+N_FGNET = 6
+
+
+def make_export(export_dir: Path, preprocessing: dict | None = None, calibration: bool = True) -> Path:
+    """A vit_test FaceModel (64 px input, age + risk heads) saved as an export directory."""
+    torch.manual_seed(0)
+    bb = create_backbone("vit_test", img_size=64, patch_size=16)
+    age = AgeHead(bb.num_features, kind="regression")
+    torch.nn.init.normal_(age.net[-1].weight, std=1.0)  # so different faces get different ages
+    model = FaceModel(bb, {"age": age, "risk": RiskHead(bb.num_features)}, [0.5] * 3, [0.25] * 3)
+    card: dict = {"task": "faceage"}
+    if calibration:
+        card["age_calibration"] = CALIBRATION
+    if preprocessing is not None:
+        from fahr.models.face_model import DEFAULT_PREPROCESSING
+
+        card["preprocessing"] = {**DEFAULT_PREPROCESSING, **preprocessing}
+    return save_face_model(export_dir, model, card)
+
+
+def compose_predict(overrides: list[str]):
+    register_predict()
+    GlobalHydra.instance().clear()
+    with initialize(version_base="1.3", config_path=None):
+        return compose(config_name="predict", overrides=overrides)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    return make_export(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory) -> Path:
+    """FG-NET raw photos, plus a zero-byte .jpg, a text file named .jpg, a grey and a noise image."""
+    src = shared_data("fgnet/images")
+    d = tmp_path_factory.mktemp("photos")
+    for p in sorted(src.iterdir())[:N_FGNET]:
+        shutil.copy(p, d / p.name)
+    (d / "bad").mkdir()
+    (d / "bad" / "empty.jpg").write_bytes(b"")
+    (d / "bad" / "text.jpg").write_text("not an image\n")
+    Image.new("RGB", (300, 240), (128, 128, 128)).save(d / "bad" / "grey.png")
+    noise = np.random.default_rng(0).integers(0, 256, (240, 300, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(d / "bad" / "noise.png")
+    (d / "notes.txt").write_text("ignored: not an image extension")
+    return d
+
+
+# ---------------------------------------------------------------- small pieces
+
+
+def test_status_vocabulary():
+    assert status_of("face:none") == "no_face"
+    assert status_of("face:too_small") == "no_face"
+    assert status_of("face:multiple") == "multiple_faces"
+    assert status_of("face:low_confidence") == "low_confidence"
+    for reason in ("image:empty", "image:unreadable", "image:too_large", "image:missing"):
+        assert status_of(reason) == "unreadable"
+    assert set(STATUSES) == {"ok", "no_face", "multiple_faces", "low_confidence", "unreadable"}
+
+
+def test_preprocessing_defaults_to_card_and_overrides():
+    card = {"preprocessing": {"detect": False, "image_size": 96, "margin": 0.1, "multi_face": "largest",
+                              "min_confidence": 0.9, "template": "descriptive only"}}
+    assert resolve_preprocessing(card) == {"detect": False, "image_size": 96, "margin": 0.1,
+                                           "multi_face": "largest", "min_confidence": 0.9}
+    prep = resolve_preprocessing(card, {"detect": True, "margin": None})
+    assert prep["detect"] is True and prep["margin"] == 0.1
+    with pytest.raises(ValueError, match="unknown preprocessing"):
+        resolve_preprocessing(card, {"marign": 0.2})
+
+
+@pytest.mark.real_data
+def test_list_photos_directory_is_recursive_and_sorted(photo_dir):
+    labels = [Path(p.label).relative_to(photo_dir).as_posix() for p in list_photos(photo_dir)]
+    assert labels == sorted(labels) and "notes.txt" not in labels
+    assert "bad/empty.jpg" in labels and len(labels) == N_FGNET + 4
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.real_data
+def test_predict_folder_end_to_end(export, photo_dir, tmp_path):
+    from fahr.pipeline.predict import predict
+
+    out = tmp_path / "pred.csv"
+    cfg = compose_predict([f"model={export}", f"input={photo_dir}", f"output={out}", "device=cpu", "batch_size=4"])
+    summary = predict(cfg)
+    rows = read_rows(out)
+    inputs = list_photos(photo_dir)
+    assert [r["path"] for r in rows] == [p.label for p in inputs]  # one row per input, in order
+    assert list(rows[0]) == ["path", "status", "faceage", "faceage_corrected", "risk"]
+    status = {Path(r["path"]).name: r["status"] for r in rows}
+    assert status["empty.jpg"] == status["text.jpg"] == "unreadable"
+    assert status["grey.png"] == "no_face"
+    assert status["noise.png"] in ("no_face", "low_confidence")
+    faces = [r for r in rows if r["path"].upper().endswith(".JPG") and "bad" not in r["path"]]
+    assert sum(r["status"] == "ok" for r in faces) >= N_FGNET - 1  # MTCNN finds FG-NET faces
+    for r in rows:
+        if r["status"] == "ok":
+            age, corrected = float(r["faceage"]), float(r["faceage_corrected"])
+            assert corrected == pytest.approx((age - 5.0) / 0.8, abs=1e-3)
+            assert np.isfinite(float(r["risk"]))
+        else:
+            assert r["faceage"] == r["faceage_corrected"] == r["risk"] == ""
+    assert len({r["faceage"] for r in rows if r["status"] == "ok"}) > 1
+    assert summary["photos"] == len(inputs) and sum(summary["counts"].values()) == len(inputs)
+
+
+@pytest.mark.real_data
+def test_predict_photos_api_with_csv_input(export, photo_dir, tmp_path):
+    """A CSV's relative paths are taken from its folder; duplicates and missing files keep their row."""
+    model, card = load_face_model(export)
+    names = sorted(p.name for p in photo_dir.glob("*.JPG"))[:2]
+    rel = [str(Path("..") / photo_dir.name / n) for n in names]
+    tmp_sub = tmp_path / "sub"
+    tmp_sub.mkdir()
+    listing = tmp_sub / "list.csv"
+    shutil.copytree(photo_dir, tmp_path / photo_dir.name)
+    listing.write_text("path\n" + "\n".join([rel[0], "missing.jpg", rel[1], rel[0]]) + "\n")
+    photos = list_photos(listing)
+    assert [p.label for p in photos] == [rel[0], "missing.jpg", rel[1], rel[0]]
+    rows = predict_photos(model, card, photos, batch_size=2, device="cpu")
+    assert [r["path"] for r in rows] == [p.label for p in photos]
+    assert [r["status"] for r in rows] == ["ok", "unreadable", "ok", "ok"]
+    # not bit-identical: the aligner pads each detection batch to a common canvas, so landmarks
+    # move by a fraction of a pixel with the batch's other photos
+    assert rows[0]["faceage"] == pytest.approx(rows[3]["faceage"], abs=0.5)
+    assert rows[1]["faceage"] is None
+    # plain paths work too, labelled by themselves
+    plain = predict_photos(model, card, [photos[0].path], device="cpu")
+    assert plain[0]["path"] == str(photos[0].path) and plain[0]["faceage"] == pytest.approx(rows[0]["faceage"], abs=0.5)
+
+
+def test_card_without_detection_only_resizes(tmp_path):
+    """preprocessing.detect=false: a 112 px aligned crop (here: noise, which has no face) is only
+    resized to the model's 64 px input, and the prediction equals the model on that crop."""
+    export = make_export(tmp_path / "export", preprocessing={"detect": False, "image_size": 112}, calibration=False)
+    model, card = load_face_model(export)
+    crop = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    Image.fromarray(crop).save(tmp_path / "aligned.png")
+    rows = predict_photos(model, card, [tmp_path / "aligned.png"], device="cpu")
+    assert rows[0]["status"] == "ok" and "faceage_corrected" not in rows[0]
+    expected = run_model(model, torch.from_numpy(crop).permute(2, 0, 1)[None].contiguous(), 1, torch.device("cpu"))
+    assert rows[0]["faceage"] == pytest.approx(float(expected["age"][0]), abs=1e-5)
+    assert rows[0]["risk"] == pytest.approx(float(expected["risk"][0]), abs=1e-5)
+    # the config can still switch detection back on: noise then has no face
+    again = predict_photos(model, card, [tmp_path / "aligned.png"], device="cpu", preprocessing={"detect": True})
+    assert again[0]["status"] in ("no_face", "low_confidence")
+
+
+@pytest.mark.real_data
+def test_throughput_timer_reports_both(export, photo_dir):
+    model, card = load_face_model(export)
+    paths = sorted(photo_dir.glob("*.JPG"))[:2]
+    rates = time_photos_per_second(model, card, paths, device="cpu", warmup=1)
+    assert rates["photos"] == 2
+    for key in ("with_detection", "without_detection", "model_only"):
+        assert rates[key] > 0
+
+
+# ---------------------------------------------------------------- the real command
+
+
+def _fahr(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fahr.cli.main", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_cli_predict_and_typo(export, photo_dir, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    shutil.copy(sorted(photo_dir.glob("*.JPG"))[0], small / "face.jpg")
+    (small / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out" / "pred.csv"
+    done = _fahr("predict", f"model={export}", f"input={small}", f"output={out}", "device=cpu", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = read_rows(out)
+    assert [(Path(r["path"]).name, r["status"]) for r in rows] == [("empty.jpg", "unreadable"), ("face.jpg", "ok")]
+    assert "photos/s" in done.stdout + done.stderr
+    assert not list(out.parent.glob(".*.tmp"))  # atomic: no temporary file left behind
+
+    typo = _fahr("predict", f"model={export}", f"input={small}", f"output={out}", "batchsize=4", cwd=tmp_path)
+    assert typo.returncode != 0
+    assert "batchsize" in typo.stderr and "PredictConfig" in typo.stderr
+
+
+def test_missing_model_or_photos_is_a_clear_error(export, tmp_path):
+    from fahr.pipeline.predict import predict
+
+    (tmp_path / "empty").mkdir()
+    cfg = compose_predict([f"model={tmp_path / 'nope'}", f"input={tmp_path}", f"output={tmp_path / 'o.csv'}"])
+    with pytest.raises(FileNotFoundError, match="model_card.json"):
+        predict(cfg)
+    cfg = compose_predict([f"model={export}", f"input={tmp_path / 'empty'}", f"output={tmp_path / 'o.csv'}"])
+    with pytest.raises(ValueError, match="no photos"):
+        predict(cfg)
+    assert not (tmp_path / "o.csv").exists()
