@@ -311,5 +311,7 @@ def _merge(source: str, plan_: Plan, summaries: list[dict[str, Any]], options: B
         "format": INDEX_FORMAT, "source": source, "image_size": options.align.image_size,
         "read": read, "written": written, "rejected": dict(sorted(rejected.items())), "splits": splits,
         "options": {"fractions": options.fractions, "stratify": options.stratify, "dedup": options.dedup,
-                    "deidentified": options.deidentify, "skip_detection": options.align.skip_detection},
+                    "deidentified": options.deidentify, "skip_detection": options.align.skip_detection,
+                    # what `fahr predict` must redo on new photos (recorded in fine-tuned model cards)
+                    "align": {k: getattr(options.align, k) for k in ("image_size", "margin", "multi_face", "min_confidence")}},
     }
