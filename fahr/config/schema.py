@@ -87,12 +87,47 @@ class PretrainTaskConfig:
 
 
 @dataclass
+class StrategyConfig:
+    """A distributed strategy with options: the mapping form of ``trainer.strategy``.
+
+    ``fahr.utils.strategies.build_strategy`` checks a mapping against this schema (a misspelt option
+    fails naming it) and builds the Lightning strategy object. ``None`` = Lightning's default; an
+    option set for a strategy it does not apply to is an error.
+    """
+    name: str = MISSING  # "ddp", "fsdp" or "deepspeed"
+    process_group_backend: Optional[str] = None  # "nccl" (GPU), "gloo" (CPU)
+    timeout_minutes: Optional[float] = None  # collective timeout; raise for slow shared filesystems
+    # ddp
+    find_unused_parameters: Optional[bool] = None
+    static_graph: Optional[bool] = None
+    gradient_as_bucket_view: Optional[bool] = None
+    # fsdp
+    sharding_strategy: Optional[str] = None  # FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, NO_SHARD
+    cpu_offload: Optional[bool] = None
+    wrap_blocks: Optional[bool] = None  # FSDP unit (and activation checkpointing unit) = one ViT block
+    activation_checkpointing: Optional[bool] = None
+    state_dict_type: Optional[str] = None  # "full" (one .ckpt file) or "sharded" (a directory)
+    # deepspeed (ZeRO)
+    stage: Optional[int] = None  # 1, 2 or 3
+    offload_optimizer: Optional[bool] = None  # optimizer state and step in CPU memory
+    offload_parameters: Optional[bool] = None  # stage 3: parameters in CPU memory
+    allgather_bucket_size: Optional[int] = None  # elements
+    reduce_bucket_size: Optional[int] = None  # elements
+
+
+@dataclass
 class TrainerConfig:
-    """A subset of ``lightning.Trainer`` arguments; add a field to expose another."""
+    """A subset of ``lightning.Trainer`` arguments; add a field to expose another.
+
+    ``num_nodes`` / ``devices`` may be "auto": filled from srun/torchrun by
+    ``fahr.utils.distributed_env.trainer_topology``. ``strategy`` is a Lightning strategy name
+    ("auto", "ddp", "ddp_spawn", ...) or a mapping checked against :class:`StrategyConfig` and
+    turned into a strategy object by ``fahr.utils.strategies.build_strategy``.
+    """
     accelerator: str = "auto"
-    devices: Any = "auto"
-    num_nodes: int = 1
-    strategy: Any = "auto"
+    devices: Any = "auto"  # int, list of indices, "auto" or -1
+    num_nodes: Any = 1  # int or "auto"
+    strategy: Any = "auto"  # str or StrategyConfig mapping
     precision: Any = "32-true"
     max_steps: int = MISSING
     max_epochs: int = -1

@@ -1,0 +1,106 @@
+"""``trainer.strategy`` config -> Lightning strategy.
+
+A string ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2", ...) goes to Lightning unchanged. A mapping
+(``conf/trainer/{ddp,fsdp,deepspeed_stage_*}.yaml``) is checked against
+:class:`fahr.config.schema.StrategyConfig` and becomes a ``DDPStrategy``, ``FSDPStrategy`` or
+``DeepSpeedStrategy`` with those options, because Lightning's registry names cannot carry options
+such as the FSDP wrapping unit or ZeRO offload.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Mapping
+
+# Options each strategy accepts (StrategyConfig field names); the rest must stay None.
+_COMMON = {"process_group_backend", "timeout_minutes"}
+OPTIONS = {
+    "ddp": _COMMON | {"find_unused_parameters", "static_graph", "gradient_as_bucket_view"},
+    "fsdp": _COMMON | {"sharding_strategy", "cpu_offload", "wrap_blocks", "activation_checkpointing",
+                       "state_dict_type"},
+    "deepspeed": _COMMON | {"stage", "offload_optimizer", "offload_parameters", "allgather_bucket_size",
+                            "reduce_bucket_size"},
+}
+
+
+def strategy_options(strategy: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Validate a strategy mapping: ``(name, options that are set)``.
+
+    Raises:
+        ValueError: unknown strategy name, a misspelt or mistyped option, or an option that does not
+            apply to this strategy (e.g. ``stage`` for ddp).
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fahr.config.schema import StrategyConfig
+
+    raw = OmegaConf.to_container(strategy, resolve=True) if OmegaConf.is_config(strategy) else dict(strategy)
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(StrategyConfig), raw))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        msg = str(err).splitlines()[0]
+        raise ValueError(f"trainer.strategy.{key}: {msg} (see StrategyConfig in fahr/config/schema.py)") from err
+    name = cfg.pop("name")
+    if name not in OPTIONS:
+        raise ValueError(f"trainer.strategy.name={name!r}: a strategy with options is one of {sorted(OPTIONS)}; "
+                         f"other Lightning strategies are given by name alone (trainer.strategy={name})")
+    options = {k: v for k, v in cfg.items() if v is not None}
+    wrong = sorted(set(options) - OPTIONS[name])
+    if wrong:
+        raise ValueError(f"trainer.strategy: option(s) {', '.join(wrong)} do not apply to {name} "
+                         f"(it takes {', '.join(sorted(OPTIONS[name]))})")
+    return name, options
+
+
+def build_strategy(strategy: Any, *, batch_size: int | None = None) -> Any:
+    """The ``strategy`` argument for ``lightning.Trainer``.
+
+    Args:
+        strategy: ``cfg.trainer.strategy``: a Lightning strategy name, or a mapping (``name`` +
+            :class:`~fahr.config.schema.StrategyConfig` options).
+        batch_size: samples per device per step; DeepSpeed needs it for its own logging because the
+            shard stream batches inside the dataset (no batch sampler to read it from).
+
+    Returns:
+        The string unchanged, or a ``DDPStrategy`` / ``FSDPStrategy`` / ``DeepSpeedStrategy``.
+    """
+    if strategy is None or isinstance(strategy, str):
+        return strategy or "auto"
+    name, opts = strategy_options(strategy)
+    common: dict[str, Any] = {}
+    if "process_group_backend" in opts:
+        common["process_group_backend"] = opts.pop("process_group_backend")
+    if "timeout_minutes" in opts:
+        common["timeout"] = timedelta(minutes=opts.pop("timeout_minutes"))
+
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(**common, **opts)  # the rest go to DistributedDataParallel
+
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from timm.models.vision_transformer import Block  # the encoder's and the MAE decoder's block
+
+        blocks = {Block}
+        if opts.pop("wrap_blocks", False):
+            common["auto_wrap_policy"] = blocks
+        if opts.pop("activation_checkpointing", False):
+            common["activation_checkpointing_policy"] = blocks
+        return FSDPStrategy(**common, **opts)
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if batch_size is not None:
+        common["logging_batch_size_per_gpu"] = int(batch_size)
+    strategy = DeepSpeedStrategy(**common, **opts)
+    if opts.get("offload_optimizer"):
+        # The task's torch AdamW then steps on the CPU: correct, slower than DeepSpeedCPUAdam (which
+        # needs DeepSpeed's compiled cpu_adam op); DeepSpeed refuses a client optimizer unless told.
+        strategy.config["zero_force_ds_cpu_optimizer"] = False
+    return strategy
+
+
+__all__ = ["build_strategy", "strategy_options", "OPTIONS"]
