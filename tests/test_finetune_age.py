@@ -144,3 +144,25 @@ def test_finetune_from_an_mae_export_and_with_loss_balancing(tmp_path):
 def test_typo_in_finetune_override_fails_clearly():
     with pytest.raises(Exception, match="stage1x"):
         compose_config("finetune_age", ["task.stage1x.max_steps=3"])
+
+
+@pytest.mark.slow
+def test_demo_runs_all_five_steps_shrunk(tmp_path, capsys):
+    """The demo's chain (pretrain -> FaceAge -> predict -> FaceSurvival -> evaluate) on tiny budgets."""
+    from fahr.config.evaluate_schema import register_evaluate_schema
+    from fahr.pipeline.demo import demo
+
+    register_evaluate_schema()
+    cfg = compose_config("demo", [f"paths.root_dir={tmp_path}", "model=vit_test", "trainer.max_steps=3",
+                                  "data.generate.num_samples=64", "data.generate.samples_per_shard=16",
+                                  "data.batch_size=16", "data.num_workers=0", "data.shuffle_buffer=16",
+                                  "trainer.enable_progress_bar=false"])
+    summary = demo(cfg, faceage_overrides=TINY[2:],
+                   survival_overrides=["data.generate.n_patients=240", "task.max_steps=3", "task.val_every_n_steps=3",
+                                       "data.batch_size=16", "data.num_workers=0", "trainer.enable_progress_bar=false"],
+                   evaluate_overrides=["min_events=3", "markers.faceage.standardize=true"])  # an untrained FaceAge barely varies
+    assert summary["heldout"]["ok"] == summary["heldout"]["n"] == 48
+    assert 0 <= summary["test_c_index"] <= 1
+    report = summary["report"].read_text()
+    assert "FAHR-FaceAge" in report and "FAHR-FaceSurvival" in report
+    assert "fahr demo finished" in capsys.readouterr().out

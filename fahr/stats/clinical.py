@@ -77,12 +77,17 @@ def hazard_ratio(cph: CoxPHFitter, term: str, scale: float = 1.0) -> dict[str, f
     """HR of ``term`` per ``scale`` units with its Wald 95% CI and p-value."""
     coef = float(cph.params_[term])
     low, high = (float(v) for v in cph.confidence_intervals_.loc[term])
+    if abs(scale * coef) > 700:  # exp() overflows a float
+        raise ValueError(f"the HR of {term} per {scale:g} units is beyond floating point (log-HR {scale * coef:.3g}): "
+                         "the column barely varies or separates events perfectly; report it per SD "
+                         f"(markers.<name>.standardize=true) or check the predictions")
     return {
         "coef": coef,
         "se": float(cph.standard_errors_[term]),
         "hr": math.exp(scale * coef),
-        "ci_low": math.exp(scale * low),
-        "ci_high": math.exp(scale * high),
+        # a group without events has an unbounded CI: bounds are clipped at exp(+-700) (~1e304)
+        "ci_low": math.exp(max(-700.0, min(700.0, scale * low))),
+        "ci_high": math.exp(max(-700.0, min(700.0, scale * high))),
         "p": float(cph.summary.loc[term, "p"]),
     }
 
