@@ -15,9 +15,20 @@ from fahr.tasks.schedules import scaled_lr
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
 
+def command_of(experiment: str) -> str:
+    """The config an experiment file belongs to (its name says which task it is for)."""
+    if "survival" in experiment or "deepsurv" in experiment:
+        return "finetune_survival"
+    if "faceage" in experiment and "pretrain" not in experiment:
+        return "finetune_age"
+    return "pretrain"
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_resolves(experiment):
-    cfg = compose_config("pretrain", [f"experiment={experiment}"])
+    # DeepSurv benchmark experiments get their tables from benchmarks/survival.py
+    inputs = ["data.train=train.csv"] if "deepsurv" in experiment else []
+    cfg = compose_config(command_of(experiment), [f"experiment={experiment}", *inputs])
     assert cfg.experiment_name == experiment
     from omegaconf import OmegaConf
 
@@ -28,6 +39,21 @@ def test_every_experiment_composes_and_resolves(experiment):
 def test_every_command_config_composes(name):
     cfg = compose_config(name)
     assert cfg.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("finetune_age", []),
+    ("finetune_age", ["experiment=demo_faceage"]),
+    ("finetune_age", ["data=faceage_shards", "data.root=x"]),
+    ("finetune_survival", ["experiment=demo_facesurvival"]),
+    ("finetune_survival", ["data=table", "data.train=a.csv"]),
+    ("finetune_survival", ["data.root=x"]),
+])
+def test_finetune_configs_compose_and_resolve(name, overrides):
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(name, overrides)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
 def test_demo_is_the_demo_experiment():
@@ -84,7 +110,8 @@ def test_cli_help_lists_commands_without_importing_torch():
             "bad = [m for m in ('torch', 'lightning', 'timm') if m in sys.modules]; "
             "assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    for command in ("shards", "pretrain", "export", "demo"):
+    for command in ("shards", "pretrain", "export", "finetune-age", "finetune-survival", "predict", "far",
+                    "evaluate", "demo"):
         assert command in out.stdout
 
 
