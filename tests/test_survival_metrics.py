@@ -191,16 +191,16 @@ def test_concordance_metric_accumulates_batches():
     ([1.0, -2.0, 3.0], [1, 0, 1], "negative"),
     ([1.0, float("nan"), 3.0], [1, 0, 1], "NaN"),
     ([1.0, 2.0, float("inf")], [1, 0, 1], "NaN or inf"),
-    ([1.0, 2.0, 3.0], [1, 2, 1], "event must be 0"),
+    ([1.0, 2.0, 3.0], [1, 2, 1], "not 0 or 1"),
     ([1.0, 2.0, 3.0], [0, 0, 0], "censored"),
     ([1.0, 2.0, 3.0], [1, 0], "length mismatch"),
-    ([], [], "empty"),
+    ([], [], "empty|no rows"),
     ([[1.0, 2.0]], [[1, 0]], "1-D"),
 ])
 def test_bad_inputs(time, event, match):
     with pytest.raises(ValueError, match=match):
         check_survival_arrays(time, event)
-    if match not in ("length mismatch", "empty", "1-D"):
+    if match not in ("length mismatch", "empty|no rows", "1-D"):
         with pytest.raises(ValueError, match=match):
             harrell_c(time, event, [0.1, 0.2, 0.3])
 

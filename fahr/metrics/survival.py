@@ -36,24 +36,15 @@ def _numpy(x: Any, name: str) -> np.ndarray:
 def check_survival_arrays(time: Any, event: Any, require_event: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Validate survival data; returns ``(time float64 (N,), event bool (N,))``.
 
-    Raises ValueError naming the problem: not 1-D, empty, length mismatch, NaN/inf or negative
-    times, events outside {0, 1}, or (when ``require_event``) no event at all.
+    The checks are :func:`fahr.stats.validation.check_survival_arrays` (one implementation for the
+    metrics, the trainer and ``fahr evaluate``), plus: both inputs must be 1-D.
     """
+    from fahr.stats.validation import check_survival_arrays as check
+
     t, e = _numpy(time, "time"), _numpy(event, "event")
     if t.ndim != 1 or e.ndim != 1:
         raise ValueError(f"time and event must be 1-D, got shapes {t.shape} and {e.shape}")
-    if t.shape != e.shape:
-        raise ValueError(f"length mismatch: time has {t.shape[0]} values, event {e.shape[0]}")
-    if t.size == 0:
-        raise ValueError("empty survival data")
-    if not np.isfinite(t).all():
-        raise ValueError(f"time contains {int((~np.isfinite(t)).sum())} NaN or inf value(s)")
-    if (t < 0).any():
-        raise ValueError(f"time must be >= 0, found {int((t < 0).sum())} negative value(s) (min {t.min()})")
-    if not np.isin(e, (0.0, 1.0)).all():
-        raise ValueError(f"event must be 0 (censored) or 1 (event), found {np.unique(e[~np.isin(e, (0.0, 1.0))])[:5]}")
-    if require_event and not e.any():
-        raise ValueError(f"all {e.size} subjects are censored: no events, the metric is undefined")
+    t, e = check(t, e, require_event=require_event)
     return t, e.astype(bool)
 
 

@@ -16,7 +16,7 @@ def _label(name: str) -> str:
     return f"{name}: " if name else ""
 
 
-def check_survival_arrays(time: Any, event: Any, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+def check_survival_arrays(time: Any, event: Any, name: str = "", require_event: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Check follow-up times and event indicators; return them as float64 and int64 arrays.
 
     Args:
@@ -26,7 +26,7 @@ def check_survival_arrays(time: Any, event: Any, name: str = "") -> tuple[np.nda
 
     Raises:
         ValueError: lengths differ, empty input, a time that is NaN, infinite or negative, an event not
-            in {0, 1} (or missing), or no event at all (every subject censored).
+            in {0, 1} (or missing), or (when ``require_event``) no event at all (every subject censored).
     """
     p = _label(name)
     t = np.asarray(time, dtype=float).reshape(-1) if _numeric(time) else None
@@ -45,7 +45,7 @@ def check_survival_arrays(time: Any, event: Any, name: str = "") -> tuple[np.nda
     if neg.any():
         raise ValueError(f"{p}{int(neg.sum())} follow-up time(s) are negative (first at row {int(np.argmax(neg))})")
     e = _events_as_int(e_raw, p)
-    if e.sum() == 0:
+    if require_event and e.sum() == 0:
         raise ValueError(f"{p}all {len(e)} subjects are censored (no event): survival models cannot be fitted")
     return t, e
 
