@@ -1,8 +1,8 @@
 """Benchmark `align`: face detection + alignment throughput on CPU, against the FaceAge approach.
 
 On the same decoded photos in the same run:
-(a) ``FaceAligner`` (MTCNN built once, batched, photos downscaled for detection, 5-point similarity
-    alignment to the 112x112 template): photos/s and detection rate on all 61 FG-NET raw photos and
+(a) ``FaceAligner`` (our batched MTCNN, ``data_pipelines.mtcnn_fast``, built once; photos downscaled
+    for detection; 5-point similarity alignment to the 112x112 template): photos/s and detection rate on all 61 FG-NET raw photos and
     on ~200 UTKFace crops (with detection; the default ``detect_pad`` matters: UTKFace faces fill the frame);
 (b) the original FaceAge approach: a new ``MTCNN()`` per photo, ``detect``, crop the raw box, resize
     to 112 (no alignment), timed on a subset (it is slow): photos/s and detection rate;

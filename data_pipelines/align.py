@@ -3,12 +3,13 @@
 Coordinates are (x, y) pixel *indices* (pixel centres at integers), as in insightface / OpenCV
 ``warpAffine``. ``AlignedFace.matrix`` maps source pixels to crop pixels.
 
-Speed (CPU): the MTCNN is built once per :class:`FaceAligner`; photos are downscaled so that their
-longest side is at most ``detect_max_side`` before detection (landmarks are mapped back to source
-pixels), the detector's minimum face size is a fraction of the detection image, the pyramid uses a
-coarser scale factor, the three MTCNN stages run on channels-last tensors (2-4x faster on CPU, same
-outputs), and photos are detected in batches (padded to a common canvas). The crop itself is warped
-from the full-resolution photo. See ``benchmarks/align.py`` (~60-120 photos/s on 2 CPU cores).
+Speed (CPU): one batched MTCNN (:mod:`data_pipelines.mtcnn_fast`, facenet-pytorch's weights) per
+:class:`FaceAligner`; photos are downscaled so that their longest side is at most
+``detect_max_side`` before detection (landmarks are mapped back to source pixels), the detector's
+minimum face size is a fraction of the detection image (fewer pyramid levels), candidate crops are
+resampled in PIL and batched per stage, slightly stricter NMS between stages cuts duplicate
+candidates, and photos are detected in batches (padded to a common canvas). The crop itself is
+warped from the full-resolution photo. See ``benchmarks/align.py``.
 
 A :class:`FaceAligner` is not thread-safe (one per worker process or thread).
 """
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipelines.mtcnn_fast import MTCNNDetector
 from data_pipelines.records import RejectedError
 
 __all__ = [
@@ -148,18 +150,6 @@ class AlignedFace:
 MultiFace = Literal["reject", "largest", "central"]
 
 
-class _ChannelsLast(torch.nn.Module):
-    """Runs a wrapped MTCNN stage on channels-last input: same outputs (to ~1e-7), 2-4x faster
-    on CPU (max-pooling with ceil_mode is slow on contiguous NCHW)."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor):
-        return self.net(x.contiguous(memory_format=torch.channels_last))
-
-
 class FaceAligner:
     """Detect the face in each photo with MTCNN (built once) and align it to the 5-point template.
 
@@ -184,10 +174,13 @@ class FaceAligner:
             landmarks. 0 is faster (~1.3x on FG-NET) for photos with room around the face.
         skip_detection: inputs are already aligned crops (e.g. UTKFace 200x200): resize only.
         batch_size: photos per detector call.
-        scale_factor: MTCNN image-pyramid factor (facenet default 0.709; coarser = faster).
+        scale_factor: MTCNN image-pyramid factor (facenet's 0.709; 0.5 is faster but loses faces
+            whose size falls between two levels, e.g. one FG-NET photo).
         thresholds: MTCNN P/R/O-net thresholds.
+        nms: IoU thresholds of the detector's cross-level and post-R-Net NMS (see
+            :class:`~data_pipelines.mtcnn_fast.MTCNNDetector`).
         num_threads: if given, ``torch.set_num_threads`` (process-wide) at construction.
-        device: torch device for the detector.
+        device: torch device for the detector (CPU only: the batched MTCNN crops with PIL).
     """
 
     def __init__(
@@ -202,8 +195,9 @@ class FaceAligner:
         detect_pad: float = 0.2,
         skip_detection: bool = False,
         batch_size: int = 16,
-        scale_factor: float = 0.5,
+        scale_factor: float = 0.709,
         thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+        nms: Sequence[float] = (0.6, 0.6),
         num_threads: int | None = None,
         device: str = "cpu",
     ) -> None:
@@ -229,17 +223,11 @@ class FaceAligner:
         self.template = template(self.image_size, self.margin)
         if num_threads:
             torch.set_num_threads(int(num_threads))
-        self._mtcnn = None
+        self._detector = None
         if not self.skip_detection:
-            from facenet_pytorch import MTCNN  # weights ship inside the wheel: no download
-
-            self._mtcnn = MTCNN(
-                min_face_size=20, thresholds=self.thresholds, factor=self.scale_factor,
-                select_largest=False, keep_all=True, device=self.device,
-            ).eval()
-            if self.device.type == "cpu":
-                for stage in ("pnet", "rnet", "onet"):
-                    setattr(self._mtcnn, stage, _ChannelsLast(getattr(self._mtcnn, stage)))
+            if self.device.type != "cpu":
+                raise ValueError(f"the batched MTCNN runs on CPU only, got device {device!r}")
+            self._detector = MTCNNDetector(thresholds=self.thresholds, factor=self.scale_factor, nms=nms)
 
     # -- public ---------------------------------------------------------------------------------
     def align(self, images: Sequence[np.ndarray]) -> list[AlignedFace | RejectedError]:
@@ -308,28 +296,19 @@ class FaceAligner:
             canvas[j, : a.shape[0], : a.shape[1]] = a
         # the detector's smallest searched face, in detection pixels (one value per call)
         min_side = min(min(a.shape[:2]) for a in small)
-        self._mtcnn.min_face_size = max(12.0, self.detect_min_face * min_side)
-        try:
-            with torch.inference_mode():
-                boxes_b, probs_b, points_b = self._mtcnn.detect(canvas, landmarks=True)
-        except RuntimeError as e:  # facenet-pytorch corner cases (e.g. every candidate box degenerate)
-            if len(pils) > 1:
-                return [r for im in pils for r in self._detect_and_align([im])]
-            return [RejectedError("face:none", f"detector failed: {e}")]
+        detected = self._detector.detect(canvas, max(12.0, self.detect_min_face * min_side))
         results: list[AlignedFace | RejectedError] = []
-        for j, im in enumerate(pils):
+        for im, (boxes, probs, points), scale in zip(pils, detected, scales):
             try:
-                results.append(self._choose_and_warp(im, boxes_b[j], probs_b[j], points_b[j], scales[j]))
+                results.append(self._choose_and_warp(im, boxes, probs, points, scale))
             except RejectedError as e:
                 results.append(e)
         return results
 
     def _choose_and_warp(self, im: Image.Image, boxes, probs, points, scale) -> AlignedFace:
-        if boxes is None or len(boxes) == 0:
+        if len(boxes) == 0:
             raise RejectedError("face:none", "no face detected")
-        boxes = np.asarray(np.stack(list(boxes)), dtype=np.float64).reshape(-1, 4)
-        probs = np.asarray(list(probs), dtype=np.float64).reshape(-1)
-        points = np.asarray(np.stack(list(points)), dtype=np.float64).reshape(-1, 5, 2)
+        boxes, probs, points = (np.asarray(v, dtype=np.float64) for v in (boxes, probs, points))
         # detection pixels -> source pixels (index coordinates; resize maps pixel edges linearly)
         sx, sy, pad = scale
         f = np.array([sx, sy])

@@ -1,0 +1,208 @@
+"""Batched CPU MTCNN face detection with facenet-pytorch's P/R/O-Net weights.
+
+MTCNN: Zhang, Zhang, Li, Qiao, "Joint Face Detection and Alignment Using Multitask Cascaded
+Convolutional Networks", IEEE SPL 2016. :func:`detect` follows facenet-pytorch 2.6.0's
+``models/utils/detect_face.py`` step for step (same pyramid, thresholds, NMS, box regression and
+facenet's clip-then-stretch candidate crops); what differs is speed:
+
+- the R-Net and O-Net candidate crops are cut and area-resampled by PIL (``BOX``, uint8) and sent
+  through each network in one batch; facenet runs one ``interpolate(mode="area")`` per candidate
+  on a float copy of the whole batch, which was ~30% of our detect+align time;
+- the pyramid levels are PIL ``BOX`` resamples of the uint8 photo (no float copy of the batch);
+- the networks run on channels-last tensors (2-4x faster on CPU, same outputs);
+- optional stricter NMS between stages (``nms``) sends fewer duplicate boxes to R-Net and O-Net.
+
+PIL's box filter averages exact pixel fractions where ``adaptive_avg_pool2d`` uses overlapping
+integer bins, and rounds to uint8, so network inputs differ slightly from facenet's: with the same
+settings, face/no-face decisions agree with ``MTCNN.detect`` on 121 of 123 FG-NET/UTKFace photos and
+the top face's box and landmarks differ by a median 2-4% (at most ~11%) of the box width, i.e. a few
+pixels: MTCNN's box regression is sensitive to its input crop (tests/test_align.py).
+
+Coordinates are facenet's: boxes (x1, y1, x2, y2) and landmarks (x, y) in input pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import batched_nms
+
+__all__ = ["MTCNNDetector"]
+
+_BOX = Image.Resampling.BOX
+
+
+def _to_input(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Stack (h, w, 3) uint8 arrays into MTCNN input: (K, 3, h, w) float32 (v - 127.5) / 128,
+    channels-last (2-4x faster convolutions and poolings on CPU)."""
+    x = torch.from_numpy(np.stack(arrays)).float()
+    return ((x - 127.5) * 0.0078125).permute(0, 3, 1, 2)
+
+
+def _crops(pils: list[Image.Image], inds, y0, x0, hgt, wid, out: int) -> torch.Tensor:
+    """Area-resample K windows (photo ``inds[k]``, rows y0..y0+hgt-1, cols x0..x0+wid-1; (K,)
+    int64, non-empty, inside the photo) to (K, 3, out, out) MTCNN input."""
+    rows = zip(inds.tolist(), x0.tolist(), y0.tolist(), (x0 + wid).tolist(), (y0 + hgt).tolist())
+    return _to_input([np.asarray(pils[n].resize((out, out), _BOX, box=(a, b, c, d))) for n, a, b, c, d in rows])
+
+
+def _square(boxes: torch.Tensor) -> torch.Tensor:
+    """facenet's ``rerec``: grow (K, >=4) boxes to squares about their centres (in place)."""
+    h = boxes[:, 3] - boxes[:, 1]
+    w = boxes[:, 2] - boxes[:, 0]
+    side = torch.maximum(w, h)
+    boxes[:, 0] = boxes[:, 0] + w * 0.5 - side * 0.5
+    boxes[:, 1] = boxes[:, 1] + h * 0.5 - side * 0.5
+    boxes[:, 2:4] = boxes[:, :2] + side[:, None]
+    return boxes
+
+
+def _regress(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    """facenet's ``bbreg``: apply (K, 4) offsets (fractions of the +1 box size) to (K, >=4) boxes."""
+    wh = (boxes[:, 2:4] - boxes[:, 0:2] + 1).repeat(1, 2)
+    boxes[:, :4] = boxes[:, :4] + reg * wh
+    return boxes
+
+
+def _crop_windows(boxes: torch.Tensor, w: int, h: int):
+    """facenet's ``pad`` + crop: truncate boxes to ints and clip them to the photo; returns a keep
+    mask (non-empty windows) and (y0, x0, height, width) of the kept windows (facenet stretches
+    the clipped window, it does not zero-pad)."""
+    b = boxes[:, :4].trunc().long()
+    x = b[:, 0].clamp(min=1) - 1
+    y = b[:, 1].clamp(min=1) - 1
+    ex = b[:, 2].clamp(max=w)
+    ey = b[:, 3].clamp(max=h)
+    keep = (ey > y) & (ex > x)
+    return keep, y[keep], x[keep], (ey - y)[keep], (ex - x)[keep]
+
+
+def _nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """facenet's ``nms_numpy(..., "Min")``: greedy NMS on intersection over the smaller area."""
+    x1, y1, x2, y2 = boxes.T
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(scores, kind="stable")
+    pick = []
+    while order.size > 0:
+        i, rest = order[-1], order[:-1]
+        pick.append(i)
+        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        order = rest[iw * ih / np.minimum(area[i], area[rest]) <= threshold]
+    return np.array(pick, dtype=np.int64)
+
+
+class MTCNNDetector:
+    """MTCNN with facenet-pytorch's pretrained weights (shipped in the wheel), CPU, batched.
+
+    Args:
+        thresholds: P-, R- and O-Net face-probability thresholds (facenet default 0.6, 0.7, 0.7).
+        factor: image-pyramid scale step (facenet default 0.709).
+        nms: IoU thresholds of the non-maximum suppression that merges P-Net boxes across pyramid
+            levels and of the one after R-Net (facenet: 0.7, 0.7). Lower values send fewer
+            overlapping boxes of the same face on to the next, costlier stage.
+    """
+
+    def __init__(self, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709, nms=(0.7, 0.7)) -> None:
+        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+
+        self.thresholds = [float(t) for t in thresholds]
+        self.factor = float(factor)
+        self.nms = [float(t) for t in nms]
+        self.pnet, self.rnet, self.onet = PNet().eval(), RNet().eval(), ONet().eval()
+
+    def scales(self, h: int, w: int, min_face: float) -> list[float]:
+        """facenet's pyramid: scale 12 / min_face, times ``factor`` while the short side is >= 12 px."""
+        m = 12.0 / min_face
+        minl = min(h, w) * m
+        out, s = [], m
+        while minl >= 12:
+            out.append(s)
+            s *= self.factor
+            minl *= self.factor
+        return out
+
+    @torch.inference_mode()
+    def detect(self, images: np.ndarray, min_face: float = 20.0):
+        """Detect faces in a batch of equal-size photos.
+
+        Args:
+            images: (N, H, W, 3) uint8 RGB.
+            min_face: smallest face searched for, in pixels (facenet's ``min_face_size``).
+
+        Returns:
+            per photo a tuple (boxes (K, 4) float32 x1 y1 x2 y2, probs (K,) float32, landmarks
+            (K, 5, 2) float32 x y: left eye, right eye, nose, left mouth, right mouth), highest
+            probability first as facenet's ``MTCNN.detect``; K may be 0.
+        """
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise ValueError(f"expected (N, H, W, 3) uint8 images, got {images.dtype} {images.shape}")
+        n, h, w, _ = images.shape
+        pils = [Image.fromarray(a) for a in images]
+        empty = [(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))] * n
+
+        # stage 1: P-Net over the pyramid (each level: the whole photo area-resampled)
+        boxes, inds = [], []
+        for s in self.scales(h, w, min_face):
+            size = (int(w * s + 1), int(h * s + 1))
+            reg, prob = self.pnet(_to_input([np.asarray(p.resize(size, _BOX)) for p in pils]))
+            b, i = self._pnet_boxes(reg, prob[:, 1], s)
+            keep = batched_nms(b[:, :4], b[:, 4], i, 0.5)
+            boxes.append(b[keep])
+            inds.append(i[keep])
+        boxes, inds = torch.cat(boxes), torch.cat(inds)
+        keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, self.nms[0])
+        boxes, inds = boxes[keep], inds[keep]
+        if len(boxes) == 0:
+            return empty
+        # P-Net regression on the 12x12 window (facenet regresses with w, h = x2 - x1, no +1)
+        wh = (boxes[:, 2:4] - boxes[:, 0:2]).repeat(1, 2)
+        boxes = _square(torch.cat([boxes[:, :4] + boxes[:, 5:9] * wh, boxes[:, 4:5]], 1))
+
+        # stage 2: R-Net on 24x24 crops
+        keep, y0, x0, hh, ww = _crop_windows(boxes, w, h)
+        boxes, inds = boxes[keep], inds[keep]
+        if len(boxes) == 0:
+            return empty
+        reg, prob = self.rnet(_crops(pils, inds, y0, x0, hh, ww, 24))
+        ok = prob[:, 1] > self.thresholds[1]
+        boxes = torch.cat([boxes[ok, :4], prob[ok, 1:2]], 1)
+        inds, reg = inds[ok], reg[ok]
+        keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, self.nms[1])
+        boxes = _square(_regress(boxes[keep], reg[keep]))
+        inds = inds[keep]
+
+        # stage 3: O-Net on 48x48 crops: probability, box regression, landmarks
+        keep, y0, x0, hh, ww = _crop_windows(boxes, w, h)
+        boxes, inds = boxes[keep], inds[keep]
+        if len(boxes) == 0:
+            return empty
+        reg, pts, prob = self.onet(_crops(pils, inds, y0, x0, hh, ww, 48))
+        ok = prob[:, 1] > self.thresholds[2]
+        boxes = torch.cat([boxes[ok, :4], prob[ok, 1:2]], 1)
+        inds, reg, pts = inds[ok], reg[ok], pts[ok]
+        size = boxes[:, 2:4] - boxes[:, 0:2] + 1  # (K, 2) w, h
+        points = torch.stack([pts[:, :5], pts[:, 5:]], 2) * size[:, None, :] + boxes[:, None, 0:2] - 1
+        boxes = _regress(boxes, reg)
+
+        boxes, points, inds = boxes.numpy(), points.numpy(), inds.numpy()
+        out = []
+        for j in range(n):
+            sel = np.flatnonzero(inds == j)
+            sel = sel[_nms_min(boxes[sel, :4], boxes[sel, 4], 0.7)] if len(sel) else sel
+            # facenet sorts by probability within the "Min" NMS, highest first
+            out.append((boxes[sel, :4], boxes[sel, 4], points[sel]))
+        return out
+
+    def _pnet_boxes(self, reg: torch.Tensor, prob: torch.Tensor, scale: float):
+        """facenet's ``generateBoundingBox``: P-Net cells above threshold -> (K, 9) boxes in photo
+        pixels (x1, y1, x2, y2, score, 4 regression offsets) and (K,) photo indices."""
+        mask = prob >= self.thresholds[0]
+        where = mask.nonzero()
+        cell = where[:, 1:].to(reg.dtype).flip(1)  # (x, y) cell index; stride 2, 12-px window
+        q1 = ((2 * cell + 1) / scale).floor()
+        q2 = ((2 * cell + 12) / scale).floor()
+        offsets = reg.permute(0, 2, 3, 1)[mask]
+        return torch.cat([q1, q2, prob[mask][:, None], offsets], 1), where[:, 0]
