@@ -326,3 +326,44 @@ def test_http_shards_stream_like_local_ones(data8):
             list(make_loader(missing, num_workers=0))
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("shuffle_buffer", [0, 16])
+def test_mid_epoch_start_continues_the_uninterrupted_order(tmp_path, num_workers, shuffle_buffer):
+    """set_epoch(e, start_batch=k) yields exactly batches k.. of the uninterrupted epoch e, for every
+    k, through a real DataLoader; with an index.json and no buffer, skipped shards are never opened."""
+    paths, _ = write_shards(tmp_path, 4, 12)  # 48 samples; 150 per epoch: the workers make extra passes
+    index = {"shards": [{"name": os.path.basename(p), "num_samples": 12} for p in paths]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    for rank in (0, 1):
+        stream = ShardStream(paths, samples_per_epoch=150, batch_size=5, seed=3, shuffle_buffer=shuffle_buffer,
+                             world_size=2, rank=rank, num_workers=num_workers)
+        stream.set_epoch(1)
+        full = [list(b["__key__"]) for b in make_loader(stream, num_workers)]
+        assert len(full) == len(stream) == 15 + (num_workers == 2)
+        for start in (1, 3, 8, len(stream) - 1, len(stream)):
+            stream.set_epoch(1, start_batch=start)
+            resumed = [list(b["__key__"]) for b in make_loader(stream, num_workers)]
+            assert resumed == full[start:], (rank, start)
+        stream.set_epoch(1, start_batch=0)
+        assert [list(b["__key__"]) for b in make_loader(stream, num_workers)] == full
+    with pytest.raises(ValueError, match="start_batch"):
+        stream.set_epoch(0, start_batch=len(stream) + 1)
+
+
+def test_mid_epoch_start_skips_whole_shards_unopened(tmp_path, monkeypatch):
+    import fahr.data.shards as shards_module
+
+    paths, _ = write_shards(tmp_path, 4, 10)
+    (tmp_path / "index.json").write_text(json.dumps(
+        {"shards": [{"name": os.path.basename(p), "num_samples": 10} for p in paths]}))
+    stream = ShardStream(paths, samples_per_epoch=40, batch_size=5, seed=0, shuffle_buffer=0,
+                         world_size=1, rank=0, num_workers=0)
+    full = _keys(stream)
+    opened = []
+    real = shards_module.read_shard
+    monkeypatch.setattr(shards_module, "read_shard", lambda url: opened.append(url) or real(url))
+    stream.set_epoch(0, start_batch=5)  # 25 samples in: shards 1 and 2 of the order are skipped
+    assert _keys(stream) == full[25:]
+    assert opened == stream.shard_order(0)[2:]

@@ -19,6 +19,25 @@ from fahr.data.shards import (
 log = logging.getLogger(__name__)
 
 
+def resume_position(trainer: Any, batches_per_epoch: int) -> tuple[int, int]:
+    """``(epoch, batch)`` at which ``trainer`` continues: ``(current_epoch, 0)`` on a fresh start.
+
+    Read when the train loader is built, after Lightning restored the loops from a checkpoint and
+    before its restart bookkeeping. Checkpoints are taken at a batch end (ModelCheckpoint, the
+    preemption handler), so the epoch loop's ``batch_progress.current.processed`` is the number of
+    this epoch's batches already trained, and Lightning continues at that batch index; when it equals
+    the epoch length, Lightning moves on to the next epoch.
+    """
+    loop = trainer.fit_loop
+    epoch = trainer.current_epoch
+    if not loop.restarting:
+        return epoch, 0
+    done = loop.epoch_loop.batch_progress.current.processed
+    if done >= batches_per_epoch:
+        return epoch + 1, 0
+    return epoch, done
+
+
 class ShardDataModule(lightning.LightningDataModule):
     """Train (and optionally validation) batches streamed from webdataset shards.
 
@@ -89,6 +108,7 @@ class ShardDataModule(lightning.LightningDataModule):
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
         self._epoch = 0
+        self._resume_at = (0, 0)  # (epoch, batch) the trainer continues at
 
     # ---- distributed context ----
     def _world(self) -> tuple[int, int]:
@@ -119,7 +139,7 @@ class ShardDataModule(lightning.LightningDataModule):
                 rank=rank,
                 num_workers=self.num_workers,
             )
-            self.train_stream.set_epoch(self._epoch)
+            self.set_epoch(self._epoch)
             log.info(
                 "train stream: %d shards, %d batches of %d per rank per epoch (%d samples over %d ranks)",
                 len(self.train_stream.shards), len(self.train_stream), self.batch_size,
@@ -173,8 +193,12 @@ class ShardDataModule(lightning.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             # Lightning builds the first epoch's iterator (and starts the workers) before
-            # `on_train_epoch_start`; a resumed run must already stream its restored epoch.
-            self.set_epoch(trainer.current_epoch)
+            # `on_train_epoch_start`; a resumed run must already stream its restored position.
+            epoch, start = resume_position(trainer, len(self.train_stream))
+            self._resume_at = (epoch, start)
+            self.set_epoch(epoch)
+            if start:
+                log.info("resuming epoch %d at batch %d of %d (per rank)", epoch, start, len(self.train_stream))
         return make_loader(self.train_stream, self.num_workers, pin_memory=self.pin_memory,
                            persistent_workers=self.persistent_workers)
 
@@ -188,10 +212,14 @@ class ShardDataModule(lightning.LightningDataModule):
 
     # ---- epochs ----
     def set_epoch(self, epoch: int) -> None:
-        """Select the training epoch (shard order, shuffling); call from ``on_train_epoch_start``."""
+        """Select the training epoch (shard order, shuffling); call from ``on_train_epoch_start``.
+
+        The epoch a resumed run continues in starts at the batch Lightning continues at (depending
+        on its restart state, Lightning creates that epoch's iterator before or after this hook)."""
         self._epoch = int(epoch)
         if self.train_stream is not None:
-            self.train_stream.set_epoch(self._epoch)
+            resume_epoch, start = self._resume_at
+            self.train_stream.set_epoch(self._epoch, start_batch=start if self._epoch == resume_epoch else 0)
 
     @property
     def batches_per_epoch(self) -> int:

@@ -156,10 +156,10 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def num_samples_from_index(shards: list[str]) -> int | None:
-    """Total samples of local ``shards`` according to the ``index.json`` next to them (the shard
-    writer's ``{"shards": [{"name", "num_samples"}, ...]}``), or None if any shard is not listed."""
-    total = 0
+def shard_sample_counts(shards: list[str]) -> dict[str, int] | None:
+    """Samples per shard URL of local ``shards`` according to the ``index.json`` next to them (the
+    shard writer's ``{"shards": [{"name", "num_samples"}, ...]}``), or None if any shard is not listed."""
+    counts: dict[str, int] = {}
     indexes: dict[str, dict[str, int]] = {}
     for url in shards:
         if not _is_local(url):
@@ -179,8 +179,15 @@ def num_samples_from_index(shards: list[str]) -> int | None:
         n = indexes[folder].get(os.path.basename(path))
         if n is None:
             return None
-        total += n
-    return total
+        counts[url] = n
+    return counts
+
+
+def num_samples_from_index(shards: list[str]) -> int | None:
+    """Total samples of local ``shards`` according to the ``index.json`` next to them, or None if
+    any shard is not listed (see :func:`shard_sample_counts`)."""
+    counts = shard_sample_counts(shards)
+    return None if counts is None else sum(counts[url] for url in shards)
 
 
 # ---- reading tar shards ---------------------------------------------------------------------------
@@ -421,6 +428,15 @@ class ShardStream(IterableDataset):
     reaches persistent DataLoader workers. Iterated outside a DataLoader worker with
     ``num_workers > 1``, the stream yields the workers' batches round-robin, as a DataLoader would.
 
+    Mid-epoch start (resuming a preempted run): ``set_epoch(epoch, start_batch=k)`` makes the next
+    iteration yield batches k, k+1, ... of that epoch's rank-local order, exactly as the uninterrupted
+    iteration would have yielded them. Batch i of a rank comes from worker i % W (W = max(1,
+    num_workers)), so the DataLoader worker j plays worker (j + k) % W and each skips its own share.
+    Skipping reads no pixels: with no sample shuffle buffer and per-shard counts in ``index.json``,
+    whole shards are passed over unopened; otherwise undecoded samples are read and dropped (~7 us
+    each). Every skipped sample is counted as good, so the resumed order is exact unless the skipped
+    part held bad samples (each one shifts the rest of the epoch by one sample).
+
     Bad samples (undecodable image, no image, missing/invalid/non-finite label, unparsable json):
     ``on_error="skip"`` skips and counts them (WARNING with shard and key for the first few per
     worker, then a per-epoch summary); ``on_error="raise"`` raises ValueError naming shard and key.
@@ -482,8 +498,10 @@ class ShardStream(IterableDataset):
         self.shuffle_shards = shuffle_shards
         self.world_size, self.rank = resolve_world(world_size, rank)
         self._check_shard_count()
-        # a lock-free shared int: inherited by forked workers, passed to spawned ones at start
+        # lock-free shared ints: inherited by forked workers, passed to spawned ones at start
         self._epoch = multiprocessing.Value("q", 0, lock=False)
+        self._start_batch = multiprocessing.Value("q", 0, lock=False)
+        self._shard_counts: dict[str, int] | None | bool = False  # False: not looked up yet
         self._warned: dict[tuple[int, int], int] = {}
 
     # ---- arithmetic and assignment ----
@@ -514,13 +532,22 @@ class ShardStream(IterableDataset):
                 f"more, smaller shards, or lower num_workers (or the number of ranks)."
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch used by the next iteration (shard order and shuffling depend on it)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Set the epoch used by the next iterations (shard order and shuffling depend on it) and the
+        rank-local batch index they start at (0 = the whole epoch; ``len(self)`` = nothing left)."""
+        if not 0 <= int(start_batch) <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}] (batches per rank per epoch), got {start_batch}")
         self._epoch.value = int(epoch)
+        self._start_batch.value = int(start_batch)
 
     @property
     def epoch(self) -> int:
         return int(self._epoch.value)
+
+    @property
+    def start_batch(self) -> int:
+        """The rank-local batch index the next iteration starts at."""
+        return int(self._start_batch.value)
 
     def shard_order(self, epoch: int) -> list[str]:
         """All shards in their order for ``epoch``; identical on every rank."""
@@ -537,51 +564,72 @@ class ShardStream(IterableDataset):
     # ---- iteration ----
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._check_shard_count()
-        epoch = self.epoch
+        epoch, start = self.epoch, self.start_batch
+        workers = self.workers
         info = get_worker_info()
         if info is not None:
-            if info.num_workers != self.workers:
+            if info.num_workers != workers:
                 raise ValueError(
                     f"ShardStream was built for num_workers={self.num_workers} but the DataLoader runs "
                     f"{info.num_workers} workers; use the same value for both (see make_loader)"
                 )
-            yield from self._iter_worker(epoch, self.rank, info.id)
-        elif self.workers == 1:
-            yield from self._iter_worker(epoch, self.rank, 0)
+            # the DataLoader asks its worker 0 first; batch `start` belongs to worker start % W
+            yield from self._iter_worker(epoch, self.rank, (info.id + start) % workers, start)
+        elif workers == 1:
+            yield from self._iter_worker(epoch, self.rank, 0, start)
         else:
-            parts = [self._iter_worker(epoch, self.rank, w) for w in range(self.workers)]
-            for batches in zip(*parts):
-                yield from batches
+            parts = [self._iter_worker(epoch, self.rank, w, start) for w in range(workers)]
+            for i in range(start, len(self)):
+                yield next(parts[i % workers])
 
-    def _raw_samples(self, shards: list[str], epoch: int, rank: int, worker_id: int) -> Iterator[Any]:
-        """Undecoded samples of ``shards``, pass after pass, each pass followed by _END_OF_PASS."""
+    def _skip_counts(self) -> dict[str, int] | None:
+        """Per-shard sample counts from index.json (looked up once per process), or None."""
+        if self._shard_counts is False:
+            self._shard_counts = shard_sample_counts(self.shards)
+        return self._shard_counts
+
+    def _raw_samples(self, shards: list[str], epoch: int, rank: int, worker_id: int, skip: int = 0) -> Iterator[Any]:
+        """Undecoded samples of ``shards``, pass after pass, each pass followed by _END_OF_PASS,
+        without the first ``skip`` samples (whole shards passed over unopened where possible)."""
+        counts = self._skip_counts() if skip and self.shuffle_buffer <= 1 else None
         for p in itertools.count():
             order = list(shards)
             if p > 0 and self.shuffle_shards:
                 random.Random(f"fahr-pass:{self.seed}:{epoch}:{rank}:{worker_id}:{p}").shuffle(order)
+            skipped_here = skip > 0
+            while counts and order and 0 < counts[order[0]] <= skip:
+                skip -= counts[order.pop(0)]
             reader = (s for url in order for s in read_shard(url))
             samples = reader
             if self.shuffle_buffer > 1:
                 rng = random.Random(f"fahr-buffer:{self.seed}:{epoch}:{rank}:{worker_id}:{p}")
                 samples = _shuffle(reader, self.shuffle_buffer, self.shuffle_buffer, rng)
             try:
-                yield from samples
+                for sample in samples:
+                    if skip:
+                        skip -= 1
+                    else:
+                        yield sample
             finally:
                 samples.close()
                 reader.close()
-            yield _END_OF_PASS
+            if not skipped_here:  # a pass that was (partly) skipped is not judged on its remaining samples
+                yield _END_OF_PASS
 
-    def _iter_worker(self, epoch: int, rank: int | None = None, worker_id: int = 0) -> Iterator[dict[str, Any]]:
-        """The batches of one worker of ``rank`` for ``epoch``: exactly ``batches_per_worker`` of them."""
+    def _iter_worker(self, epoch: int, rank: int | None = None, worker_id: int = 0,
+                     start_batch: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of one worker of ``rank`` for ``epoch``: ``batches_per_worker`` of them, minus
+        the ones among the rank's first ``start_batch`` batches (those with index % W == worker_id)."""
         rank = self.rank if rank is None else rank
         shards = self.worker_shards(epoch, rank, worker_id)
         if not shards:
             raise ValueError(f"rank {rank} worker {worker_id} has no shards (epoch {epoch})")
-        source = self._raw_samples(shards, epoch, rank, worker_id)
         bs, keys_wanted, size = self.batch_size, self.label_keys, self.image_size
+        skip_batches = len(range(worker_id, start_batch, self.workers))
+        source = self._raw_samples(shards, epoch, rank, worker_id, skip=skip_batches * bs)
         skipped_total = skipped = good_in_pass = 0
         try:
-            for _ in range(self.batches_per_worker):
+            for _ in range(self.batches_per_worker - skip_batches):
                 out = _new_batch_buffer((bs, size, size, 3))
                 pixels = out.numpy()
                 keys: list[str] = []

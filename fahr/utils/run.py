@@ -50,7 +50,8 @@ def run_dir_for(cfg: DictConfig) -> Path:
 
 
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """``checkpoints/last.ckpt`` if the run has one (the saver always writes that name)."""
+    """``checkpoints/last.ckpt`` if the run has one: the only name resume reads, and the one every
+    saver writes (the periodic ModelCheckpoint, the preemption handler, the save at max_steps)."""
     last = run_dir / "checkpoints" / LAST_CHECKPOINT
     return last if last.is_file() else None
 
