@@ -36,7 +36,7 @@ test: $(STAMP)
 
 bench: $(addprefix bench-,$(BENCHMARKS))
 
-bench-%: $(STAMP)
+$(addprefix bench-,$(BENCHMARKS)): bench-%: $(STAMP)
 	$(PY) benchmarks/$*.py
 
 clean:

@@ -112,6 +112,8 @@ def demo(cfg: DictConfig, faceage_overrides: list[str] = (), survival_overrides:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     result = pretrain(cfg)
+    if getattr(result, "preempted", False):
+        raise SystemExit("pretraining was stopped by a signal; run `fahr demo` again to resume it")
     export_dir = export(cfg)
     first, last = _loss_curve(result.run_dir / "metrics.csv")
     timings["pretrain"] = time.perf_counter() - t0
