@@ -42,7 +42,7 @@ from fahr.models.weights import load_backbone
 from fahr.tasks.finetune_age import AgeTask
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
 from fahr.utils.checkpoint_io import AtomicCheckpointIO
-from fahr.utils.loggers import build_loggers
+from fahr.utils.loggers import build_loggers, finish_trackers
 from fahr.utils.run import prepare_run_dir, run_dir_for
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,8 @@ def build_model(cfg: DictConfig) -> tuple[FaceModel, dict[str, Any]]:
     return FaceModel(backbone, {"age": head}, mean, std), init
 
 
-def _load_weights(model: FaceModel, ckpt: Path) -> None:
+def load_task_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load a task checkpoint's ``model.*`` weights into ``model`` (weights only: no pickle)."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
 
@@ -181,7 +182,7 @@ def run_stage(stage: int, cfg: DictConfig, model: FaceModel, loaders: tuple[Data
         return {"steps": 0, "skipped": "max_steps=0"}
     if done_file.is_file():
         done = json.loads(done_file.read_text())
-        _load_weights(model, run_dir / done["best"])
+        load_task_weights(model, run_dir / done["best"])
         log.info("stage %d already finished (best val MAE %.3f): skipped", stage, done["best_val_mae"])
         return done
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -206,7 +207,7 @@ def run_stage(stage: int, cfg: DictConfig, model: FaceModel, loaders: tuple[Data
     if trainer.interrupted:
         raise RuntimeError(f"stage {stage} was interrupted at step {trainer.global_step}; rerun to resume")
     best_path = Path(best.best_model_path)
-    _load_weights(model, best_path)
+    load_task_weights(model, best_path)
     done = {"steps": trainer.global_step, "best": os.path.relpath(best_path.resolve(), run_dir.resolve()),
             "best_val_mae": float(best.best_model_score)}
     if trainer.is_global_zero:
@@ -304,9 +305,7 @@ def finetune_age(cfg: DictConfig) -> FinetuneResult:
             lg.log_metrics({k: v for k, v in metrics.items() if "/" in k and k.count("/") == 1}, step=0)
         _log_figures(loggers, run_dir)
     finally:
-        for lg in loggers:
-            if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
-                lg.experiment.finish()
+        finish_trackers(loggers)
     summary = {**metrics, "stages": stages, "init": init, "photos": {"train": len(train), "val": len(val),
                "test": len(test) if test else 0}, "skipped": {"train": train.skipped, "val": val.skipped}}
     atomic_write_json(run_dir / "metrics.json", summary)

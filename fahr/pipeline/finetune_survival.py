@@ -36,9 +36,10 @@ from fahr.models.face_model import FaceModel, save_face_model
 from fahr.models.heads import RiskHead
 from fahr.stats.validation import check_survival_arrays
 from fahr.tasks.survival import SurvivalTask, TableRiskModel, predict_risk
+from fahr.pipeline.finetune_age import load_task_weights
 from fahr.utils.atomic import atomic_write, atomic_write_json, atomic_write_text
 from fahr.utils.checkpoint_io import AtomicCheckpointIO
-from fahr.utils.loggers import build_loggers
+from fahr.utils.loggers import build_loggers, finish_trackers
 from fahr.utils.run import prepare_run_dir, run_dir_for
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def train(cfg: DictConfig, model: torch.nn.Module, dl: dict[str, DataLoader], ru
     done_file = run_dir / "train_done.json"
     if done_file.is_file():
         done = json.loads(done_file.read_text())
-        _load_weights(model, run_dir / done["best"])
+        load_task_weights(model, run_dir / done["best"])
         log.info("training already finished (best val loss %.4f): skipped", done["best_val_loss"])
         return done
     every = min(t.val_every_n_steps, t.max_steps)
@@ -265,17 +266,12 @@ def train(cfg: DictConfig, model: torch.nn.Module, dl: dict[str, DataLoader], ru
         raise RuntimeError(f"training was interrupted at step {trainer.global_step}; rerun to resume")
     if not best.best_model_path:
         raise RuntimeError("no validation loss was computed (a validation set without events?)")
-    _load_weights(model, Path(best.best_model_path))
+    load_task_weights(model, Path(best.best_model_path))
     done = {"steps": trainer.global_step, "best": os.path.relpath(Path(best.best_model_path).resolve(), run_dir.resolve()),
             "best_val_loss": float(best.best_model_score)}
     if trainer.is_global_zero:
         atomic_write_json(done_file, done)
     return done
-
-
-def _load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
 
 
 # ---- evaluation and export ------------------------------------------------------------------------
@@ -327,9 +323,7 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
     try:
         done = train(cfg, model, dl, run_dir, loggers)
     finally:
-        for lg in loggers:
-            if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
-                lg.experiment.finish()
+        finish_trackers(loggers)
     how = cfg.task.person_aggregation
     train_eval = DataLoader(splits["train"].dataset, batch_size=dl["val"].batch_size, shuffle=False)
     tr = person_level(splits["train"], predict_risk(model, train_eval), how)

@@ -32,7 +32,7 @@ from fahr.tasks.pretrain import MAEPretrainTask
 from fahr.utils.atomic import atomic_write_json
 from fahr.utils.checkpoint_io import AtomicCheckpointIO
 from fahr.utils.distributed_env import distributed_env, trainer_topology
-from fahr.utils.loggers import build_loggers
+from fahr.utils.loggers import build_loggers, finish_trackers
 from fahr.utils.preemption import PreemptionCheckpoint, cluster_plugins
 from fahr.utils.run import LAST_CHECKPOINT, find_resume_checkpoint, prepare_run_dir, read_run_info, run_dir_for
 from fahr.utils.strategies import build_strategy
@@ -120,13 +120,6 @@ def _silence_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
-def _finish_trackers(loggers: list) -> None:
-    """Close W&B runs so a later run in the same process (a notebook, a test) starts its own."""
-    for lg in loggers:
-        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
-            lg.experiment.finish()
-
-
 def _trainer_topology(trainer_args: dict[str, Any], batch_size: int) -> dict[str, Any]:
     """Trainer arguments with ``num_nodes``/``devices`` filled from srun/torchrun where the config
     says "auto", and ``strategy`` built from its config (a name or a mapping with options)."""
@@ -199,6 +192,6 @@ def _pretrain(cfg: DictConfig, run_dir: Path, preemption: PreemptionCheckpoint,
         if trainer.is_global_zero and not preemption.stopped:
             atomic_write_json(metrics_file, metrics)
     finally:
-        _finish_trackers(loggers)
+        finish_trackers(loggers)
     return RunResult(run_dir=run_dir, global_step=trainer.global_step, resumed_from=resume_from, metrics=metrics,
                      preempted=preemption.stopped)

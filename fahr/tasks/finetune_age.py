@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from timm.optim import param_groups_layer_decay
 
@@ -94,19 +93,6 @@ class AgeTask(L.LightningModule):
             pred, true = self.all_gather(pred).flatten(), self.all_gather(true).flatten()
         self.log(f"{self.prefix}val/mae", (pred - true).abs().mean(), prog_bar=True, sync_dist=False)
         self.log(f"{self.prefix}val/cs5", ((pred - true).abs() <= 5).float().mean(), sync_dist=False)
-
-    @torch.inference_mode()
-    def predict_ages(self, loader) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """(predicted ages, true ages, other labels) over a loader, in loader order (years)."""
-        self.model.eval()
-        preds, labels = [], {}
-        for batch in loader:
-            preds.append(self._age_outputs(batch["image"].to(self.device))["age"].float().cpu())
-            for k, v in batch.items():
-                if k != "image":
-                    labels.setdefault(k, []).append(torch.as_tensor(v).cpu())
-        out = {k: torch.cat(v).numpy() for k, v in labels.items()}
-        return torch.cat(preds).numpy().astype(np.float64), out.pop("age").astype(np.float64), out
 
     def configure_optimizers(self):
         s = self.stage_cfg

@@ -62,3 +62,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_info: dict[str, Any]) -> l
             config=OmegaConf.to_container(cfg, resolve=True), **kwargs,
         ))
     return loggers
+
+
+def finish_trackers(loggers: list) -> None:
+    """Close W&B runs so a later run in the same process (a notebook, a test, the demo) starts its own."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish()
