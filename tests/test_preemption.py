@@ -122,14 +122,16 @@ def wandb_history(run_dir: Path) -> list[tuple[str, list[dict]]]:
     return sessions
 
 
-def _assert_one_continuous_wandb_run(run_dir: Path, sessions_expected: int, max_steps: int) -> None:
+def _assert_one_continuous_wandb_run(run_dir: Path, sessions_expected: int, max_steps: int, missing_ok: int = 0) -> None:
+    """One W&B run id over all sessions; its steps increase, none twice, from 0 to max_steps - 1; at
+    most ``missing_ok`` absent (a hard SIGTERM stops W&B's service process with the job)."""
     sessions = wandb_history(run_dir)
     assert len(sessions) == sessions_expected
     assert len({run_id for run_id, _ in sessions}) == 1, "one W&B run id across all attempts"
     assert sessions[0][0] == json.loads((run_dir / "run.json").read_text())["wandb_id"]
     steps = [row["trainer/global_step"] for _, rows in sessions for row in rows if "train/loss_step" in row]
     assert steps == sorted(steps) and len(set(steps)) == len(steps), f"steps not monotonic: {steps}"
-    assert steps[0] == 0 and steps[-1] == max_steps - 1 and len(steps) == max_steps
+    assert steps[0] == 0 and steps[-1] == max_steps - 1 and max_steps - missing_ok <= len(steps) <= max_steps, steps
 
 
 # ---- in-process: real signals to this process ---------------------------------------------------
@@ -211,9 +213,11 @@ def _wait_for_step(proc: subprocess.Popen, rec: Path, step: int, timeout: float 
 
 @pytest.mark.slow
 def test_signalled_twice_then_rerun_equals_uninterrupted_run(tiny_overrides, tmp_path):
-    """SIGUSR1 after step 3, SIGTERM after step 9 (epoch 1), then the same command again: it ends at
-    exactly max_steps, each attempt starts where the previous one saved, the batches equal an
-    uninterrupted run's (2 DataLoader workers), and W&B has one run with continuous steps."""
+    """SIGUSR1 after step 3, SIGTERM to the whole process group after step 9 (epoch 1; as SLURM and
+    terminals signal every process: DataLoader workers and W&B's service too), then the same command
+    again: it ends at exactly max_steps, each attempt starts where the previous one saved, the
+    batches equal an uninterrupted run's (2 DataLoader workers), and W&B has one run whose steps
+    increase without repeats (the hard stop may cost W&B the step in flight)."""
     overrides = tiny_overrides + SMALL + ["data.num_workers=2"]
     ref_rec = tmp_path / "reference.txt"
     pretrain(compose_config("pretrain", [*overrides, f"paths.root_dir={tmp_path / 'reference'}"]),
@@ -231,10 +235,14 @@ def test_signalled_twice_then_rerun_equals_uninterrupted_run(tiny_overrides, tmp
     for signum, after in ((signal.SIGUSR1, 3), (signal.SIGTERM, 9), (None, None)):
         starts.append(len(_records(rec)))
         proc = subprocess.Popen([sys.executable, str(driver), str(rec), "0.3", *run_overrides], cwd=REPO,
-                                env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         if signum is not None:
             _wait_for_step(proc, rec, after)
-            proc.send_signal(signum)
+            if signum == signal.SIGTERM:
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
         result = json.loads(re.search(r"^RESULT (.*)$", out, re.M).group(1))
@@ -249,7 +257,7 @@ def test_signalled_twice_then_rerun_equals_uninterrupted_run(tiny_overrides, tmp
     assert not list(run_dir.glob("checkpoints/last-v*")), "one last.ckpt, never a versioned copy"
     assert 3 < starts[1] < 8 < starts[2] < 14, f"attempts started at steps {starts}"  # the 2nd stop is in epoch 1
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 14
-    _assert_one_continuous_wandb_run(run_dir, sessions_expected=3, max_steps=14)
+    _assert_one_continuous_wandb_run(run_dir, sessions_expected=3, max_steps=14, missing_ok=3)
 
 
 # ---- the local SLURM cluster ----------------------------------------------------------------------
@@ -274,15 +282,12 @@ def _job(job_id: str) -> dict[str, str]:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-# Measured on the local cluster: the SIGUSR1 preemption saves, requeues and resumes as designed, and the
-# job ends COMPLETED at exactly max_steps after 2 restarts. But `scontrol requeue` kills the step
-# (W&B's service process first), so the second interruption logs no "preempted (SIGTERM)" save and
-# resumes from the last periodic checkpoint. Open in issue 6 until that path saves too.
-@pytest.mark.xfail(reason="hard `scontrol requeue` kills the step before the SIGTERM save (issue 6)", strict=False)
 def test_real_slurm_requeues_and_resumes_to_completion(tiny_overrides, tmp_path):
-    """sbatch --requeue --signal=USR1@..: `scancel --signal=USR1` mid-run (the job requeues itself),
-    then `scontrol requeue` from outside (SIGTERM: saves, SLURM requeues); the job ends COMPLETED at
-    exactly max_steps after two restarts, with the uninterrupted batches and one W&B run."""
+    """sbatch --requeue --signal=USR1@..: `scancel --signal=USR1` mid-run (the job saves, closes W&B
+    and requeues itself), then a hard `scontrol requeue` from outside (SLURM SIGTERMs every process of
+    the job, DataLoader workers and W&B's service included, and SIGKILLs them KillWait later: the
+    training process still saves at the batch end); the job ends COMPLETED at exactly max_steps after
+    two restarts, having trained the uninterrupted run's batches once each, in one W&B run."""
     cluster = REPO / "slurm" / "local-cluster.sh"
     if not cluster.is_file():
         pytest.skip("slurm/local-cluster.sh is missing (it comes with the SLURM scale-out work)")
@@ -316,11 +321,23 @@ def test_real_slurm_requeues_and_resumes_to_completion(tiny_overrides, tmp_path)
         def poll(self):
             return None
 
+    def start_when_requeued(restarts: int) -> None:
+        """A requeued job waits ~2 min (its BeginTime) before it may start again: start it now."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            job = _job(job_id)
+            if job.get("Restarts") == str(restarts) and job.get("JobState") == "PENDING":
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
+                return
+            time.sleep(0.5)
+
     try:
         _wait_for_step(_Proc(), rec, 3)
         subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
+        start_when_requeued(1)
         _wait_for_step(_Proc(), rec, 9, timeout=600)
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        start_when_requeued(2)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and _job(job_id).get("JobState") != "COMPLETED":
             state = _job(job_id).get("JobState")
@@ -333,7 +350,10 @@ def test_real_slurm_requeues_and_resumes_to_completion(tiny_overrides, tmp_path)
     log = out.read_text()
     assert job.get("JobState") == "COMPLETED", log
     assert job.get("Restarts") == "2", log
-    assert log.count("requeued SLURM job") == 1 and log.count("preempted (") == 2, log
+    assert log.count("preempted (SIGUSR1)") == 1 and log.count("then requeueing SLURM job") == 1, log
+    assert log.count("preempted (SIGTERM)") == 1, f"the hard requeue's SIGTERM did not save:\n{log}"
     assert _records(rec) == _records(ref_rec), "the requeued job saw other batches than an uninterrupted run"
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 14
-    _assert_one_continuous_wandb_run(run_dir, sessions_expected=3, max_steps=14)
+    # the hard requeue stops W&B's service with the job: what it had not flushed (the last second or
+    # two: measured 2 steps of 1 s) is missing from W&B; the checkpoint and the training are exact
+    _assert_one_continuous_wandb_run(run_dir, sessions_expected=3, max_steps=14, missing_ok=3)

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -573,6 +574,7 @@ class ShardStream(IterableDataset):
                     f"ShardStream was built for num_workers={self.num_workers} but the DataLoader runs "
                     f"{info.num_workers} workers; use the same value for both (see make_loader)"
                 )
+            ignore_stop_signals()
             # the DataLoader asks its worker 0 first; batch `start` belongs to worker start % W
             yield from self._iter_worker(epoch, self.rank, (info.id + start) % workers, start)
         elif workers == 1:
@@ -730,6 +732,19 @@ class ShardStream(IterableDataset):
                     raise _BadSample(f"label {key!r} is not finite: {value!r}")
                 values.append(value)
         return image, values
+
+
+def ignore_stop_signals() -> None:
+    """In a DataLoader worker: ignore SIGTERM, SIGUSR1 and SIGINT.
+
+    SLURM (``scancel``, ``scontrol requeue``, preemption) and terminals signal every process of a job
+    at once. A worker that dies of it makes the training process raise "DataLoader worker ... is
+    killed by signal" from its SIGCHLD handler at an arbitrary point, before the preemption handler
+    (:mod:`fahr.utils.preemption`) can save at the next batch end. The training process decides
+    instead; it shuts its workers down when it stops, and PyTorch's worker watchdog ends them if it
+    dies (SIGKILL, which cannot be ignored, still ends everything)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def make_loader(

@@ -193,5 +193,6 @@ def _pretrain(cfg: DictConfig, run_dir: Path, preemption: PreemptionCheckpoint,
             atomic_write_json(metrics_file, metrics)
     finally:
         finish_trackers(loggers)
+        preemption.requeue_if_requested()  # last: a requeue makes SLURM stop every process of the job
     return RunResult(run_dir=run_dir, global_step=trainer.global_step, resumed_from=resume_from, metrics=metrics,
                      preempted=preemption.stopped)

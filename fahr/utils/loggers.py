@@ -6,6 +6,7 @@ Imports of wandb/tensorboard happen only when they are configured.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -68,4 +71,10 @@ def finish_trackers(loggers: list) -> None:
     """Close W&B runs so a later run in the same process (a notebook, a test, the demo) starts its own."""
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
-            lg.experiment.finish()
+            try:
+                lg.experiment.finish()
+            except (ConnectionError, OSError) as exn:
+                # SLURM's SIGTERM (scancel, requeue, preemption) also stops W&B's service process; what
+                # it wrote before stays in the run, and the checkpoint is already saved
+                log.warning("W&B run could not be closed (%s: %s): its service process has stopped; "
+                            "the same command resumes the same W&B run", type(exn).__name__, exn)

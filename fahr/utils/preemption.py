@@ -14,10 +14,19 @@ What happens:
   which SLURM signals too, ignore it).
 - At the end of every training batch the ranks agree on the strongest request (an all-reduce MAX of
   one integer: 0 none, 1 stop, 2 requeue; skipped with one process).
-- On a request: every rank takes part in saving ``checkpoints/last.ckpt``; then, for SIGUSR1 under
-  SLURM (``SLURM_JOB_ID`` set), rank 0 runs ``scontrol requeue <job id>`` (``<array job>_<task>``
-  for array jobs); the trainer then stops after this batch. ``pretrain`` sees :attr:`stopped` and
-  neither writes ``metrics.json`` nor treats the run as finished.
+- On a request: every rank takes part in saving ``checkpoints/last.ckpt`` and the trainer stops
+  after this batch. ``pretrain`` sees :attr:`stopped` and neither writes ``metrics.json`` nor treats
+  the run as finished. For SIGUSR1 under SLURM (``SLURM_JOB_ID`` set), rank 0 then runs ``scontrol
+  requeue <job id>`` (``<array job>_<task>`` for array jobs) as the very last step, in
+  :meth:`PreemptionCheckpoint.requeue_if_requested`, after the loggers are closed: a requeue makes
+  SLURM SIGTERM every process of the job at once, W&B's service process included, so requeueing
+  before W&B has flushed would cut the run's last steps.
+- DataLoader workers ignore the stop signals (:func:`fahr.data.shards.ignore_stop_signals`): SLURM
+  signals all processes, and a worker killed by SIGTERM would crash the training process before it
+  saves. So ``scontrol requeue``, ``scancel`` (without ``--signal``) and SLURM preemption, which
+  SIGTERM every process and SIGKILL them ``KillWait`` seconds later, still get their save when a
+  batch ends within ``KillWait``. W&B's service process cannot be kept alive through that SIGTERM,
+  so with a hard stop W&B may miss the steps logged after it.
 - SIGTERM, and SIGUSR1 outside SLURM, save and stop without requeueing: SLURM's own preemption
   (``PreemptMode=REQUEUE``) requeues the job itself, and ``scancel`` must not be undone. A plain
   ``kill`` of a local run is resumable the same way.
@@ -107,6 +116,7 @@ class PreemptionCheckpoint(Checkpoint):
         self.job_id = slurm_job_id(environ)
         self.received: int | None = None  # the first signal number received
         self.stopped = False  # True once a requested stop was carried out
+        self.requeue_requested = False  # the stop asked for a requeue (SIGUSR1 under SLURM)
         self.requeued = False
         self._request = _NONE
         self._pid = os.getpid()
@@ -148,14 +158,20 @@ class PreemptionCheckpoint(Checkpoint):
             trainer.save_checkpoint(str(self.last_path))  # every rank: the strategy decides who writes
         if final:
             return
-        if request == _REQUEUE and trainer.is_global_zero:
-            self.requeued = requeue(self.job_id)
+        self.requeue_requested = request == _REQUEUE and trainer.is_global_zero
         why = "SIGUSR1" if self.received == signal.SIGUSR1 else "SIGTERM" if self.received else "a stop request"
-        log.warning("preempted (%s) at global step %d: saved %s%s; stopping. Re-running the same command resumes.",
+        log.warning("preempted (%s) at global step %d: saved %s; stopping%s. Re-running the same command resumes.",
                     why, trainer.global_step, self.last_path,
-                    f", requeued SLURM job {self.job_id}" if request == _REQUEUE else "")
+                    f", then requeueing SLURM job {self.job_id}" if request == _REQUEUE else "")
         trainer.should_stop = True
         self.stopped = True
+
+    def requeue_if_requested(self) -> bool:
+        """Run ``scontrol requeue`` if the stop asked for it (rank 0 only); call it last, after the
+        loggers are closed. True if the job was requeued."""
+        if self.requeue_requested and not self.requeued:
+            self.requeued = requeue(self.job_id)
+        return self.requeued
 
     def _just_saved(self, trainer: L.Trainer) -> bool:
         """A ModelCheckpoint wrote ``last.ckpt`` at this very step (it runs before us in this hook)."""
