@@ -8,14 +8,24 @@ Two passes over the source (both in the source's deterministic order):
 2. **Write**: records are cut into fixed chunks of ``chunk_size`` source items. Each chunk is
    decoded, aligned, de-identified and written to ``parts/c<chunk>/<split>/`` by
    :class:`fahr.data.shard_writer.ShardWriter` (temp file + rename per shard); then
-   ``parts/c<chunk>.json`` records its counts. A rerun skips every chunk that has that file, so a
-   crash costs at most the chunks in flight. Chunks run in ``processes`` worker processes, each
-   building its face aligner once.
+   ``parts/c<chunk>.json`` records its counts and shards (bytes, sha256). A rerun skips every chunk
+   that has that file, so a crash costs at most the chunks in flight. Chunks run in ``processes``
+   worker processes, each building its face aligner once.
 
-Finally ``index.json`` sums the chunks: ``read`` (items the source yielded), ``written``,
-``rejected`` (reason -> count; ``read == written + sum(rejected)``) and ``splits`` (split -> count,
-shards with bytes and sha256, label histograms). The trainer streams a split with
-``data.train_shards=<output>/index.json#train``.
+Finally, once every chunk is finished, the shards are renamed (``os.replace``) into one flat series
+per split, the webdataset convention: ``<output>/<split>-000000.tar``, ``<split>-000001.tar``, ...
+(chunks in order, each chunk's shards in order), so ``<output>/train-{000000..000012}.tar`` works
+too. The move is idempotent: a destination whose source is gone was moved by an earlier run, a
+rerun after a crash finishes it, and a destination holding a different file than the chunk mark
+records is never overwritten. The chunk marks stay in ``parts/`` (so reruns still skip every chunk);
+the emptied chunk directories are removed. Then ``index.json`` sums the chunks: ``read`` (items the
+source yielded), ``written``, ``rejected`` (reason -> count; ``read == written + sum(rejected)``) and
+``splits`` (split -> count, shards with their flat names, bytes and sha256, label histograms). The
+trainer streams a split with ``data.train_shards=<output>/index.json#train``.
+
+Rerunning into a finished output directory reuses every chunk mark as it is, whatever the options
+(the marks decide), and rewrites the same ``index.json``. A changed source is caught only by the
+count check above (``read == written + sum(rejected)``): build it into a new directory.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
+import re
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -284,12 +296,91 @@ def build_shards(
         if pool is not None:
             pool.close()
             pool.join()
-    index = _merge(source, plan_, summaries, options)
+    moves = _flat_plan(summaries)
+    index = _merge(source, plan_, summaries, options, moves)  # checks the counts before anything moves
+    _move_shards(output, moves)
     atomic_write_json(output / "index.json", index)
     return index
 
 
-def _merge(source: str, plan_: Plan, summaries: list[dict[str, Any]], options: BuildOptions) -> dict[str, Any]:
+# ---- final step: one flat series of shards per split ----------------------------------------------
+
+_FLAT_NAME = re.compile(r"(.+)-\d{6}\.tar")
+
+
+def _flat_plan(summaries: list[dict[str, Any]]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """split -> [(where its chunk wrote the shard, its index entry under the final name)]: chunks in
+    order, each chunk's shards in order; the k-th shard of a split becomes ``<split>-{k:06d}.tar``."""
+    moves: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for s in sorted(summaries, key=lambda s: s["chunk"]):
+        for split, shards in s["shards"].items():
+            series = moves.setdefault(split, [])
+            for shard in shards:
+                series.append((shard["name"], {**shard, "name": f"{split}-{len(series):06d}.tar"}))
+    return moves
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _move_shards(output: Path, moves: dict[str, list[tuple[str, dict[str, Any]]]]) -> None:
+    """Rename every chunk's shards to their flat names; idempotent, so a rerun finishes a crashed move.
+
+    Per shard: source there and destination not -> move; source gone and destination there -> moved
+    by an earlier run (its size is checked; hashing every shard on every rerun would read the whole
+    data set); both there -> the destination must already hold the bytes the chunk mark records
+    (sha256), else this refuses rather than overwrite a finished shard with a different one.
+    """
+    emptied: set[Path] = set()
+    for split, series in moves.items():
+        for source_name, entry in series:
+            src, dst = output / source_name, output / entry["name"]
+            if src.is_file():
+                if dst.exists() and _sha256(dst) != entry["sha256"]:
+                    raise FileExistsError(
+                        f"{dst} already holds a different shard than {src} (sha256 in the chunk mark); "
+                        "refusing to overwrite it: the output directory holds another build, use a new one")
+                os.replace(src, dst)  # same file system: atomic
+            elif not dst.is_file():
+                raise FileNotFoundError(f"shard {src} (to become {dst}) is missing, and so is {dst}")
+            if dst.stat().st_size != entry["bytes"]:
+                raise ValueError(f"shard {dst}: {dst.stat().st_size} bytes on disk, {entry['bytes']} in its chunk mark")
+            emptied.add(src.parent)
+    _fsync_dir(output)  # the renames are durable before index.json names the new files
+    for split_dir in sorted(emptied):
+        # the chunk writer's own index.json lists the shards under their old names: drop it with them
+        (split_dir / "index.json").unlink(missing_ok=True)
+    # parts/c<chunk>/<split>/, then parts/c<chunk>/; the marks parts/c<chunk>.json stay
+    for d in [*sorted(emptied), *sorted({d.parent for d in emptied})]:
+        try:
+            d.rmdir()
+        except FileNotFoundError:  # removed by an earlier run
+            pass
+        except OSError:
+            log.warning("keeping %s: it holds files this build did not write", d)
+    listed = {entry["name"] for series in moves.values() for _, entry in series}
+    stale = sorted(p.name for p in output.iterdir()
+                   if (m := _FLAT_NAME.fullmatch(p.name)) and m.group(1) in moves and p.name not in listed)
+    if stale:  # left as they are: nothing here deletes shards it did not write in this build
+        log.warning("%s holds %d shards index.json does not list (an earlier, larger build?): %s",
+                    output, len(stale), ", ".join(stale[:5]))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _merge(source: str, plan_: Plan, summaries: list[dict[str, Any]], options: BuildOptions,
+           moves: dict[str, list[tuple[str, dict[str, Any]]]]) -> dict[str, Any]:
     summaries = sorted(summaries, key=lambda s: s["chunk"])
     rejected = Counter(plan_.rejected.values())
     splits: dict[str, dict[str, Any]] = {}
@@ -298,10 +389,10 @@ def _merge(source: str, plan_: Plan, summaries: list[dict[str, Any]], options: B
         for split, n in s["written"].items():
             entry = splits.setdefault(split, {"count": 0, "shards": [], "labels": defaultdict(Counter)})
             entry["count"] += n
-            entry["shards"].extend(s["shards"].get(split, []))
             for key, counts in s["histograms"].get(split, {}).items():
                 entry["labels"][key].update(counts)
-    for entry in splits.values():
+    for split, entry in splits.items():
+        entry["shards"] = [shard for _, shard in moves.get(split, [])]  # under their final, flat names
         entry["labels"] = {k: dict(sorted(v.items())) for k, v in entry["labels"].items()}
     written = sum(e["count"] for e in splits.values())
     read = plan_.read

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -97,6 +98,79 @@ def test_rerun_after_a_crash_resumes_and_matches_a_clean_build(tmp_path, monkeyp
     assert (out / "parts" / "c000000.json").stat().st_mtime_ns == first_mark
     assert index == clean  # same counts, shard names, sha256s
     assert not list(out.rglob("*.tmp"))
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_flat_shard_series_per_split_and_a_crash_mid_move_resumes(tmp_path, monkeypatch):
+    """Shards end as <split>-000000.tar, ... (webdataset convention, brace patterns work); the move out
+    of parts/ survives a crash, and never overwrites a finished shard with a different one."""
+    from fahr.data.shards import expand_shards
+
+    root = _utk_subset(tmp_path, 120)
+    options = BuildOptions(align=AlignOptions(skip_detection=True), chunk_size=40, samples_per_shard=10,
+                           fractions={"train": 0.7, "test": 0.3})
+    build = lambda out: build_shards("utkface", lambda: get_source("utkface")(root), out, options)  # noqa: E731
+    clean_dir = tmp_path / "clean"
+    clean = build(clean_dir)
+    assert set(clean["splits"]) == {"train", "test"}
+    # the chunk marks stay (reruns skip finished chunks), the chunk directories are gone
+    assert sorted(p.name for p in (clean_dir / "parts").iterdir()) == ["c000000.json", "c000001.json", "c000002.json"]
+    marks = [json.loads((clean_dir / "parts" / f"c{c:06d}.json").read_text()) for c in range(3)]
+    expected, samples = [], []
+    for split, entry in clean["splits"].items():
+        n = len(entry["shards"])
+        names = [f"{split}-{k:06d}.tar" for k in range(n)]
+        assert [s["name"] for s in entry["shards"]] == names  # contiguous, from 000000
+        assert n == sum(len(m["shards"].get(split, [])) for m in marks) > 3  # several chunks, several shards each
+        # chunk order, then each chunk's shard order: same sizes and hashes as the marks recorded
+        assert [(s["bytes"], s["sha256"]) for s in entry["shards"]] == [
+            (s["bytes"], s["sha256"]) for m in marks for s in m["shards"].get(split, [])]
+        for s in entry["shards"]:
+            assert hashlib.sha256((clean_dir / s["name"]).read_bytes()).hexdigest() == s["sha256"]
+        expected += names
+        got = _samples(clean_dir / "index.json", split)
+        assert len(got) == entry["count"] == sum(s["num_samples"] for s in entry["shards"])
+        samples += got
+        assert expand_shards(f"{clean_dir}/{split}-{{000000..{n - 1:06d}}}.tar") == [str(clean_dir / x) for x in names]
+    assert sorted(p.relative_to(clean_dir).as_posix() for p in clean_dir.rglob("*.tar")) == sorted(expected)
+    assert len({s["__key__"] for s in samples}) == len(samples) == clean["written"]
+
+    # a crash after 5 of the moves; the rerun finishes them, byte for byte as the clean build
+    out = tmp_path / "crashy"
+    real_replace, moved, crash = os.replace, [], [True]
+
+    def crashing_replace(src, dst):
+        if Path(dst).parent == out and re.fullmatch(r"(train|test)-\d{6}\.tar", Path(dst).name):
+            if crash[0] and len(moved) == 5:
+                raise OSError("simulated crash mid-move")
+            moved.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(OSError, match="simulated crash mid-move"):
+        build(out)
+    assert not (out / "index.json").exists() and len(list(out.glob("*.tar"))) == 5
+    assert list((out / "parts").rglob("*.tar"))  # the rest still in the chunk directories
+    crash[0] = False
+    assert build(out) == clean
+    assert _tree(out) == _tree(clean_dir)
+    assert build(out) == clean and _tree(out) == _tree(clean_dir)  # rerun of a finished build: unchanged
+
+    # a chunk whose mark is lost is rewritten; its shards land on identical finished ones: fine
+    (out / "parts" / "c000001.json").unlink()
+    assert build(out) == clean and _tree(out) == _tree(clean_dir)
+    # ... but a finished shard holding other bytes is never overwritten
+    (out / "parts" / "c000001.json").unlink()
+    first_of_chunk_1 = out / f"train-{len(marks[0]['shards']['train']):06d}.tar"
+    first_of_chunk_1.write_bytes(b"another build")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        build(out)
+    assert first_of_chunk_1.read_bytes() == b"another build"
+    assert json.loads((out / "index.json").read_text()) == clean  # the finished build's index is left alone
 
 
 def test_fgnet_raw_photos_detected_and_aligned(tmp_path):
