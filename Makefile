@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FACENET := facenet-pytorch==2.6.0
+# benchmarks/align.py's baseline: FaceAge's own detector (ipazc mtcnn on TensorFlow), in its own venv
+FACEAGE_BASELINE := .cache/faceage-baseline
+FACEAGE_BASELINE_PINS := tensorflow-cpu==2.21.0 mtcnn==1.0.0 pillow==12.0.0
 # Keep every cache inside the workspace (CI and shared machines).
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export WANDB_DIR := $(CURDIR)/.cache/wandb
@@ -15,7 +18,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
 BENCHMARKS := $(patsubst benchmarks/%.py,%,$(filter-out benchmarks/_%,$(wildcard benchmarks/*.py)))
 
-.PHONY: venv demo test bench $(addprefix bench-,$(BENCHMARKS)) clean
+.PHONY: venv faceage-baseline demo test bench $(addprefix bench-,$(BENCHMARKS)) clean
 
 venv: $(STAMP)
 
@@ -38,6 +41,16 @@ bench: $(addprefix bench-,$(BENCHMARKS))
 
 $(addprefix bench-,$(BENCHMARKS)): bench-%: $(STAMP)
 	$(PY) benchmarks/$*.py
+
+# Only the align benchmark needs it (~600 MB); never the tests or the demo.
+faceage-baseline: $(FACEAGE_BASELINE)/.installed
+
+$(FACEAGE_BASELINE)/.installed:
+	test -x $(FACEAGE_BASELINE)/bin/python || $(PYTHON) -m venv $(FACEAGE_BASELINE)
+	$(FACEAGE_BASELINE)/bin/python -m pip install --quiet $(FACEAGE_BASELINE_PINS)
+	touch $@
+
+bench-align: $(FACEAGE_BASELINE)/.installed
 
 clean:
 	rm -rf runs data/synthetic_faces .cache .pytest_cache
