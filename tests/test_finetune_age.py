@@ -115,7 +115,9 @@ def test_two_stages_from_the_real_config_stage2_starts_from_stage1(tmp_path):
     assert abs(sum(balance["effective_histogram"].values()) - 1) < 1e-9
     model, card = load_face_model(result.export_dir)
     assert card["task"] == "faceage" and card["preprocessing"]["detect"] is False
-    out = model(torch.zeros(2, 3, 112, 112, dtype=torch.uint8))
+    size = card["preprocessing"]["image_size"]
+    assert size == cfg.data.image_size == 64  # the demo fine-tunes at 64 px
+    out = model(torch.zeros(2, 3, size, size, dtype=torch.uint8))
     assert out["age"].shape == (2,)
     # rerunning the same command skips both finished stages and gives the same model
     again = finetune_age(cfg)
