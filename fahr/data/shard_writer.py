@@ -442,6 +442,24 @@ def verify_shards(out_dir: str | os.PathLike, check_hashes: bool = True) -> None
                 raise ValueError(f"shard {path}: sha256 {h.hexdigest()} does not match {INDEX_NAME} ({s['sha256']})")
 
 
+def synthetic_generator(num_samples: int, samples_per_shard: int, seed: int, image_size: int) -> dict:
+    """The generator parameters recorded in a synthetic index.json (equal parameters = same shards)."""
+    return {"name": "fahr.data.synthetic", "version": GENERATOR_VERSION, "num_samples": num_samples,
+            "samples_per_shard": samples_per_shard, "seed": seed, "image_size": image_size}
+
+
+def synthetic_shards_ready(out_dir: str | os.PathLike, generator: dict) -> bool:
+    """True if ``out_dir`` holds finished synthetic shards made with ``generator`` (sizes checked)."""
+    try:
+        index = read_index(out_dir)
+        if index.get("generator") != generator:
+            return False
+        verify_shards(out_dir, check_hashes=False)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
 def write_synthetic_shards(
     out_dir: str | os.PathLike, num_samples: int, samples_per_shard: int, seed: int = 0, image_size: int = 112
 ) -> dict:
@@ -454,14 +472,7 @@ def write_synthetic_shards(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    generator = {
-        "name": "fahr.data.synthetic",
-        "version": GENERATOR_VERSION,
-        "num_samples": num_samples,
-        "samples_per_shard": samples_per_shard,
-        "seed": seed,
-        "image_size": image_size,
-    }
+    generator = synthetic_generator(num_samples, samples_per_shard, seed, image_size)
     try:
         index = read_index(out_dir)
         if index.get("source") != "synthetic":

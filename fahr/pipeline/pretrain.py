@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fahr.config.schema import validate
-from fahr.data.build import build_datamodule, ensure_synthetic_shards
+from fahr.data.build import build_datamodule, ensure_synthetic_shards, wait_for_synthetic_shards
 from fahr.tasks.callbacks import ThroughputMonitor
 from fahr.tasks.pretrain import MAEPretrainTask
 from fahr.utils.atomic import atomic_write_json
@@ -146,6 +146,8 @@ def _pretrain(cfg: DictConfig, run_dir: Path, preemption: PreemptionCheckpoint,
     L.seed_everything(cfg.seed, workers=True)
     if rank_zero_only.rank == 0:
         ensure_synthetic_shards(cfg.data, cfg.model.img_size)
+    else:
+        wait_for_synthetic_shards(cfg.data, cfg.model.img_size)
     resume_from = find_resume_checkpoint(run_dir) if cfg.resume else None
     if rank_zero_only.rank == 0:
         run_info = prepare_run_dir(cfg, run_dir)
