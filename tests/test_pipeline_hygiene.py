@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared_data
-from data_pipelines.dedup import Deduplicator, hamming, phash
+from data_pipelines.dedup import Deduplicator, hamming, phash, phash256
 from data_pipelines.deid import deidentify, load_salt, patient_anchors, pseudonym
 from data_pipelines.records import Record
 from data_pipelines.splits import age_bin, assert_person_disjoint, split_persons
@@ -125,6 +125,22 @@ def test_phash_is_robust_to_reencoding_and_resizing_but_not_to_other_faces():
     assert hamming(phash(a), phash(requoted)) <= 4
     assert hamming(phash(a), phash(resized)) <= 4
     assert min(hamming(phash(a), phash(f)) for f in faces[1:]) > 6
+
+
+def test_aligned_faces_of_different_people_are_not_near_duplicates():
+    """Two UTKFace crops of different children (ages 1 and 16) whose 64-bit pHashes are only 6 bits
+    apart (aligned faces share one layout) are not grouped: the 255-bit pHash tells them apart, while
+    a re-encoded, resized copy of either is still found."""
+    folder = shared_data("utkface")
+    a, b = (np.asarray(Image.open(folder / "images" / f).convert("RGB"))
+            for f in ("16_1_3_20170104223040239.jpg", "1_1_2_20161219141431352.jpg"))
+    assert hamming(phash(a), phash(b)) <= 6 and hamming(phash256(a), phash256(b)) > 40
+    copy = np.asarray(Image.open(io.BytesIO(_jpeg(np.asarray(Image.fromarray(a).resize((150, 150))), 60))))
+    assert hamming(phash256(a), phash256(copy)) <= 40
+    d = Deduplicator()
+    for rid, img in (("a", a), ("b", b), ("a-copy", copy)):
+        d.add(rid, rid, _jpeg(img), img)  # one person per photo, as UTKFace (ids are image hashes)
+    assert d.decide() == {"a": "duplicate:conflicting_persons", "a-copy": "duplicate:conflicting_persons"}
 
 
 def test_dedup_policy_exact_near_and_conflicting_persons():
