@@ -26,7 +26,7 @@ What happens:
   saves. So ``scontrol requeue``, ``scancel`` (without ``--signal``) and SLURM preemption, which
   SIGTERM every process and SIGKILL them ``KillWait`` seconds later, still get their save when a
   batch ends within ``KillWait``. W&B's service process cannot be kept alive through that SIGTERM,
-  so with a hard stop W&B may miss the steps logged after it.
+  so with a hard stop W&B may miss what it had not flushed of that attempt.
 - SIGTERM, and SIGUSR1 outside SLURM, save and stop without requeueing: SLURM's own preemption
   (``PreemptMode=REQUEUE``) requeues the job itself, and ``scancel`` must not be undone. A plain
   ``kill`` of a local run is resumable the same way.
