@@ -2,9 +2,10 @@
 
 Two passes over the source (both in the source's deterministic order):
 
-1. **Plan** (main process): every record's bytes are hashed and decoded once (small) for a
-   perceptual hash; exact and near duplicates are decided, persons are assigned to splits
-   (person-disjoint, stratified), cohort anchors (first photo date per patient) are collected.
+1. **Plan**: every record's bytes are hashed and decoded once (to a thumbnail) for perceptual
+   hashes, in ``processes`` worker processes in rounds of ``PLAN_BATCH`` photos; then, in the main
+   process and in source order, exact and near duplicates are decided, persons are assigned to splits
+   (person-disjoint, stratified) and cohort anchors (first photo date per patient) are collected.
 2. **Write**: records are cut into fixed chunks of ``chunk_size`` source items. Each chunk is
    decoded, aligned, de-identified and written to ``parts/c<chunk>/<split>/`` by
    :class:`fahr.data.shard_writer.ShardWriter` (temp file + rename per shard); then
@@ -103,32 +104,62 @@ def _stratum(record: Record, stratify: str) -> Any:
     return None
 
 
-def plan(items: Iterable[Record | Rejection], options: BuildOptions) -> Plan:
-    """Pass 1 over the source: duplicates, split per person, cohort anchors."""
+PLAN_BATCH = 1024  # photos hashed per round in pass 1: bounds the image bytes held in memory
+
+
+def _fingerprint(data: bytes) -> tuple[str, int, int] | str:
+    """Pass-1 work for one photo (in a worker process when ``processes > 1``): its
+    :func:`~data_pipelines.dedup.fingerprint` (SHA-256 and pHashes of a thumbnail), or the rejection
+    reason if it does not decode."""
+    from data_pipelines.dedup import fingerprint
+    from data_pipelines.imageio import decode_photo
+
+    try:
+        image = decode_photo(data)
+    except RejectedError as err:
+        return err.reason
+    return fingerprint(data, _thumbnail(image))
+
+
+def plan(items: Iterable[Record | Rejection], options: BuildOptions, pool: Any = None) -> Plan:
+    """Pass 1 over the source: duplicates, split per person, cohort anchors.
+
+    Decoding and hashing (the slow part) run on ``pool`` (a ``multiprocessing`` pool) if given, in
+    rounds of :data:`PLAN_BATCH` photos; the decisions are made here, in source order, so they do not
+    depend on the number of processes."""
     from data_pipelines.dedup import Deduplicator
     from data_pipelines.deid import patient_anchors
-    from data_pipelines.imageio import decode_photo
     from data_pipelines.splits import split_persons
 
     result = Plan()
     dedup = Deduplicator(options.near_threshold)
     strata: dict[str, Any] = {}
     kept: list[Record] = []
+    batch: list[tuple[str, Record]] = []
+
+    def decide_batch() -> None:
+        data = [item.image for _, item in batch]
+        fps = pool.map(_fingerprint, data, chunksize=32) if pool is not None else [_fingerprint(d) for d in data]
+        for (item_id, item), fp in zip(batch, fps):
+            if isinstance(fp, str):
+                result.rejected[item_id] = fp
+                continue
+            if options.dedup:
+                dedup.add_fingerprint(item_id, item.person_id, fp)
+            strata.setdefault(item.person_id, _stratum(item, options.stratify))
+            kept.append(Record(item_id, item.person_id, b"", item.labels))
+        batch.clear()
+
     for position, item in enumerate(items):
         result.read += 1
         item_id = _item_id(position)
         if isinstance(item, Rejection):
             result.rejected[item_id] = item.reason
             continue
-        try:
-            image = decode_photo(item.image)
-        except RejectedError as err:
-            result.rejected[item_id] = err.reason
-            continue
-        if options.dedup:
-            dedup.add(item_id, item.person_id, item.image, _thumbnail(image))
-        strata.setdefault(item.person_id, _stratum(item, options.stratify))
-        kept.append(Record(item_id, item.person_id, b"", item.labels))
+        batch.append((item_id, item))
+        if len(batch) >= PLAN_BATCH:
+            decide_batch()
+    decide_batch()
     if options.dedup:
         result.rejected.update(dedup.decide())
     result.split_of_person = split_persons(strata, options.fractions, options.split_seed)
@@ -265,7 +296,6 @@ def build_shards(
     output = Path(output)
     (output / "parts").mkdir(parents=True, exist_ok=True)
     salt = load_salt(options.salt_key_file) if options.deidentify else None
-    plan_ = plan(make_items(), options)
     summaries: list[dict[str, Any]] = []
 
     def finished(summary: dict[str, Any], count: int) -> None:
@@ -273,18 +303,18 @@ def build_shards(
         if progress:
             progress(count)
 
-    pool = None
+    # spawn, not fork: the parent may already hold torch threads
+    pool = multiprocessing.get_context("spawn").Pool(options.processes) if options.processes > 1 else None
     in_flight: list[tuple[Any, int]] = []
     try:
+        plan_ = plan(make_items(), options, pool)
         for chunk, records, count in _chunks(make_items(), plan_, options.chunk_size):
             done = output / "parts" / f"c{chunk:06d}.json"
             if done.is_file():  # finished by an earlier run
                 finished(json.loads(done.read_text()), count)
-            elif options.processes <= 1:
+            elif pool is None:
                 finished(write_chunk(chunk, records, plan_, options, str(output), source, salt), count)
             else:
-                if pool is None:  # spawn, not fork: the parent may already hold torch threads
-                    pool = multiprocessing.get_context("spawn").Pool(options.processes)
                 in_flight.append((pool.apply_async(
                     write_chunk, (chunk, records, plan_, options, str(output), source, salt)), count))
                 while len(in_flight) >= 2 * options.processes:  # bounded: chunks carry image bytes

@@ -69,6 +69,16 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
+def fingerprint(data: bytes, image: np.ndarray | None = None) -> tuple[str, int | None, int | None]:
+    """(SHA-256 hex of ``data``, 64-bit pHash, 255-bit pHash) of a photo; the pHashes are None
+    without a decoded ``image``."""
+    sha = hashlib.sha256(data).hexdigest()
+    if image is None:
+        return sha, None, None
+    coeffs = _dct32(image)
+    return sha, phash(image, coeffs), phash256(image, coeffs)
+
+
 class Deduplicator:
     """Collect (record id, person id, bytes, pHash), then :meth:`decide` which records to reject."""
 
@@ -87,12 +97,16 @@ class Deduplicator:
 
     def add(self, record_id: str, person_id: str, data: bytes, image: np.ndarray | None = None) -> None:
         """Register a record; ``image`` (decoded) enables near-duplicate detection for it."""
+        self.add_fingerprint(record_id, person_id, fingerprint(data, image))
+
+    def add_fingerprint(self, record_id: str, person_id: str, fp: tuple[str, int | None, int | None]) -> None:
+        """Register a record by its :func:`fingerprint` (computed anywhere, e.g. in worker processes)."""
+        sha, coarse, fine = fp
         self._ids.append(record_id)
         self._persons.append(person_id)
-        self._sha.append(hashlib.sha256(data).hexdigest())
-        coeffs = _dct32(image) if image is not None else None
-        self._phash.append(phash(image, coeffs) if coeffs is not None else None)
-        self._fine.append(phash256(image, coeffs) if coeffs is not None else None)
+        self._sha.append(sha)
+        self._phash.append(coarse)
+        self._fine.append(fine)
 
     def _groups(self) -> tuple[list[list[int]], dict[int, str]]:
         """Groups (>= 2 records, sorted indices) of duplicates, and how each later member joined."""
