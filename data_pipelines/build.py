@@ -31,6 +31,7 @@ count check above (``read == written + sum(rejected)``): build it into a new dir
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -107,10 +108,10 @@ def _stratum(record: Record, stratify: str) -> Any:
 PLAN_BATCH = 1024  # photos hashed per round in pass 1: bounds the image bytes held in memory
 
 
-def _fingerprint(data: bytes) -> tuple[str, int, int] | str:
+def _fingerprint(data: bytes, hashes: bool = True) -> tuple[str, int | None, int | None] | str:
     """Pass-1 work for one photo (in a worker process when ``processes > 1``): its
-    :func:`~data_pipelines.dedup.fingerprint` (SHA-256 and pHashes of a thumbnail), or the rejection
-    reason if it does not decode."""
+    :func:`~data_pipelines.dedup.fingerprint` (SHA-256 and, if ``hashes``, pHashes of a thumbnail),
+    or the rejection reason if it does not decode."""
     from data_pipelines.dedup import fingerprint
     from data_pipelines.imageio import decode_photo
 
@@ -118,7 +119,7 @@ def _fingerprint(data: bytes) -> tuple[str, int, int] | str:
         image = decode_photo(data)
     except RejectedError as err:
         return err.reason
-    return fingerprint(data, _thumbnail(image))
+    return fingerprint(data, _thumbnail(image) if hashes else None)
 
 
 def plan(items: Iterable[Record | Rejection], options: BuildOptions, pool: Any = None) -> Plan:
@@ -137,9 +138,11 @@ def plan(items: Iterable[Record | Rejection], options: BuildOptions, pool: Any =
     kept: list[Record] = []
     batch: list[tuple[str, Record]] = []
 
+    work = functools.partial(_fingerprint, hashes=options.dedup)  # without dedup: decode check only
+
     def decide_batch() -> None:
         data = [item.image for _, item in batch]
-        fps = pool.map(_fingerprint, data, chunksize=32) if pool is not None else [_fingerprint(d) for d in data]
+        fps = pool.map(work, data, chunksize=32) if pool is not None else [work(d) for d in data]
         for (item_id, item), fp in zip(batch, fps):
             if isinstance(fp, str):
                 result.rejected[item_id] = fp
