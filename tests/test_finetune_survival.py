@@ -57,9 +57,67 @@ def test_linear_table_head_reproduces_lifelines_cox_c_index(tmp_path):
 
 
 def _val_mask(train, cfg):
+    from fahr.pipeline.finetune_survival import copy_groups, holdout
+
+    groups = copy_groups(train.drop(columns=["time", "event"]), train["time"].to_numpy(), train["event"].to_numpy())
+    return np.flatnonzero(holdout(len(train), train["event"].to_numpy(), cfg.data.val_fraction, cfg.seed, groups))
+
+
+def _row_holdout(n, event, fraction, seed):
+    """The ungrouped split, written out: shuffle each event stratum, take the first round(f * n)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(n, dtype=bool)
+    for value in (0, 1):
+        idx = np.flatnonzero(event == value)
+        rng.shuffle(idx)
+        mask[idx[: int(round(fraction * len(idx)))]] = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_holdout_with_distinct_rows_is_the_plain_stratified_split(seed):
     from fahr.pipeline.finetune_survival import holdout
 
-    return np.flatnonzero(holdout(len(train), train["event"].to_numpy(), cfg.data.val_fraction, cfg.seed))
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(10, 400))
+    event = (rng.random(n) < 0.6).astype(float)
+    expected = _row_holdout(n, event, 0.2, seed)
+    assert (holdout(n, event, 0.2, seed) == expected).all()
+    assert (holdout(n, event, 0.2, seed, groups=np.arange(n) * 7 + 3) == expected).all()
+
+
+def test_holdout_keeps_copies_of_a_record_on_one_side():
+    from fahr.pipeline.finetune_survival import holdout
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(300), rng.integers(1, 6, 300))  # 300 records, 1-5 copies each
+    rng.shuffle(groups)
+    event = (groups % 3 == 0).astype(float)  # copies share their outcome
+    mask = holdout(len(groups), event, 0.2, seed=4, groups=groups)
+    assert not set(groups[mask]) & set(groups[~mask])
+    for value in (0, 1):  # still stratified: about 20% of each stratum, overshooting by less than one record
+        stratum = event == value
+        assert 0.2 * stratum.sum() - 0.5 <= mask[stratum].sum() < 0.2 * stratum.sum() + 5.5
+
+
+def test_table_copies_are_counted_and_kept_together(tmp_path, caplog):
+    """A resampled table (WHAS in DeepSurv's data is 1,310 rows of 640 records): copies are counted,
+    the validation split never separates them, and test rows identical to training rows are reported."""
+    from fahr.pipeline.finetune_survival import table_splits
+
+    train, test = _rossi_csvs(tmp_path)
+    # rossi has rows that coincide (binary covariates, weeks); a continuous column makes them distinct
+    train = train.assign(z=np.random.default_rng(0).normal(size=len(train)))
+    test = test.assign(z=np.random.default_rng(1).normal(size=len(test)))
+    copies = train.sample(60, random_state=1)
+    pd.concat([train, copies]).to_csv(tmp_path / "train.csv", index=False)
+    pd.concat([test, train.iloc[:7]]).to_csv(tmp_path / "test.csv", index=False)
+    with caplog.at_level("WARNING", logger="fahr.pipeline.finetune_survival"):
+        splits, _, notes = table_splits(_table_cfg(tmp_path))
+    assert notes["train_copies"] == 60 and notes["test_rows_copied_from_train"] == 7
+    assert notes["val_rows_copied_from_train"] == 0
+    assert len(splits["train"].time) + len(splits["val"].time) == len(train) + 60
+    assert f"60 of {len(train) + 60} rows are exact copies" in caplog.text and "7 of 137 test rows" in caplog.text
 
 
 @pytest.mark.parametrize("change, message", [

@@ -81,24 +81,58 @@ def read_table(path: str, time: str, event: str) -> tuple[pd.DataFrame, np.ndarr
     return feats, t, e
 
 
-def holdout(n: int, event: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of a validation part, stratified by event, deterministic in ``seed``."""
+def holdout(n: int, event: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of a held-out part, stratified by event, deterministic in ``seed``.
+
+    ``groups`` (one id per row; rows of a group must share the event) keeps each group wholly on one
+    side: groups are drawn in shuffled order until ``round(fraction * n_stratum)`` rows are held out.
+    With every group of size one this is exactly the ungrouped split."""
     rng = np.random.default_rng(seed)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
     mask = np.zeros(n, dtype=bool)
     for value in (0, 1):
-        idx = np.flatnonzero(event == value)
-        rng.shuffle(idx)
-        mask[idx[: int(round(fraction * len(idx)))]] = True
+        rows = np.flatnonzero(event == value)
+        ids, first, sizes = np.unique(groups[rows], return_index=True, return_counts=True)
+        order = np.argsort(first)  # groups in order of first appearance, so size-one groups = rows
+        ids, sizes = ids[order], sizes[order]
+        perm = rng.permutation(len(ids))
+        target = int(round(fraction * len(rows)))
+        taken = int(np.searchsorted(np.cumsum(sizes[perm]), target)) + 1 if target else 0
+        mask[rows[np.isin(groups[rows], ids[perm[:taken]])]] = True
     return mask
 
 
-def table_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any]]:
+def copy_groups(x: pd.DataFrame, t: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Group id per row; rows with identical features, time and event (copies of one record) share it.
+
+    DeepSurv's WHAS table is such a resample: 1,310 rows hold 640 distinct records, so a row-wise
+    split puts copies of a record on both sides and rewards memorising it."""
+    full = x.assign(__time=t, __event=e)
+    return full.groupby(list(full.columns), sort=False).ngroup().to_numpy()
+
+
+def rows_copied_from(x: pd.DataFrame, t: np.ndarray, e: np.ndarray, ref: pd.DataFrame, ref_t: np.ndarray, ref_e: np.ndarray) -> int:
+    """How many rows of (x, t, e) have an identical row (features, time, event) in the reference."""
+    key = lambda f, tt, ee: pd.util.hash_pandas_object(f.assign(__time=tt, __event=ee), index=False)  # noqa: E731
+    return int(key(x, t, e).isin(set(key(ref, ref_t, ref_e))).sum())
+
+
+def table_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any], dict[str, int]]:
+    """train/val(/test) splits of the feature tables, the training-set scaler, and copy counts: rows
+    of ``data.train`` that repeat another row, validation rows identical to a fitted row, and test
+    rows identical to a row of ``data.train``."""
     d = cfg.data
-    x_train, t_train, e_train = read_table(d.train, d.time, d.event)
+    table = x_train, t_train, e_train = read_table(d.train, d.time, d.event)
+    groups = copy_groups(*table)
+    notes = {"train_copies": int(len(groups) - len(np.unique(groups)))}
+    if notes["train_copies"]:
+        log.warning("%s: %d of %d rows are exact copies of another row (features, time and event: a resampled "
+                    "table, or patients alike in every column); the validation split keeps them together",
+                    d.train, notes["train_copies"], len(groups))
     if d.val:
         x_val, t_val, e_val = read_table(d.val, d.time, d.event)
     else:
-        mask = holdout(len(t_train), e_train, d.val_fraction, cfg.seed)
+        mask = holdout(len(t_train), e_train, d.val_fraction, cfg.seed, groups)
         x_val, t_val, e_val = x_train[mask], t_train[mask], e_train[mask]
         x_train, t_train, e_train = x_train[~mask], t_train[~mask], e_train[~mask]
     columns = list(x_train.columns)
@@ -114,9 +148,18 @@ def table_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any]]:
         return Split(ds, t, e)
 
     splits = {"train": make(x_train, t_train, e_train), "val": make(x_val, t_val, e_val)}
+    held_out = {"val": ((x_val, t_val, e_val), (x_train, t_train, e_train))}
     if d.test:
-        splits["test"] = make(*read_table(d.test, d.time, d.event))
-    return splits, scaler
+        test = read_table(d.test, d.time, d.event)
+        splits["test"] = make(*test)
+        held_out["test"] = (test, table)
+    for name, ((x, t, e), reference) in held_out.items():
+        copied = rows_copied_from(x, t, e, *reference)
+        notes[f"{name}_rows_copied_from_train"] = copied
+        if copied:
+            log.warning("%d of %d %s rows have an identical row in the training data: their C-index "
+                        "rewards memorising, not generalising", copied, len(t), name)
+    return splits, scaler, notes
 
 
 class _TableRows(Dataset):
@@ -150,7 +193,7 @@ class _PhotoOutcomes(Dataset):
         return out
 
 
-def image_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any]]:
+def image_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any], dict[str, int]]:
     from fahr.pipeline.finetune_age import load_split_labels
 
     d = cfg.data
@@ -179,7 +222,7 @@ def image_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any]]:
             if np.isnan(z).any():
                 raise ValueError(f"covariates {cov} have missing values in the {split} split")
         splits[split] = Split(_PhotoOutcomes(ds, d.time, d.event, z), t, e, ds.persons)
-    return splits, scaler
+    return splits, scaler, {}
 
 
 def person_level(split: Split, risk: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -314,7 +357,7 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
     run_dir = run_dir_for(cfg)
     run_info = prepare_run_dir(cfg, run_dir)
     log.info("run directory: %s", run_dir)
-    splits, scaler = table_splits(cfg) if cfg.data.mode == "table" else image_splits(cfg)
+    splits, scaler, notes = table_splits(cfg) if cfg.data.mode == "table" else image_splits(cfg)
     for name, s in splits.items():
         log.info("%s: %d rows, %d events", name, len(s.time), int(s.event.sum()))
     model, init = build_model(cfg, len(scaler["features"]))
@@ -328,6 +371,8 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
     train_eval = DataLoader(splits["train"].dataset, batch_size=dl["val"].batch_size, shuffle=False)
     tr = person_level(splits["train"], predict_risk(model, train_eval), how)
     metrics: dict[str, Any] = {"training": done, "init": init, "rows": {k: len(s.time) for k, s in splits.items()}}
+    if notes:
+        metrics["copies"] = notes
     va = person_level(splits["val"], predict_risk(model, dl["val"]), how)
     from fahr.metrics.survival import harrell_c
 
