@@ -154,3 +154,22 @@ def test_person_level_uses_earliest_photo_and_mean_risk():
 def test_survival_typo_fails_clearly():
     with pytest.raises(Exception, match="max_step"):
         compose_config("finetune_survival", ["data=table", "data.train=x.csv", "task.max_step=3"])
+
+
+def test_table_loader_gives_the_plain_loaders_batches():
+    """One tensor index per batch instead of per-row fetch + collate: same rows, same order."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fahr.pipeline.finetune_survival import _TableRows, table_loader
+
+    rows = _TableRows(torch.randn(53, 4), torch.rand(53) * 100, (torch.rand(53) < 0.5).float())
+    plain = DataLoader(rows, batch_size=16, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(3))
+    fast = table_loader(rows, 16, torch.Generator().manual_seed(3))
+    for epoch in range(2):
+        pairs = list(zip(plain, fast, strict=True))
+        assert len(pairs) == 3
+        for a, b in pairs:
+            assert all(torch.equal(a[k], b[k]) for k in ("x", "time", "event"))
+    ordered = list(table_loader(rows, 20))
+    assert [len(b["time"]) for b in ordered] == [20, 20, 13] and torch.equal(torch.cat([b["x"] for b in ordered]), rows.x)
