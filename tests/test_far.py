@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -184,9 +185,17 @@ def test_far_end_to_end_on_fgnet(tmp_path):
         assert t["status"] == "ok", t
         ages = [float(r["age"]) for r in rows if r["subject"] == s]
         assert float(t["interval_days"]) == pytest.approx((max(ages) - min(ages)) * DAYS_PER_YEAR, abs=1e-3)
-        first = float(preds[t["path_first"]]["faceage_corrected"])  # use_corrected: the card has a calibration
-        last = float(preds[t["path_last"]]["faceage_corrected"])
+        first = float(preds[t["path_first"]]["faceage"])  # the default: FaceAge as predicted, not calibrated
+        last = float(preds[t["path_last"]]["faceage"])
         expected = (last - first) / (max(ages) - min(ages))
         assert float(t["far"]) == pytest.approx(expected, abs=1e-3)
         assert math.isfinite(float(t["far"])) and t["interval_bin"] == interval_bin(float(t["interval_days"]))
     assert Path(out).stat().st_size > 0
+    # use_corrected=true: the card's calibration (faceage - b) / a, so every FAR is the default's / a
+    calibration = json.loads((export / "model_card.json").read_text())["age_calibration"]
+    out_corrected = tmp_path / "far_corrected.csv"
+    far(compose_far([f"model={export}", f"input={listing}", f"output={out_corrected}", "device=cpu", "batch_size=4",
+                     "use_corrected=true"]))
+    corrected = {t["person"]: t for t in read_rows(out_corrected)}
+    for s in subjects:
+        assert float(corrected[s]["far"]) == pytest.approx(float(by_person[s]["far"]) / calibration["slope"], rel=1e-3)
