@@ -2,7 +2,8 @@
 
 (a) DeepSurv mode on the DeepSurv training splits in ../shared/data/survival (METABRIC, SUPPORT,
     GBSG, WHAS): for each of several split seeds, a deterministic 20% test part (stratified by
-    event, never splitting the identical copies of a record: WHAS is 1,310 rows of 640 records) is held out; `fahr finetune-survival data=table experiment=bench_deepsurv_<name>` trains on
+    event, never splitting the identical copies of a record: WHAS is 1,310 rows of 640 records) is
+    held out; `fahr finetune-survival data=table experiment=bench_deepsurv_<name>` trains on
     the rest (its own event-stratified 20% validation part, seed = split seed, picks the checkpoint),
     lifelines' CoxPHFitter fits all the non-test rows, and pycox's CoxPH (a DeepSurv MLP trained with
     torchtuples, pycox's tutorial recipe) uses the same train/validation rows as ours. All three are
@@ -349,8 +350,9 @@ def main() -> None:
             for name, r in tables.items():
                 s = r["summary"]
                 cell = lambda m: f"{s[m]['c_index_mean']:.3f} ± {s[m]['c_index_sd']:.3f}"  # noqa: E731
+                verdict = {True: "yes", False: "NO", None: "n/a (copies)"}[r["pass"]]
                 rows.append((name.upper(), f"{r['runs'][0]['n_train']}/{r['runs'][0]['n_test']}", cell("fahr"),
-                             cell("lifelines"), cell("pycox"), f"{r['paper_c_index']:.3f}", {True: "yes", False: "NO", None: "n/a (copies)"}[r["pass"]],
+                             cell("lifelines"), cell("pycox"), f"{r['paper_c_index']:.3f}", verdict,
                              f"{s['fahr']['wall_s_mean']:.1f} / {s['lifelines']['wall_s_mean']:.2f} / {s['pycox']['wall_s_mean']:.1f}"))
             print_table(f"DeepSurv mode: test Harrell C, mean ± sd over {len(seeds)} split seed(s)", rows,
                         ("data", "train/test", "fahr head", "lifelines CoxPH", "pycox CoxPH", "paper", ">= paper",

@@ -22,6 +22,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,6 @@ def main() -> None:
     if not SURVIVAL_DATA.is_dir():
         sys.exit(f"skipped: {SURVIVAL_DATA} is absent (see ../shared/data/README.md)")
     torch.set_num_threads(1)
-    import tempfile
-
     result: dict[str, Any] = {"space": SPACE, "settings": args.settings, "seeds": list(range(args.seeds)),
                               "selection": "highest mean validation Harrell C", "data": {}}
     with tempfile.TemporaryDirectory(prefix="fahr-survival-search-") as tmp:
