@@ -5,6 +5,7 @@ test on the local SLURM cluster."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -325,22 +326,37 @@ def test_real_slurm_requeues_and_resumes_to_completion(tiny_overrides, tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
 
-    class _Proc:  # _wait_for_step's view of the job
+    class _Proc:  # _wait_for_step's view of the job: ended when SLURM says it has
         returncode = None
         stdout = None
+        checked = 0.0
 
         def poll(self):
+            if time.monotonic() - self.checked < 1.0:  # _wait_for_step polls every 50 ms; scontrol once a second
+                return None
+            self.checked = time.monotonic()
+            state = _job(job_id).get("JobState")
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                self.returncode, self.stdout = state, io.StringIO(out.read_text() if out.is_file() else "")
+                return state
             return None
 
     def start_when_requeued(restarts: int) -> None:
-        """A requeued job waits ~2 min (its BeginTime) before it may start again: start it now."""
+        """A requeued job waits ~2 min (its BeginTime) before it may start again: start it now, once
+        the node is idle and the clock has left the second of the requeue. slurmd refuses a launch
+        credential created in the same second as the previous attempt's revocation ("Killing
+        non-startable batch job: Job credential revoked" in slurmctld.log; the job then FAILS);
+        SLURM's own 2-minute wait is what normally hides that."""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             job = _job(job_id)
-            if job.get("Restarts") == str(restarts) and job.get("JobState") == "PENDING":
+            node = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout
+            if job.get("Restarts") == str(restarts) and job.get("JobState") == "PENDING" and node.strip() == "idle":
+                time.sleep(2.0)
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
                 return
             time.sleep(0.5)
+        raise AssertionError(f"job {job_id} was not requeued (Restarts={restarts}) and idle within 120 s: {_job(job_id)}")
 
     try:
         _wait_for_step(_Proc(), rec, 3)
