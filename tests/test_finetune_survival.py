@@ -173,3 +173,37 @@ def test_table_loader_gives_the_plain_loaders_batches():
             assert all(torch.equal(a[k], b[k]) for k in ("x", "time", "event"))
     ordered = list(table_loader(rows, 20))
     assert [len(b["time"]) for b in ordered] == [20, 20, 13] and torch.equal(torch.cat([b["x"] for b in ordered]), rows.x)
+
+
+def test_early_stopping_ends_patience_validations_after_the_best(tmp_path):
+    """An over-fitting head (wide, no regularisation, high LR): with patience 2 training ends exactly
+    two validations after the lowest validation loss, keeps that checkpoint, and follows the same
+    trajectory as the run without early stopping up to where it stopped."""
+    from fahr.pipeline.finetune_survival import finetune_survival
+
+    _rossi_csvs(tmp_path)
+    common = ["task.head.hidden=[128]", "task.head.dropout=0.0", "task.weight_decay=0.0", "task.base_lr=0.03",
+              "task.min_lr=0.03", "task.max_steps=300", "task.val_every_n_steps=10"]
+
+    def val_losses(result):
+        log = pd.read_csv(next(result.run_dir.rglob("metrics.csv")))
+        return log.dropna(subset=["val/loss"]).set_index("step")["val/loss"]
+
+    full = finetune_survival(_table_cfg(tmp_path, *common, "experiment_name=full"))
+    early = finetune_survival(_table_cfg(tmp_path, *common, "experiment_name=early", "task.early_stopping_patience=2"))
+    stopped = json.loads((early.run_dir / "metrics.json").read_text())["training"]
+    assert not full.metrics["training"]["stopped_early"] and full.metrics["training"]["steps"] == 300
+    assert stopped["stopped_early"] and stopped["steps"] < 300
+    v_early, v_full = val_losses(early), val_losses(full)
+    best_step = int(v_early.idxmin())
+    assert stopped["steps"] == best_step + 1 + 2 * 10  # logged steps count from 0
+    assert stopped["best_val_loss"] == pytest.approx(v_early.min(), rel=1e-6)
+    np.testing.assert_allclose(v_early.to_numpy(), v_full.loc[v_early.index].to_numpy(), rtol=1e-6)
+
+
+def test_negative_patience_fails_clearly(tmp_path):
+    from fahr.pipeline.finetune_survival import finetune_survival
+
+    _rossi_csvs(tmp_path)
+    with pytest.raises(ValueError, match="early_stopping_patience must be >= 0"):
+        finetune_survival(_table_cfg(tmp_path, "task.early_stopping_patience=-1"))

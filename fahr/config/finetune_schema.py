@@ -145,6 +145,7 @@ class SurvivalTaskConfig:
     drop_path_rate: float = 0.1
     freeze_backbone: bool = False  # train the head only (a linear/MLP probe)
     val_every_n_steps: int = 50
+    early_stopping_patience: int = 0  # stop after this many validations without a lower val/loss; 0 = never
     person_aggregation: str = "mean"  # person-level risk: "mean" over photos or "first" (nearest baseline)
     horizons_days: list[float] = field(default_factory=lambda: [365.0, 730.0, 1825.0])
     hflip: bool = True

@@ -25,7 +25,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
@@ -314,10 +314,15 @@ def train(cfg: DictConfig, model: torch.nn.Module, dl: dict[str, DataLoader], ru
     best = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            save_last=False, auto_insert_metric_name=False)
     recovery = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=every, save_last=True, save_top_k=0, monitor=None)
+    callbacks = [recovery, best]
+    if t.early_stopping_patience:
+        # the kept weights are the best checkpoint either way; stopping only saves the steps after it
+        callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience,
+                                       check_on_train_epoch_end=False))
     resume = ckpt_dir / "last.ckpt"
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     trainer = L.Trainer(**trainer_args, max_steps=t.max_steps, default_root_dir=str(run_dir), logger=loggers,
-                        callbacks=[recovery, best], plugins=[AtomicCheckpointIO()],
+                        callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                         # small tables: an epoch is one or a few batches, so validate every k epochs
                         val_check_interval=None if every >= per_epoch else every,
                         check_val_every_n_epoch=max(1, every // per_epoch) if every >= per_epoch else None)
@@ -328,7 +333,8 @@ def train(cfg: DictConfig, model: torch.nn.Module, dl: dict[str, DataLoader], ru
     if not best.best_model_path:
         raise RuntimeError("no validation loss was computed (a validation set without events?)")
     load_task_weights(model, Path(best.best_model_path))
-    done = {"steps": trainer.global_step, "best": os.path.relpath(Path(best.best_model_path).resolve(), run_dir.resolve()),
+    done = {"steps": trainer.global_step, "stopped_early": trainer.global_step < t.max_steps,
+            "best": os.path.relpath(Path(best.best_model_path).resolve(), run_dir.resolve()),
             "best_val_loss": float(best.best_model_score)}
     if trainer.is_global_zero:
         atomic_write_json(done_file, done)
@@ -370,6 +376,8 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
     validate(cfg, FinetuneSurvivalConfig)
     if cfg.data.mode not in ("images", "table"):
         raise ValueError(f"data.mode must be images or table, got {cfg.data.mode!r}")
+    if cfg.task.early_stopping_patience < 0:
+        raise ValueError(f"task.early_stopping_patience must be >= 0 (0 = off), got {cfg.task.early_stopping_patience}")
     L.seed_everything(cfg.seed, workers=True)
     ensure_cohort(cfg)
     run_dir = run_dir_for(cfg)
