@@ -94,6 +94,36 @@ TINY = [
 ]
 
 
+def test_flip_average_is_mirror_invariant_in_eval_only_and_travels_in_the_card(tmp_path):
+    from fahr.models.backbone import create_backbone
+    from fahr.models.face_model import CARD_FILE, FaceModel, save_face_model
+
+    torch.manual_seed(0)
+    backbone = create_backbone(arch="vit_test", img_size=32, patch_size=8, global_pool="avg")
+    model = FaceModel(backbone, {"age": AgeHead(backbone.num_features, kind="distribution")},
+                      [0.5] * 3, [0.25] * 3, flip_average=True).eval()
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        averaged, of_mirror = model.features(x), model.features(x.flip(-1))
+        model.flip_average = False
+        plain, mirror = model.features(x), model.features(x.flip(-1))
+        model.flip_average = True
+        assert not torch.allclose(plain, mirror, atol=1e-4)  # the backbone alone is not mirror-invariant
+        torch.testing.assert_close(averaged, (plain + mirror) / 2)
+        torch.testing.assert_close(averaged, of_mirror)
+        model.train()
+        model.backbone.eval()  # no drop-path noise; the model-level train flag alone decides
+        torch.testing.assert_close(model.features(x), plain)
+    model.eval()
+    save_face_model(tmp_path / "on", model, {"task": "faceage"})
+    loaded, card = load_face_model(tmp_path / "on")
+    assert card["flip_average"] is True and loaded.flip_average
+    old = json.loads((tmp_path / "on" / CARD_FILE).read_text())
+    del old["flip_average"]  # cards written before the option existed
+    (tmp_path / "on" / CARD_FILE).write_text(json.dumps(old))
+    assert load_face_model(tmp_path / "on")[0].flip_average is False
+
+
 @pytest.mark.slow
 def test_two_stages_from_the_real_config_stage2_starts_from_stage1(tmp_path):
     from fahr.pipeline.finetune_age import finetune_age
@@ -119,6 +149,7 @@ def test_two_stages_from_the_real_config_stage2_starts_from_stage1(tmp_path):
     assert size == cfg.data.image_size == 64  # the demo fine-tunes at 64 px
     out = model(torch.zeros(2, 3, size, size, dtype=torch.uint8))
     assert out["age"].shape == (2,)
+    assert card["flip_average"] is True and model.flip_average  # the default, carried to every consumer
     # rerunning the same command skips both finished stages and gives the same model
     again = finetune_age(cfg)
     assert again.metrics["test/mae"] == pytest.approx(metrics["test/mae"])

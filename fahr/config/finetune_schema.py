@@ -81,6 +81,7 @@ class AgeTaskConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(
         max_steps=1000, base_lr=5e-4, warmup_steps=50, layer_decay=0.75, drop_path_rate=0.1))
     hflip: bool = True
+    flip_average: bool = True  # validate, test and predict on the mean of photo + mirror features
     bias_correction: bool = True  # also report metrics after a linear correction fitted on val
 
 

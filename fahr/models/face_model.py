@@ -44,10 +44,16 @@ class FaceModel(nn.Module):
 
     Returns a dict: ``"features"`` (B, D) plus every head's outputs (``"age"`` (B,) years,
     ``"risk"`` (B,) log-hazard, ``"logits"`` when the age head has bins).
+
+    ``flip_average``: in eval mode, features are the mean over the photo and its mirror image
+    (test-time augmentation for models trained with random flips; twice the backbone cost). Stored
+    in the model card, so every consumer of an export predicts the same way.
     """
 
-    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], mean: list[float], std: list[float]) -> None:
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], mean: list[float], std: list[float],
+                 flip_average: bool = False) -> None:
         super().__init__()
+        self.flip_average = bool(flip_average)
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -60,9 +66,13 @@ class FaceModel(nn.Module):
         return (images.float() / 255.0 - self.mean) / self.std
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, S, S) -> pre-logits features (B, D)."""
-        x = self.backbone.forward_features(self.normalize(images))
-        return self.backbone.forward_head(x, pre_logits=True)
+        """uint8 (B, 3, S, S) -> pre-logits features (B, D); mirror-averaged in eval mode if ``flip_average``."""
+        x = self.normalize(images)
+        feats = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        if self.flip_average and not self.training:
+            mirrored = self.backbone.forward_head(self.backbone.forward_features(x.flip(-1)), pre_logits=True)
+            feats = (feats + mirrored) / 2
+        return feats
 
     def forward(self, images: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         feats = self.features(images)
@@ -92,6 +102,7 @@ def save_face_model(export_dir: str | Path, model: FaceModel, card: dict[str, An
                           "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
         "preprocessing": dict(DEFAULT_PREPROCESSING),
         **card,
+        "flip_average": model.flip_average,
     }
     atomic_write_json(export_dir / CARD_FILE, full)
     return export_dir
@@ -112,7 +123,8 @@ def load_face_model(export_dir: str | Path, map_location: str | torch.device = "
     backbone = create_backbone(arch=arch["arch"], img_size=arch["img_size"], patch_size=arch["patch_size"],
                                global_pool=arch.get("global_pool", "token"))
     heads = {name: build_head(name, backbone.num_features, cfg) for name, cfg in card["heads"].items()}
-    model = FaceModel(backbone, heads, card["normalization"]["mean"], card["normalization"]["std"])
+    model = FaceModel(backbone, heads, card["normalization"]["mean"], card["normalization"]["std"],
+                      flip_average=card.get("flip_average", False))  # cards before 2026-11-30: none
     state = load_file(str(Path(export_dir) / WEIGHTS_FILE), device=str(map_location))
     model.load_state_dict(state, strict=True)
     return model.eval(), card

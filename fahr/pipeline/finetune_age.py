@@ -160,7 +160,7 @@ def build_model(cfg: DictConfig) -> tuple[FaceModel, dict[str, Any]]:
     backbone, init, mean, std = backbone_for(cfg, cfg.task.stage2.drop_path_rate)
     kind = "distribution" if cfg.task.loss == "distribution" else "regression"
     head = AgeHead(backbone.num_features, kind=kind, **OmegaConf.to_container(cfg.task.head))
-    return FaceModel(backbone, {"age": head}, mean, std), init
+    return FaceModel(backbone, {"age": head}, mean, std, flip_average=cfg.task.flip_average), init
 
 
 def load_task_weights(model: torch.nn.Module, ckpt: Path) -> None:
