@@ -316,7 +316,7 @@ def train(cfg: DictConfig, model: torch.nn.Module, dl: dict[str, DataLoader], ru
     recovery = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=every, save_last=True, save_top_k=0, monitor=None)
     callbacks = [recovery, best]
     if t.early_stopping_patience:
-        # the kept weights are the best checkpoint either way; stopping only saves the steps after it
+        # the kept weights are still the best checkpoint's; stopping forgoes only a new low > K validations later
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience,
                                        check_on_train_epoch_end=False))
     resume = ckpt_dir / "last.ckpt"
