@@ -19,6 +19,12 @@
     hidden health factor), `fahr finetune-survival experiment=demo_facesurvival` trained from scratch
     (no FaceAge/MAE export is assumed), against lifelines Cox on true age alone and the oracle (true
     age + true health), fitted on the non-test patients and scored on the same test patients.
+(d) FaceSurvival on real faces, as FAHR-FaceSurvival is meant to be trained: from a FaceAge export
+    (`make bench-faceage`'s, skipped with the reason when absent). The cohort is every adult UTKFace
+    face of that benchmark's val and test splits (never trained on), with survival simulated from age
+    alone (HR 2 per 10 years; fahr.data.cohort.write_cohort(only_sha1=...)), over several seeds.
+    FaceSurvival (photo only) is scored against true age and against the export's FaceAge used
+    directly as risk scores, on the same test patients.
 Prints tables and writes benchmarks/results/survival.json. ``--quick`` shrinks everything for a smoke run.
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import statistics
@@ -44,6 +51,7 @@ from _common import print_table, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SURVIVAL_DATA = REPO.parent / "shared" / "data" / "survival"
+SHARED_UTKFACE = REPO.parent / "shared" / "data" / "utkface"
 PAPER_C = {"metabric": 0.643, "support": 0.618, "gbsg": 0.668, "whas": 0.863}  # DeepSurv, Table of results
 TEST_FRACTION = 0.2
 VAL_FRACTION = 0.2  # of the non-test rows (conf/data/table.yaml's val_fraction)
@@ -341,6 +349,84 @@ def image_benchmark(data_dir: Path, runs_dir: Path, model: str, steps: int, n_pa
     }
 
 
+# ---- (d) FaceSurvival on real faces, from a FaceAge export --------------------------------------------
+
+
+FACEAGE_EXPORT = REPO / "runs" / "bench-faceage" / "export"  # written by `make bench-faceage`
+FACEAGE_SHARDS = REPO / "data" / "faceage_bench" / "utkface64" / "index.json"
+
+
+def heldout_sha1(index: Path, splits: tuple[str, ...] = ("val", "test")) -> set[str]:
+    """UTKFace sha1s (the shards' person ids) of the FaceAge benchmark's ``splits``: faces it never trained on."""
+    from fahr.data.build import resolve_train_shards
+    from fahr.data.shards import read_shard
+
+    out: set[str] = set()
+    for split in splits:
+        for url in resolve_train_shards(f"{index}#{split}"):
+            out.update(json.loads(s["json"])["person"] for s in read_shard(url))
+    return out
+
+
+def faces_benchmark(export: Path, index: Path, root: Path, seeds: list[int], steps: int, freeze: bool,
+                    quick: bool) -> dict[str, Any]:
+    """Semi-synthetic survival (age only, HR 2 per 10 years) on real UTKFace faces the FaceAge export
+    never trained on; FaceSurvival fine-tuned from that export against true age and FaceAge as risk
+    scores, on the same test patients. Each seed draws new survival times (and so a new event-stratified
+    split of the same faces) and trains with that seed."""
+    import torch
+
+    from fahr.data.cohort import write_cohort
+    from fahr.metrics.survival import harrell_c
+    from fahr.pipeline.cohort_shards import cohort_to_shards
+    from fahr.pipeline.demo import evaluation_table
+    from fahr.pipeline.finetune_survival import finetune_survival
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    only = heldout_sha1(index)
+    card = json.loads((export / "model_card.json").read_text())
+    runs = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        cohort = root / f"faces_cohort_s{seed}"
+        info = write_cohort(cohort / "cohort", "utkface", n_patients=300 if quick else None, seed=seed,
+                            utkface_dir=SHARED_UTKFACE, only_sha1=only)
+        built = cohort_to_shards(cohort / "cohort", cohort / "shards", root / "faces_deid.key", image_size=64)
+        build_s = time.perf_counter() - t0
+        overrides = [f"backbone={export}", f"data.root={cohort / 'shards'}", "data.name=utkface_cohort", "trainer=cpu",
+                     f"data.image_size={card['backbone']['img_size']}", "data.batch_size=64", "data.num_workers=1",
+                     f"task.max_steps={steps}", f"task.val_every_n_steps={max(10, steps // 8)}", "task.warmup_steps=20",
+                     f"task.freeze_backbone={str(freeze).lower()}", "task.base_lr=1e-3", f"seed={seed}",
+                     f"paths.root_dir={root}", "trainer.enable_progress_bar=false", "resume=false"]
+        t0 = time.perf_counter()
+        cfg = compose("finetune_survival", overrides)
+        with _silenced():
+            result = finetune_survival(cfg)
+        train_s = time.perf_counter() - t0
+        table = pd.read_csv(evaluation_table(cfg, export, result.run_dir, root / f"faces_eval_s{seed}.csv"))
+        c = lambda score: harrell_c(table["time"], table["event"], table[score].to_numpy())  # noqa: E731
+        runs.append({"seed": seed, "n_patients": info["n_patients"], "observed_event_rate": info["observed_event_rate"],
+                     "shards": {k: built[k] for k in ("read", "written", "rejected")}, "build_s": build_s,
+                     "test_patients": len(table), "test_events": int(table["event"].sum()), "wall_s": train_s,
+                     "facesurvival": float(result.metrics["test_c_index"]), "facesurvival_val": float(result.metrics["val_c_index"]),
+                     "facesurvival_best_val_loss": result.metrics["training"]["best_val_loss"],
+                     "faceage": c("faceage"), "age": c("age"),
+                     "faceage_mae": float((table["faceage"] - table["age"]).abs().mean())})
+        print(f"  faces seed {seed}: FaceSurvival {runs[-1]['facesurvival']:.4f} ({train_s:.0f} s), FaceAge "
+              f"{runs[-1]['faceage']:.4f}, age {runs[-1]['age']:.4f}", flush=True)
+    ratio = 0.1 / 0.9  # test patients / training patients per seed: the same faces recur (see mean_ci95)
+    col = lambda k: [r[k] for r in runs]  # noqa: E731
+    summary = {k: {"mean": statistics.fmean(col(k)), "sd": statistics.stdev(col(k)) if len(runs) > 1 else 0.0,
+                   "ci95": mean_ci95(col(k), ratio)} for k in ("facesurvival", "faceage", "age", "faceage_mae")}
+    paired = {f"facesurvival_minus_{k}": mean_ci95([r["facesurvival"] - r[k] for r in runs], ratio) for k in ("faceage", "age")}
+    return {"cohort": {"faces": f"UTKFace val+test of the FaceAge benchmark ({len(only)} faces), ages 18-100",
+                       "true_hr_age_per_10y": info["hr_age_per_10_years"], "log_hazard": info["log_hazard"]},
+            "faceage_export": str(export.relative_to(REPO) if export.is_relative_to(REPO) else export),
+            "faceage_test_mae_utkface": card["metrics"].get("test/mae"),
+            "facesurvival": {"steps": steps, "freeze_backbone": freeze, "base_lr": 1e-3, "batch_size": 64},
+            "runs": runs, "summary": summary, "paired": paired}
+
+
 # ---- main -------------------------------------------------------------------------------------------
 
 
@@ -355,7 +441,15 @@ def main() -> None:
     parser.add_argument("--image-patients", type=int, default=2000)
     parser.add_argument("--data-dir", default=str(REPO / "data"),
                         help="where the demo cohort is generated (git-ignored; reused between runs)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tables", "recovery", "images"])
+    parser.add_argument("--faces-export", default=str(FACEAGE_EXPORT),
+                        help="FaceAge export to start FaceSurvival from (made by `make bench-faceage`)")
+    parser.add_argument("--faces-shards", default=str(FACEAGE_SHARDS),
+                        help="the UTKFace shards that export was trained on (their val+test faces form the cohort)")
+    parser.add_argument("--faces-steps", type=int, default=300)
+    parser.add_argument("--faces-seeds", type=int, default=5, help="survival draws (and splits) of the real-face cohort")
+    parser.add_argument("--faces-freeze", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the Cox head on frozen FaceAge features (default) or fine-tune all")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tables", "recovery", "images", "faces"])
     args = parser.parse_args()
     if not SURVIVAL_DATA.is_dir():
         sys.exit(f"skipped: {SURVIVAL_DATA} is absent (see ../shared/data/README.md)")
@@ -410,6 +504,31 @@ def main() -> None:
                 ("oracle (true age + true health)", "2 covariates", f"{img['oracle_age_health_c_index']:.3f}", "-"),
                 ("true log-hazard", "simulation truth", f"{img['true_log_hazard_c_index']:.3f}", "-"),
             ], ("model", "input", "test C", "wall s"))
+        if "faces" not in args.skip:
+            export, index = Path(args.faces_export), Path(args.faces_shards)
+            missing = [str(p) for p in (export / "model_card.json", index) if not p.is_file()]
+            if missing or not (SHARED_UTKFACE / "manifest.csv").is_file():
+                why = f"needs {', '.join(missing) or SHARED_UTKFACE} (run `make bench-faceage` first)"
+                result["faces"] = {"skipped": why}
+                print(f"\nFaceSurvival on real faces: skipped: {why}")
+            else:
+                faces = faces_benchmark(export, index, root, list(range(1 if args.quick else args.faces_seeds)),
+                                        20 if args.quick else args.faces_steps, args.faces_freeze, args.quick)
+                result["faces"] = faces
+                fs, sm, r0 = faces["facesurvival"], faces["summary"], faces["runs"][0]
+                cell = lambda k: f"{sm[k]['mean']:.3f} ± {sm[k]['sd']:.3f}"  # noqa: E731
+                ci = lambda v: "-" if v is None else f"[{v[0]:+.3f}, {v[1]:+.3f}]"  # noqa: E731
+                print_table(f"Real faces: {r0['n_patients']} UTKFace faces unseen by the FaceAge export, survival "
+                            f"simulated from age (HR 2 per 10 y); test Harrell C on ~{r0['test_patients']} patients "
+                            f"(~{r0['test_events']} events), mean ± sd over {len(faces['runs'])} seed(s)", [
+                    ("FaceSurvival (photo only)", f"FaceAge export, {'frozen, head only' if fs['freeze_backbone'] else 'all layers'}, "
+                     f"{fs['steps']} steps", cell("facesurvival"), "-",
+                     f"{statistics.fmean(r['wall_s'] for r in faces['runs']):.0f}"),
+                    ("FaceAge as the risk score", f"MAE {sm['faceage_mae']['mean']:.2f} y on these patients",
+                     cell("faceage"), ci(faces["paired"]["facesurvival_minus_faceage"]), "-"),
+                    ("true age (= the simulation's log-hazard)", "1 covariate", cell("age"),
+                     ci(faces["paired"]["facesurvival_minus_age"]), "-"),
+                ], ("model", "input", "test C", "FaceSurvival - this, 95% CI", "wall s"))
     result["wall_s_total"] = time.perf_counter() - t_start
     print(f"\nwrote {write_result('survival', result)}")
 

@@ -119,3 +119,20 @@ def test_utkface_cohort_parses(tmp_path):
     copied = write_cohort(tmp_path / "d", "utkface", n_patients=5, seed=1, utkface_dir=utkface, copy_photos=True)
     assert len(parse(tmp_path / "d")) == copied["n_photos"] == 5
     assert not (tmp_path / "d" / "utkface").exists()
+
+
+def test_utkface_cohort_draws_only_listed_photos(tmp_path):
+    import pandas as pd
+
+    utkface = shared_data("utkface")
+    manifest = pd.read_csv(utkface / "manifest.csv", dtype={"sha1": str})
+    listed = manifest.iloc[::500]  # 40 photos of every age, children included
+    adults = listed[(listed["age"] >= 18) & listed["gender"].isin([0, 1])]
+    assert 0 < len(adults) < len(listed)
+    info = write_cohort(tmp_path / "c", "utkface", n_patients=None, seed=2, utkface_dir=utkface,
+                        only_sha1=set(listed["sha1"]))
+    cohort = pd.read_csv(tmp_path / "c" / "cohort.csv")
+    assert info["n_patients"] == len(adults)
+    assert sorted(cohort["photo_path"]) == sorted("utkface/" + adults["file"])
+    with pytest.raises(ValueError, match="listed sha1"):
+        write_cohort(tmp_path / "e", "utkface", n_patients=None, utkface_dir=utkface, only_sha1=set())

@@ -37,6 +37,7 @@ import io
 import math
 import os
 from datetime import date, timedelta
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,7 @@ def sample_synthetic_covariates(n: int, seed: int) -> dict[str, np.ndarray]:
 def write_cohort(output_dir: str | Path, source: str = "synthetic", n_patients: int | None = 200, *,
                  seed: int = 0, photos_per_patient: int = 1, utkface_dir: str | Path | None = None,
                  copy_photos: bool = False, age_range: tuple[float, float] = (18.0, 100.0),
+                 only_sha1: Collection[str] | None = None,
                  image_size: int = 112, image_format: str = "png", start_date: str = "2005-01-01",
                  accrual_days: int = 3652, beta_age: float = BETA_AGE, beta_health: float = BETA_HEALTH,
                  weibull_shape: float = WEIBULL_SHAPE, weibull_scale_days: float = WEIBULL_SCALE_DAYS,
@@ -183,6 +185,8 @@ def write_cohort(output_dir: str | Path, source: str = "synthetic", n_patients: 
         photos_per_patient: synthetic only: 1 index photo plus up to ``photos_per_patient - 1``
             earlier photos of the same face, 1-5 years younger (skipped below 18 years).
         copy_photos: UTKFace only: copy the photos into ``photos/`` instead of linking the folder.
+        only_sha1: UTKFace only: draw only photos whose manifest ``sha1`` is in this set, e.g. the
+            val/test split of a FaceAge model, so that the model never trained on the cohort's faces.
         start_date, accrual_days: index photos are dated uniformly over the accrual period.
         The remaining arguments are those of :func:`simulate_survival` (times in days).
     """
@@ -202,7 +206,7 @@ def write_cohort(output_dir: str | Path, source: str = "synthetic", n_patients: 
         cov = sample_synthetic_covariates(n_patients, seed)
         age, sex, health, race = cov["age"], cov["sex"], cov["health"], None
     else:
-        files, age, sex, race = _pick_utkface(utkface_dir, n_patients, age_range, rng)
+        files, age, sex, race = _pick_utkface(utkface_dir, n_patients, age_range, rng, only_sha1)
         health = None
     n = age.size
     params = dict(beta_age=beta_age, beta_health=beta_health, weibull_shape=weibull_shape,
@@ -271,16 +275,19 @@ def write_cohort(output_dir: str | Path, source: str = "synthetic", n_patients: 
 
 
 def _pick_utkface(utkface_dir: str | Path | None, n: int | None, age_range: tuple[float, float],
-                  rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+                  rng: np.random.Generator, only_sha1: Collection[str] | None = None,
+                  ) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     if utkface_dir is None:
         raise ValueError("source='utkface' needs utkface_dir (a folder with manifest.csv and the images)")
     root = Path(utkface_dir)
     with open(root / "manifest.csv", newline="", encoding="utf-8") as handle:
         rows = [r for r in csv.DictReader(handle)
-                if r["age"] and age_range[0] <= float(r["age"]) <= age_range[1] and r["gender"] in ("0", "1")]
+                if r["age"] and age_range[0] <= float(r["age"]) <= age_range[1] and r["gender"] in ("0", "1")
+                and (only_sha1 is None or r["sha1"] in only_sha1)]
     rows.sort(key=lambda r: r["sha1"] or r["file"])  # order-independent selection
     if not rows:
-        raise ValueError(f"no UTKFace photo with age in {age_range} in {root / 'manifest.csv'}")
+        raise ValueError(f"no UTKFace photo with age in {age_range}{' and a listed sha1' if only_sha1 is not None else ''} "
+                         f"in {root / 'manifest.csv'}")
     if n is not None:
         if n > len(rows):
             raise ValueError(f"asked for {n} patients, only {len(rows)} UTKFace photos have age in {age_range}")

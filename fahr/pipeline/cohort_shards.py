@@ -20,8 +20,6 @@ log = logging.getLogger(__name__)
 def ensure_cohort_shards(out_dir: str, n_patients: int = 600, seed: int = 0, photos_per_patient: int = 1,
                          image_size: int = 112, samples_per_shard: int = 256) -> Path:
     """Write (or reuse) ``<out_dir>/cohort`` and ``<out_dir>/shards``; returns the shards' index.json."""
-    from data_pipelines.build import AlignOptions, BuildOptions, build_shards
-    from data_pipelines.sources import get_source
     from fahr.data.cohort import write_cohort
 
     out = Path(out_dir)
@@ -35,23 +33,37 @@ def ensure_cohort_shards(out_dir: str, n_patients: int = 600, seed: int = 0, pho
     cohort = out / "cohort"
     write_cohort(cohort, source="synthetic", n_patients=n_patients, seed=seed,
                  photos_per_patient=photos_per_patient, image_size=image_size)
-    key = out / "demo_deid.key"
-    if not key.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        key.write_text(secrets.token_hex(32))
-        key.chmod(0o600)
     # dedup off: synthetic faces share one template, so perceptual hashes call ~20% of distinct
     # faces near-duplicates (measured: 56 of 300). Real cohorts keep it on (`fahr shards`).
-    options = BuildOptions(stratify="event", deidentify=True, dedup=False, salt_key_file=str(key),
-                           samples_per_shard=samples_per_shard,
-                           align=AlignOptions(image_size=image_size, skip_detection=True))
-    iter_records = get_source("cohort")
-    result = build_shards("cohort", lambda: iter_records(str(cohort)), out / "shards", options)
-    log.info("demo cohort: read %d photos, wrote %d, rejected %s", result["read"], result["written"], result["rejected"])
+    cohort_to_shards(cohort, out / "shards", out / "demo_deid.key", image_size, samples_per_shard, dedup=False)
     from fahr.utils.atomic import atomic_write_json
 
     atomic_write_json(done, params)
     return index
+
+
+def cohort_to_shards(cohort_dir: Path, shards_dir: Path, key_file: Path, image_size: int,
+                     samples_per_shard: int = 256, dedup: bool = True) -> dict[str, Any]:
+    """``fahr shards source=cohort`` on a written cohort, keyed by ``key_file`` (made if absent).
+
+    The photos are taken as already aligned (synthetic faces, UTKFace crops): no detection, a
+    resize to ``image_size``. Split by patient, stratified by event; returns the build summary.
+    """
+    from data_pipelines.build import AlignOptions, BuildOptions, build_shards
+    from data_pipelines.sources import get_source
+
+    if not key_file.is_file():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(secrets.token_hex(32))
+        key_file.chmod(0o600)
+    options = BuildOptions(stratify="event", deidentify=True, dedup=dedup, salt_key_file=str(key_file),
+                           samples_per_shard=samples_per_shard,
+                           align=AlignOptions(image_size=image_size, skip_detection=True))
+    iter_records = get_source("cohort")
+    result = build_shards("cohort", lambda: iter_records(str(cohort_dir)), shards_dir, options)
+    log.info("cohort %s: read %d photos, wrote %d, rejected %s", cohort_dir, result["read"], result["written"],
+             result["rejected"])
+    return result
 
 
 def cohort_truth(out_dir: str) -> dict[str, Any]:
