@@ -68,11 +68,10 @@ class FaceModel(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, S, S) -> pre-logits features (B, D); mirror-averaged in eval mode if ``flip_average``."""
         x = self.normalize(images)
-        feats = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        embed = lambda v: self.backbone.forward_head(self.backbone.forward_features(v), pre_logits=True)  # noqa: E731
         if self.flip_average and not self.training:
-            mirrored = self.backbone.forward_head(self.backbone.forward_features(x.flip(-1)), pre_logits=True)
-            feats = (feats + mirrored) / 2
-        return feats
+            return (embed(x) + embed(x.flip(-1))) / 2
+        return embed(x)
 
     def forward(self, images: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         feats = self.features(images)
