@@ -136,3 +136,23 @@ def test_utkface_cohort_draws_only_listed_photos(tmp_path):
     assert sorted(cohort["photo_path"]) == sorted("utkface/" + adults["file"])
     with pytest.raises(ValueError, match="listed sha1"):
         write_cohort(tmp_path / "e", "utkface", n_patients=None, utkface_dir=utkface, only_sha1=set())
+
+
+def test_utkface_cohort_to_shards_keeps_every_photo_and_hides_ids(tmp_path):
+    from fahr.pipeline.cohort_shards import cohort_to_shards
+    from fahr.pipeline.finetune_age import load_split_labels
+
+    utkface = shared_data("utkface")
+    info = write_cohort(tmp_path / "cohort", "utkface", n_patients=40, seed=4, utkface_dir=utkface)
+    built = cohort_to_shards(tmp_path / "cohort", tmp_path / "shards", tmp_path / "deid.key", image_size=64)
+    assert built["read"] == 40 == built["written"] + sum(built["rejected"].values())
+    assert (tmp_path / "deid.key").stat().st_mode & 0o777 == 0o600
+    index = tmp_path / "shards" / "index.json"
+    splits = {s: load_split_labels(f"{index}#{s}", ["followup_days", "event", "age"], [], 64)
+              for s in ("train", "val", "test")}
+    assert sum(len(d) for d in splits.values()) == built["written"]
+    persons = [p for d in splits.values() for p in d.persons]
+    assert len(set(persons)) == len(persons) and not any(p.startswith("P0") for p in persons)  # pseudonyms
+    cohort = pd.read_csv(tmp_path / "cohort" / "cohort.csv")
+    written = np.concatenate([d.labels["followup_days"] for d in splits.values()])
+    assert info["n_patients"] == 40 and np.isin(written.round(3), cohort["followup_days"].round(3)).all()
