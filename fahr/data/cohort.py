@@ -36,8 +36,8 @@ import dataclasses
 import io
 import math
 import os
-from datetime import date, timedelta
 from collections.abc import Collection
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 

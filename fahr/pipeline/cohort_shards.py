@@ -1,4 +1,4 @@
-"""The demo's clinical cohort: semi-synthetic survival on synthetic faces -> de-identified shards.
+"""Semi-synthetic clinical cohorts (the demo's synthetic faces, or UTKFace photos) -> de-identified shards.
 
 ``write_cohort`` (fahr.data.cohort) writes ``cohort.csv`` + photos + ``true_hr.json`` in the format
 of the ``cohort`` source; this turns them into shards exactly as ``fahr shards source=cohort`` would
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,14 @@ def cohort_to_shards(cohort_dir: Path, shards_dir: Path, key_file: Path, image_s
 
     if not key_file.is_file():
         key_file.parent.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(secrets.token_hex(32))
-        key_file.chmod(0o600)
+        # created owner-only (never briefly readable by others); O_EXCL: a concurrent writer's key wins
+        try:
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
     options = BuildOptions(stratify="event", deidentify=True, dedup=dedup, salt_key_file=str(key_file),
                            samples_per_shard=samples_per_shard,
                            align=AlignOptions(image_size=image_size, skip_detection=True))
