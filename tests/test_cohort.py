@@ -146,7 +146,8 @@ def test_utkface_cohort_to_shards_keeps_every_photo_and_hides_ids(tmp_path):
     info = write_cohort(tmp_path / "cohort", "utkface", n_patients=40, seed=4, utkface_dir=utkface)
     built = cohort_to_shards(tmp_path / "cohort", tmp_path / "shards", tmp_path / "deid.key", image_size=64)
     assert built["read"] == 40 == built["written"] + sum(built["rejected"].values())
-    assert (tmp_path / "deid.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "deid.key").stat().st_mode & 0o777 == 0o600 and len((tmp_path / "deid.key").read_text()) == 64
+    assert not list(tmp_path.glob(".deid.key.*"))  # no temporary key left behind
     index = tmp_path / "shards" / "index.json"
     splits = {s: load_split_labels(f"{index}#{s}", ["followup_days", "event", "age"], [], 64)
               for s in ("train", "val", "test")}
