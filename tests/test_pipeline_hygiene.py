@@ -1,4 +1,4 @@
-"""De-identification, person-disjoint stratified splits and duplicate detection (data_pipelines)."""
+"""De-identification (and its private key files), person-disjoint stratified splits and duplicate detection."""
 
 from __future__ import annotations
 
@@ -161,3 +161,17 @@ def test_dedup_policy_exact_near_and_conflicting_persons():
         "c": "duplicate:conflicting_persons",
         "c-as-dan": "duplicate:conflicting_persons",
     }
+
+
+def test_atomic_write_private_and_no_overwrite(tmp_path):
+    from fahr.utils.atomic import _umask, atomic_write_text
+
+    key = tmp_path / "k"
+    atomic_write_text(key, "first", permissions=0o600, overwrite=False)
+    assert key.read_text() == "first" and key.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):
+        atomic_write_text(key, "second", permissions=0o600, overwrite=False)
+    assert key.read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no temp file left
+    atomic_write_text(key, "third")  # the default replaces, with the umask's permissions
+    assert key.read_text() == "third" and key.stat().st_mode & 0o777 == 0o666 & ~_umask()
+

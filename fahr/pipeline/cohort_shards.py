@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -52,9 +51,13 @@ def cohort_to_shards(cohort_dir: Path, shards_dir: Path, key_file: Path, image_s
     """
     from data_pipelines.build import AlignOptions, BuildOptions, build_shards
     from data_pipelines.sources import get_source
+    from fahr.utils.atomic import atomic_write_text
 
     if not key_file.is_file():
-        _write_new_key(key_file)
+        try:  # owner-only from creation; a key another process wrote first wins
+            atomic_write_text(key_file, secrets.token_hex(32), permissions=0o600, overwrite=False)
+        except FileExistsError:
+            pass
     options = BuildOptions(stratify="event", deidentify=True, dedup=dedup, salt_key_file=str(key_file),
                            samples_per_shard=samples_per_shard,
                            align=AlignOptions(image_size=image_size, skip_detection=True))
@@ -63,24 +66,6 @@ def cohort_to_shards(cohort_dir: Path, shards_dir: Path, key_file: Path, image_s
     log.info("cohort %s: read %d photos, wrote %d, rejected %s", cohort_dir, result["read"], result["written"],
              result["rejected"])
     return result
-
-
-def _write_new_key(key_file: Path) -> None:
-    """A random salt in ``key_file``: owner-only from creation, whole or absent, never overwriting one."""
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = key_file.with_name(f".{key_file.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, key_file)  # atomic, and fails if another process made the key first: its key wins
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def cohort_truth(out_dir: str) -> dict[str, Any]:

@@ -9,21 +9,29 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> Path:
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w", *,
+                 permissions: int | None = None, overwrite: bool = True) -> Path:
     """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it over ``path``.
 
-    A crash leaves either the old file or the new one, never a partial file.
+    A crash leaves either the old file or the new one, never a partial file. ``permissions``
+    (e.g. ``0o600`` for a secret) holds from the file's creation; default: the umask's. With
+    ``overwrite=False`` an existing ``path`` is kept and :class:`FileExistsError` raised (a hard
+    link, which is atomic and never replaces).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask() if permissions is None else permissions)  # mkstemp makes 0600 files
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -37,8 +45,9 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text))
+def atomic_write_text(path: str | Path, text: str, **options: Any) -> Path:
+    """``atomic_write`` of ``text``; ``options`` are its ``permissions`` and ``overwrite``."""
+    return atomic_write(path, lambda f: f.write(text), **options)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
