@@ -3,13 +3,21 @@
 Coordinates are (x, y) pixel *indices* (pixel centres at integers), as in insightface / OpenCV
 ``warpAffine``. ``AlignedFace.matrix`` maps source pixels to crop pixels.
 
-Speed (CPU): one batched MTCNN (:mod:`data_pipelines.mtcnn_fast`, facenet-pytorch's weights) per
+Speed (CPU): one MTCNN (:mod:`data_pipelines.mtcnn_fast`, facenet-pytorch's weights) per
 :class:`FaceAligner`; photos are downscaled so that their longest side is at most
 ``detect_max_side`` before detection (landmarks are mapped back to source pixels), the detector's
 minimum face size is a fraction of the detection image (fewer pyramid levels), candidate crops are
-resampled in PIL and batched per stage, slightly stricter NMS between stages cuts duplicate
-candidates, and photos are detected in batches (padded to a common canvas). The crop itself is
-warped from the full-resolution photo. See ``benchmarks/align.py``.
+resampled in PIL and batched per stage, and slightly stricter NMS between stages cuts duplicate
+candidates. The crop itself is warped from the full-resolution photo. See ``benchmarks/align.py``.
+
+**A photo's result depends on that photo alone.** Each photo goes through the detector by itself
+(its own pyramid, its own smallest searched face, its own candidates) and with one torch thread:
+convolution results differ in their last bits with the batch size and with the thread count, and
+those bits move landmarks, hence crops, hence predictions. So ``align([a, b])`` gives bit for bit
+what ``align([a])`` and ``align([b])`` give, in any process, whatever ``torch.set_num_threads``
+says elsewhere. The price is the speed of batching photos through the networks: ~40% of the
+detector's throughput on 2 cores (benchmarks/align.py); callers win it back by aligning photos in
+parallel processes (``fahr shards processes=N``, ``fahr predict workers=N``).
 
 A :class:`FaceAligner` is not thread-safe (one per worker process or thread).
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -173,7 +182,6 @@ class FaceAligner:
             UTKFace; close-up photos) are detected whole instead of getting frame-clipped
             landmarks. 0 is faster (~1.3x on FG-NET) for photos with room around the face.
         skip_detection: inputs are already aligned crops (e.g. UTKFace 200x200): resize only.
-        batch_size: photos per detector call.
         scale_factor: MTCNN image-pyramid factor (facenet's 0.709; 0.5 is faster but loses faces
             whose size falls between two levels, e.g. one FG-NET photo).
         thresholds: MTCNN P/R/O-net thresholds.
@@ -194,7 +202,6 @@ class FaceAligner:
         detect_max_side: int = 224,
         detect_pad: float = 0.2,
         skip_detection: bool = False,
-        batch_size: int = 16,
         scale_factor: float = 0.709,
         thresholds: Sequence[float] = (0.6, 0.7, 0.7),
         nms: Sequence[float] = (0.6, 0.6),
@@ -205,8 +212,8 @@ class FaceAligner:
             raise ValueError(f"multi_face must be 'reject', 'largest' or 'central', got {multi_face!r}")
         if not 0 < scale_factor < 1:
             raise ValueError(f"scale_factor must be in (0, 1), got {scale_factor}")
-        if batch_size < 1 or detect_max_side < 24 or min_face_size <= 0:
-            raise ValueError("batch_size >= 1, detect_max_side >= 24 and min_face_size > 0 required")
+        if detect_max_side < 24 or min_face_size <= 0:
+            raise ValueError("detect_max_side >= 24 and min_face_size > 0 required")
         self.image_size = int(image_size)
         self.margin = float(margin)
         self.multi_face = multi_face
@@ -216,7 +223,6 @@ class FaceAligner:
         self.detect_max_side = int(detect_max_side)
         self.detect_pad = float(detect_pad)
         self.skip_detection = bool(skip_detection)
-        self.batch_size = int(batch_size)
         self.scale_factor = float(scale_factor)
         self.thresholds = [float(t) for t in thresholds]
         self.device = torch.device(device)
@@ -231,11 +237,12 @@ class FaceAligner:
 
     # -- public ---------------------------------------------------------------------------------
     def align(self, images: Sequence[np.ndarray]) -> list[AlignedFace | RejectedError]:
-        """Align each (H, W, 3) uint8 RGB photo; one result per input, in order."""
-        out: list[AlignedFace | RejectedError] = []
-        for i in range(0, len(images), self.batch_size):
-            out.extend(self._align_batch(list(images[i : i + self.batch_size])))
-        return out
+        """Align each (H, W, 3) uint8 RGB photo; one result per input, in order. Each result depends
+        on its photo only (see the module docstring)."""
+        if self.skip_detection:
+            return [self._resize_only(im) for im in images]
+        with _one_torch_thread():
+            return [self._align_one_photo(im) for im in images]
 
     def align_one(self, image: np.ndarray) -> AlignedFace:
         """Align one photo; raises :class:`RejectedError`."""
@@ -258,52 +265,32 @@ class FaceAligner:
         return AlignedFace(crop=crop, landmarks=apply(invert(m), self.template), matrix=m,
                            box=np.array([0.0, 0.0, w, h]), confidence=1.0)
 
-    def _align_batch(self, images: list[np.ndarray]) -> list[AlignedFace | RejectedError]:
-        if self.skip_detection:
-            return [self._resize_only(im) for im in images]
-        results: list[AlignedFace | RejectedError | None] = [None] * len(images)
-        pils, where = [], []
-        for j, image in enumerate(images):
-            im = _as_pil(image)
-            if min(im.size) < 24:
-                results[j] = RejectedError("face:too_small", f"image {im.size[0]}x{im.size[1]} is too small to search")
-            else:
-                pils.append(im)
-                where.append(j)
-        if pils:
-            for j, res in zip(where, self._detect_and_align(pils)):
-                results[j] = res
-        return results  # type: ignore[return-value]
+    def _align_one_photo(self, image: np.ndarray) -> AlignedFace | RejectedError:
+        im = _as_pil(image)
+        if min(im.size) < 24:
+            return RejectedError("face:too_small", f"image {im.size[0]}x{im.size[1]} is too small to search")
+        small, scale = self._detection_image(im)
+        # the smallest searched face, in detection pixels: a fraction of this photo's own short side
+        min_face = max(12.0, self.detect_min_face * min(small.shape[:2]))
+        ((boxes, probs, points),) = self._detector.detect(small[None], min_face)
+        try:
+            return self._choose_and_warp(im, boxes, probs, points, scale)
+        except RejectedError as e:
+            return e
 
-    def _detect_and_align(self, pils: list[Image.Image]) -> list[AlignedFace | RejectedError]:
-        small, scales = [], []
-        for im in pils:
-            w, h = im.size
-            s = min(1.0, self.detect_max_side / max(w, h))
-            if s < 1.0:
-                dw, dh = max(1, round(w * s)), max(1, round(h * s))
-                im = im.resize((dw, dh), Image.Resampling.BOX, reducing_gap=1.0)  # area average, as MTCNN
-            a = np.asarray(im, dtype=np.uint8)
-            pad = int(round(self.detect_pad * max(a.shape[:2])))
-            if pad > 0:
-                a = np.pad(a, ((pad, pad), (pad, pad), (0, 0)))
-            small.append(a)
-            scales.append((im.size[0] / w, im.size[1] / h, pad))
-        ch = max(a.shape[0] for a in small)
-        cw = max(a.shape[1] for a in small)
-        canvas = np.zeros((len(small), ch, cw, 3), dtype=np.uint8)
-        for j, a in enumerate(small):
-            canvas[j, : a.shape[0], : a.shape[1]] = a
-        # the detector's smallest searched face, in detection pixels (one value per call)
-        min_side = min(min(a.shape[:2]) for a in small)
-        detected = self._detector.detect(canvas, max(12.0, self.detect_min_face * min_side))
-        results: list[AlignedFace | RejectedError] = []
-        for im, (boxes, probs, points), scale in zip(pils, detected, scales):
-            try:
-                results.append(self._choose_and_warp(im, boxes, probs, points, scale))
-            except RejectedError as e:
-                results.append(e)
-        return results
+    def _detection_image(self, im: Image.Image) -> tuple[np.ndarray, tuple[float, float, int]]:
+        """The photo as the detector sees it, (h, w, 3) uint8: downscaled to ``detect_max_side`` and
+        padded by ``detect_pad``; and (x scale, y scale, pad) to map detections back."""
+        w, h = im.size
+        s = min(1.0, self.detect_max_side / max(w, h))
+        if s < 1.0:
+            dw, dh = max(1, round(w * s)), max(1, round(h * s))
+            im = im.resize((dw, dh), Image.Resampling.BOX, reducing_gap=1.0)  # area average, as MTCNN
+        a = np.asarray(im, dtype=np.uint8)
+        pad = int(round(self.detect_pad * max(a.shape[:2])))
+        if pad > 0:
+            a = np.pad(a, ((pad, pad), (pad, pad), (0, 0)))
+        return a, (im.size[0] / w, im.size[1] / h, pad)
 
     def _choose_and_warp(self, im: Image.Image, boxes, probs, points, scale) -> AlignedFace:
         if len(boxes) == 0:
@@ -338,6 +325,20 @@ class FaceAligner:
         m = similarity_transform(lm, self.template)
         crop = warp(im, m, self.image_size)
         return AlignedFace(crop=crop, landmarks=lm, matrix=m, box=boxes[k], confidence=float(probs[k]))
+
+
+@contextmanager
+def _one_torch_thread():
+    """Run the detector on one torch thread (restored afterwards): its results then do not depend on
+    how many threads the process uses, so every worker layout gives the same crops."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
 
 
 # -- FG-NET 68-point landmarks ---------------------------------------------------------------------

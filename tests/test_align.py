@@ -255,9 +255,7 @@ def test_no_face_and_too_small_and_low_confidence(aligner):
 @needs_utkface
 def test_multiple_faces_policies():
     a, b = _utk(2)
-    canvas = np.full((240, 560, 3), 90, dtype=np.uint8)
-    canvas[20:220, 0:200] = a  # larger face, far from the centre (x = 280)
-    canvas[40:200, 300:460] = np.asarray(Image.fromarray(b).resize((160, 160), Image.Resampling.BILINEAR))
+    canvas = _two_faces(a, b)  # the larger face (200 px) far from the centre (x = 280), a 160-px one nearer
     with pytest.raises(RejectedError) as e:
         FaceAligner(multi_face="reject").align_one(canvas)
     assert e.value.reason == "face:multiple"
@@ -268,20 +266,67 @@ def test_multiple_faces_policies():
     assert largest.crop.shape == central.crop.shape == (112, 112, 3)
 
 
+def _same_result(a, b) -> bool:
+    """Bit-identical alignment results (or the same rejection reason)."""
+    if isinstance(a, RejectedError) or isinstance(b, RejectedError):
+        return isinstance(a, RejectedError) and isinstance(b, RejectedError) and a.reason == b.reason
+    return (np.array_equal(a.crop, b.crop) and np.array_equal(a.landmarks, b.landmarks)
+            and np.array_equal(a.matrix, b.matrix) and a.confidence == b.confidence)
+
+
+def _two_faces(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    canvas = np.full((240, 560, 3), 90, dtype=np.uint8)
+    canvas[20:220, 0:200] = a
+    canvas[40:200, 300:460] = np.asarray(Image.fromarray(b).resize((160, 160), Image.Resampling.BILINEAR))
+    return canvas
+
+
 @needs_utkface
-def test_batches_of_mixed_sizes_match_single_photos_and_skip_detection(aligner):
+def test_a_photos_result_never_depends_on_the_other_photos_or_threads():
+    """One photo's detection and crop are bit-identical alone, in any batch, in any order and with
+    any torch thread count (a batched detector searched every photo of a batch for the smallest
+    photo's face size on one padded canvas: a two-face photo was `multiple` alone and `ok` beside a
+    large photo, and FaceAge moved 33.95 -> 48.59 with the batch size)."""
+    import random
+
+    import torch
+
+    faces = _utk(6)
+    big = np.asarray(Image.fromarray(faces[1]).resize((640, 640), Image.Resampling.BILINEAR))
+    two = _two_faces(faces[2], faces[3])
+    photos = [faces[0], big, np.ascontiguousarray(faces[4][:, 20:180]), two, faces[5],
+              np.full((30, 30, 3), 128, np.uint8), np.full((23, 400, 3), 5, np.uint8)]
+    aligner = FaceAligner(detect_pad=0.25)
+    alone = [aligner.align([p])[0] for p in photos]
+    assert isinstance(alone[3], RejectedError) and alone[3].reason == "face:multiple"
+    assert [isinstance(r, AlignedFace) for r in alone[:3]] == [True, True, True]
+    assert alone[6].reason == "face:too_small"
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, seed in ((1, 0), (2, 1), (3, 2)):
+            torch.set_num_threads(n_threads)
+            order = list(range(len(photos)))
+            random.Random(seed).shuffle(order)
+            for size in (1, 3, len(photos)):
+                results: dict[int, object] = {}
+                for i in range(0, len(order), size):
+                    part = order[i : i + size]
+                    results.update(zip(part, FaceAligner(detect_pad=0.25).align([photos[j] for j in part])))
+                for j in range(len(photos)):
+                    assert _same_result(alone[j], results[j]), (n_threads, size, j)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # the aligner restores the caller's thread count
+
+
+@needs_utkface
+def test_downscaled_and_padded_detection_finds_frame_filling_faces():
     faces = _utk(3)
     big = np.asarray(Image.fromarray(faces[1]).resize((640, 640), Image.Resampling.BILINEAR))
-    mixed = [faces[0], big, np.ascontiguousarray(faces[2][:, 20:180])]
-    # UTKFace crops are so tight that the face overflows the frame: pad before detecting
-    batched = FaceAligner(batch_size=3, detect_pad=0.25).align(mixed)
-    single = [FaceAligner(batch_size=1, detect_pad=0.25).align([m])[0] for m in mixed]
-    for m, x, y in zip(mixed, batched, single):
-        assert isinstance(x, AlignedFace) and isinstance(y, AlignedFace)
-        assert np.abs(x.landmarks - y.landmarks).max() < 0.05 * max(m.shape[:2])
+    upscaled = FaceAligner(detect_pad=0.25).align_one(big)
     # the upscaled photo's landmarks are the original's, scaled (downscaled for detection and back)
     ref = FaceAligner(detect_pad=0.25).align_one(faces[1])
-    assert np.abs((batched[1].landmarks + 0.5) / 3.2 - 0.5 - ref.landmarks).max() < 0.05 * 200
+    assert np.abs((upscaled.landmarks + 0.5) / 3.2 - 0.5 - ref.landmarks).max() < 0.05 * 200
     # padded, the eyes of this frame-filling face are found where they are (y ~ 60 of 200); without
     # padding MTCNN clips the face box to the frame and puts them ~20-40 px too high
     eyes_y = ref.landmarks[:2, 1].mean()
