@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.records import Record, RejectedError, Rejection
+from fahr.boundary import InputError
 from fahr.utils.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -375,14 +376,14 @@ def _move_shards(output: Path, moves: dict[str, list[tuple[str, dict[str, Any]]]
             src, dst = output / source_name, output / entry["name"]
             if src.is_file():
                 if dst.exists() and _sha256(dst) != entry["sha256"]:
-                    raise FileExistsError(
+                    raise InputError(
                         f"{dst} already holds a different shard than {src} (sha256 in the chunk mark); "
                         "refusing to overwrite it: the output directory holds another build, use a new one")
                 os.replace(src, dst)  # same file system: atomic
             elif not dst.is_file():
-                raise FileNotFoundError(f"shard {src} (to become {dst}) is missing, and so is {dst}")
+                raise InputError(f"shard {src} (to become {dst}) is missing, and so is {dst}")
             if dst.stat().st_size != entry["bytes"]:
-                raise ValueError(f"shard {dst}: {dst.stat().st_size} bytes on disk, {entry['bytes']} in its chunk mark")
+                raise InputError(f"shard {dst}: {dst.stat().st_size} bytes on disk, {entry['bytes']} in its chunk mark")
             emptied.add(src.parent)
     _fsync_dir(output)  # the renames are durable before index.json names the new files
     for split_dir in sorted(emptied):

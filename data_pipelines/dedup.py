@@ -25,6 +25,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from fahr.boundary import InputError
+
 PHASH_THRESHOLD = 6  # bits out of 64
 CONFIRM_THRESHOLD = 40  # bits out of 255 (see the module docstring)
 
@@ -84,9 +86,9 @@ class Deduplicator:
 
     def __init__(self, threshold: int = PHASH_THRESHOLD, confirm_threshold: int = CONFIRM_THRESHOLD) -> None:
         if not 0 <= threshold < 8:
-            raise ValueError("threshold must be in [0, 8) for multi-index hashing to find every pair")
+            raise InputError("threshold must be in [0, 8) for multi-index hashing to find every pair")
         if not 0 <= confirm_threshold <= 255:
-            raise ValueError("confirm_threshold must be in [0, 255] (bits of the 255-bit pHash)")
+            raise InputError("confirm_threshold must be in [0, 255] (bits of the 255-bit pHash)")
         self.threshold = threshold
         self.confirm_threshold = confirm_threshold
         self._ids: list[str] = []

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines.records import Record
+from fahr.boundary import InputError
 
 SALT_ENV = "FAHR_DEID_SALT"
 MIN_SALT_BYTES = 16
@@ -41,7 +42,7 @@ def load_salt(key_file: str | os.PathLike | None = None) -> bytes:
         salt = os.environ.get(SALT_ENV, "").encode()
         origin = f"${SALT_ENV}"
     if len(salt) < MIN_SALT_BYTES:
-        raise ValueError(
+        raise InputError(
             f"de-identification salt from {origin} is missing or shorter than {MIN_SALT_BYTES} bytes; "
             f"create one with `python -c 'import secrets; print(secrets.token_hex(32))'` and keep it secret"
         )
@@ -77,7 +78,7 @@ def deidentify(
     for key, value in record.labels.items():
         if isinstance(value, dt.date):
             if anchor is None:
-                raise ValueError(f"{key}: a date label needs the patient's anchor date")
+                raise InputError(f"{key}: a date label needs the patient's anchor date")
             labels[f"{key.removesuffix('_date')}_day"] = (value - anchor).days
         elif key in allowed:
             labels[key] = value

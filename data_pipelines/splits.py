@@ -13,6 +13,8 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Hashable, Mapping
 
+from fahr.boundary import InputError
+
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 AGE_BIN_EDGES = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 200)
 
@@ -22,7 +24,7 @@ def age_bin(age: float) -> int:
     for i, upper in enumerate(AGE_BIN_EDGES[1:]):
         if age < upper:
             return i
-    raise ValueError(f"age {age} out of range")
+    raise InputError(f"age {age} out of range")
 
 
 def _rank_key(person_id: str, seed: str) -> str:
@@ -43,7 +45,7 @@ def split_persons(
     Returns: person id -> split name.
     """
     if abs(sum(fractions.values()) - 1.0) > 1e-9 or any(f < 0 for f in fractions.values()):
-        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {dict(fractions)}")
+        raise InputError(f"split fractions must be >= 0 and sum to 1, got {dict(fractions)}")
     by_stratum: dict[Hashable, list[str]] = defaultdict(list)
     for person, stratum in strata.items():
         by_stratum[stratum].append(person)

@@ -18,6 +18,7 @@ from conftest import shared_data
 from data_pipelines import build as build_mod
 from data_pipelines.build import AlignOptions, BuildOptions, build_shards
 from data_pipelines.sources import get_source
+from fahr.boundary import InputError
 from fahr.data.build import resolve_train_shards
 
 
@@ -167,7 +168,7 @@ def test_flat_shard_series_per_split_and_a_crash_mid_move_resumes(tmp_path, monk
     (out / "parts" / "c000001.json").unlink()
     first_of_chunk_1 = out / f"train-{len(marks[0]['shards']['train']):06d}.tar"
     first_of_chunk_1.write_bytes(b"another build")
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    with pytest.raises(InputError, match="refusing to overwrite"):
         build(out)
     assert first_of_chunk_1.read_bytes() == b"another build"
     assert json.loads((out / "index.json").read_text()) == clean  # the finished build's index is left alone

@@ -247,7 +247,7 @@ def test_cli_runs_and_never_prints_patient_ids(tmp_path):
     hr = pd.read_csv(tmp_path / "out" / "hazard_ratios.csv").query("model == 'adjusted'").iloc[0]
     assert hr["hr"] == pytest.approx(math.exp(10 * cox(rossi(), [*COVARIATES, "age"]).params_["age"]), abs=TOL)
     bad = subprocess.run([*cmd, "covariates=[fin,nosuchcol]"], capture_output=True, text=True, cwd=REPO, env=env)
-    assert bad.returncode == 1 and "fahr evaluate: error" in bad.stderr and "nosuchcol" in bad.stderr
+    assert bad.returncode == 2 and "fahr evaluate: error" in bad.stderr and "nosuchcol" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

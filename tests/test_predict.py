@@ -21,6 +21,7 @@ from hydra import compose, initialize
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
+from fahr.boundary import InputError
 from fahr.config.inference_schema import register_predict
 from fahr.inference.photos import STATUSES, list_photos, status_of
 from fahr.inference.predict import (
@@ -236,7 +237,7 @@ def test_missing_model_or_photos_is_a_clear_error(export, tmp_path):
 
     (tmp_path / "empty").mkdir()
     cfg = compose_predict([f"model={tmp_path / 'nope'}", f"input={tmp_path}", f"output={tmp_path / 'o.csv'}"])
-    with pytest.raises(FileNotFoundError, match="model_card.json"):
+    with pytest.raises(InputError, match="model_card.json"):
         predict(cfg)
     cfg = compose_predict([f"model={export}", f"input={tmp_path / 'empty'}", f"output={tmp_path / 'o.csv'}"])
     with pytest.raises(ValueError, match="no photos"):

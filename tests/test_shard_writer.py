@@ -15,6 +15,7 @@ import webdataset
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from fahr.boundary import InputError
 from fahr.data import synthetic
 from fahr.data.shard_writer import ShardWriter, read_index, verify_shards, write_synthetic_shards
 from fahr.data.synthetic import synthetic_face
@@ -173,7 +174,7 @@ def test_existing_dataset_needs_overwrite_and_stale_shards_are_removed(tmp_path)
     with ShardWriter(tmp_path, samples_per_shard=4) as w:
         for s in samples:
             w.write(*s)
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(InputError, match="overwrite"):
         ShardWriter(tmp_path)
     with ShardWriter(tmp_path, samples_per_shard=4, overwrite=True) as w:
         for s in samples[:5]:
@@ -194,9 +195,9 @@ def test_verify_shards_names_corrupt_and_missing_shards(tmp_path):
     with pytest.raises(ValueError, match="shard-000001.tar"):
         verify_shards(tmp_path)
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match="shard-000001.tar"):
+    with pytest.raises(InputError, match="shard-000001.tar"):
         verify_shards(tmp_path)
-    with pytest.raises(FileNotFoundError, match="index.json"):
+    with pytest.raises(InputError, match="index.json"):
         read_index(tmp_path / "nowhere")
 
 
@@ -233,7 +234,7 @@ def test_write_synthetic_shards_reuses_and_regenerates(tmp_path):
 def test_write_synthetic_shards_never_replaces_a_real_dataset(tmp_path):
     with ShardWriter(tmp_path, prefix="utk", source="utkface") as w:
         w.write("a", *synthetic_face(0, 0))
-    with pytest.raises(FileExistsError, match="utkface"):
+    with pytest.raises(InputError, match="utkface"):
         write_synthetic_shards(tmp_path, num_samples=3, samples_per_shard=3)
     assert read_index(tmp_path)["source"] == "utkface"
 

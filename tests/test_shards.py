@@ -17,6 +17,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
+from fahr.boundary import InputError
 from fahr.data.datamodule import ShardDataModule
 from fahr.data.shards import ShardReadError, ShardStream, expand_shards, make_loader, read_shard
 
@@ -81,7 +82,7 @@ def test_expand_shards_patterns_lists_and_urls(data8):
 
 def test_expand_shards_missing_and_empty(data8, tmp_path):
     paths, _ = data8
-    with pytest.raises(FileNotFoundError, match=r"shard-000008\.tar \(2 of 10 local shards missing"):
+    with pytest.raises(InputError, match=r"shard-000008\.tar \(2 of 10 local shards missing"):
         expand_shards(f"{os.path.dirname(paths[0])}/shard-{{000000..000009}}.tar")
     for spec in ([], "", " :: "):
         with pytest.raises(ValueError, match="empty shard list"):
@@ -289,7 +290,7 @@ def test_datamodule_resizes_and_fails_early(data8, tmp_path):
     paths, _ = data8
     dm = ShardDataModule(paths, samples_per_epoch=8, batch_size=4, num_workers=0, image_size=64)
     assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 64, 64)
-    with pytest.raises(FileNotFoundError, match="nothing-000000.tar"):
+    with pytest.raises(InputError, match="nothing-000000.tar"):
         ShardDataModule(f"{tmp_path}/nothing-{{000000..000001}}.tar", samples_per_epoch=8, batch_size=4).setup("fit")
     with pytest.raises(ValueError, match="set val_samples"):
         ShardDataModule(paths, samples_per_epoch=8, batch_size=4, num_workers=0, val_shards=paths[:2]).setup("fit")

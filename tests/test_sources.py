@@ -18,6 +18,7 @@ from conftest import shared_data
 from data_pipelines.records import Record, Rejection
 from data_pipelines.sources import SOURCES, layout_doc
 from data_pipelines.sources import appa_real, cohort, fgnet, folder, identity_folders, imdb_wiki, utkface
+from fahr.boundary import InputError
 
 JPEG = b"\xff\xd8\xff\xe0 not decoded by sources \xff\xd9"
 
@@ -53,7 +54,7 @@ def test_registry_lists_every_source_and_documents_its_layout():
 
 @pytest.mark.parametrize("name", ["folder", "utkface", "fgnet", "appa_real", "identity_folders", "cohort"])
 def test_missing_input_directory_is_a_clear_error(tmp_path, name):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(InputError, match="not found"):
         list(SOURCES[name](tmp_path / "absent"))
 
 
@@ -89,7 +90,7 @@ def test_folder_manifest_without_file_column_names_it(tmp_path):
     with pytest.raises(ValueError, match=r"missing required column\(s\) \['file'\]"):
         list(folder.iter_records(tmp_path))
     (tmp_path / "manifest.csv").unlink()
-    with pytest.raises(FileNotFoundError, match="manifest.csv"):
+    with pytest.raises(InputError, match="manifest.csv"):
         list(folder.iter_records(tmp_path))
 
 
@@ -400,7 +401,7 @@ def test_imdb_wiki_mat_file(tmp_path):
 
 
 def test_imdb_wiki_needs_exactly_one_mat_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="imdb.mat"):
+    with pytest.raises(InputError, match="imdb.mat"):
         list(imdb_wiki.iter_records(tmp_path))
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from data_pipelines.records import Record, RejectedError, Rejection
 from data_pipelines.sources.folder import parse_age, parse_float, read_csv, read_image, reject, require_dir
+from fahr.boundary import InputError
 
 SPLITS = ("train", "valid", "test")
 COLUMNS = ("file_name", "num_ratings", "apparent_age_avg", "apparent_age_std", "real_age")
@@ -45,7 +46,7 @@ def iter_records(input_dir: str | Path, splits: Iterable[str] | None = None) -> 
     if splits is None:
         splits = [s for s in SPLITS if (root / f"gt_avg_{s}.csv").is_file()]
         if not splits:
-            raise FileNotFoundError(f"no gt_avg_{{train,valid,test}}.csv in {root}")
+            raise InputError(f"no gt_avg_{{train,valid,test}}.csv in {root}")
     for split in splits:
         _, rows = read_csv(root / f"gt_avg_{split}.csv", required=COLUMNS)
         seen: set[str] = set()

@@ -47,9 +47,18 @@ from typing import Any
 
 from data_pipelines.records import Record, RejectedError, Rejection
 from data_pipelines.sources.folder import (
-    parse_age, parse_date, parse_float, parse_int_code, parse_race, parse_sex, read_csv, read_image,
-    reject, require_dir,
+    parse_age,
+    parse_date,
+    parse_float,
+    parse_int_code,
+    parse_race,
+    parse_sex,
+    read_csv,
+    read_image,
+    reject,
+    require_dir,
 )
+from fahr.boundary import InputError
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +76,13 @@ def iter_records(input_dir: str | Path, covariates: Iterable[str] = (), table: s
     covariates = list(covariates)
     header, rows = read_csv(root / table, required=REQUIRED)
     if not any(name in header for name in AGE_COLUMNS):
-        raise ValueError(f"{root / table}: needs one of the columns {list(AGE_COLUMNS)} (found {header})")
+        raise InputError(f"{root / table}: needs one of the columns {list(AGE_COLUMNS)} (found {header})")
     missing = [name for name in covariates if name not in header]
     if missing:
-        raise ValueError(f"{root / table}: covariate column(s) {missing} not found (found {header})")
+        raise InputError(f"{root / table}: covariate column(s) {missing} not found (found {header})")
     reserved = [name for name in covariates if name in (*REQUIRED, *AGE_COLUMNS, *OPTIONAL)]
     if reserved:
-        raise ValueError(f"covariates {reserved} are standard cohort columns, not covariates")
+        raise InputError(f"covariates {reserved} are standard cohort columns, not covariates")
     dropped = [name for name in header if name not in (*REQUIRED, *AGE_COLUMNS, *OPTIONAL, *covariates)]
     if dropped:
         log.warning("cohort: dropping %d column(s) not whitelisted: %s", len(dropped), dropped)

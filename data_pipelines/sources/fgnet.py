@@ -47,8 +47,16 @@ import numpy as np
 
 from data_pipelines.records import Record, RejectedError, Rejection
 from data_pipelines.sources.folder import (
-    is_image, parse_age, parse_int_code, read_csv, read_image, reject, require_dir, unique_manifest_rows,
+    is_image,
+    parse_age,
+    parse_int_code,
+    read_csv,
+    read_image,
+    reject,
+    require_dir,
+    unique_manifest_rows,
 )
+from fahr.boundary import InputError
 
 MANIFEST = "manifest.csv"
 NUM_POINTS = 68
@@ -132,7 +140,7 @@ def _from_manifest(root: Path) -> Iterator[Record | Rejection]:
 def _from_original(root: Path) -> Iterator[Record | Rejection]:
     images_dir = root / "images"
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"FG-NET layout expects {images_dir} (or a manifest.csv in {root})")
+        raise InputError(f"FG-NET layout expects {images_dir} (or a manifest.csv in {root})")
     pts_index = _pts_index(root / "points")
     for path in sorted((p for p in images_dir.iterdir() if is_image(p)), key=lambda p: p.name):
         source_id = f"images/{path.name}"

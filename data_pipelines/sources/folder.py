@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines.records import Record, RejectedError, Rejection
+from fahr.boundary import InputError
 
 MANIFEST = "manifest.csv"
 LABEL_COLUMNS = ("age", "sex", "race")
@@ -48,7 +49,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 def require_dir(input_dir: str | Path) -> Path:
     path = Path(input_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"input directory not found: {path}")
+        raise InputError(f"input directory not found: {path}")
     return path
 
 
@@ -60,25 +61,25 @@ def read_csv(path: Path, required: Iterable[str], allowed: Iterable[str] | None 
     missing and, when ``allowed`` is given, the columns that are neither required nor allowed.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"CSV not found: {path}")
+        raise InputError(f"CSV not found: {path}")
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         try:
             header = [name.strip() for name in next(reader)]
         except StopIteration:
-            raise ValueError(f"{path}: empty CSV (no header row)") from None
+            raise InputError(f"{path}: empty CSV (no header row)") from None
         required = list(required)
         missing = [name for name in required if name not in header]
         if missing:
-            raise ValueError(f"{path}: missing required column(s) {missing} (found {header})")
+            raise InputError(f"{path}: missing required column(s) {missing} (found {header})")
         if allowed is not None:
             known = set(required) | set(allowed)
             unknown = [name for name in header if name not in known]
             if unknown:
-                raise ValueError(f"{path}: unexpected column(s) {unknown}; allowed: {sorted(known)}")
+                raise InputError(f"{path}: unexpected column(s) {unknown}; allowed: {sorted(known)}")
         duplicated = sorted({name for name in header if header.count(name) > 1})
         if duplicated:
-            raise ValueError(f"{path}: duplicated column(s) {duplicated}")
+            raise InputError(f"{path}: duplicated column(s) {duplicated}")
         rows = []
         for cells in reader:
             if not any(cell.strip() for cell in cells):
@@ -195,7 +196,7 @@ def iter_records(input_dir: str | Path, keep_columns: Iterable[str] = (),
     keep = list(keep_columns)
     clash = [name for name in keep if name in ("file", "person_id", *LABEL_COLUMNS)]
     if clash:
-        raise ValueError(f"keep_columns {clash} are standard columns, not extras")
+        raise InputError(f"keep_columns {clash} are standard columns, not extras")
     header, rows = read_csv(root / manifest, required=["file"], allowed=["person_id", *LABEL_COLUMNS, *keep])
     for source_id, row in unique_manifest_rows(rows):
         if row is None:

@@ -41,6 +41,7 @@ import numpy as np
 
 from data_pipelines.records import Record, RejectedError, Rejection
 from data_pipelines.sources.folder import parse_age, read_image, reject, require_dir
+from fahr.boundary import InputError
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "name", "face_score", "second_face_score")
 MATLAB_TO_PYTHON_ORDINAL = 366  # datenum(1,1,1) == 367, date(1,1,1).toordinal() == 1
@@ -69,12 +70,12 @@ def load_mat(path: Path) -> dict[str, list[Any]]:
     mat = loadmat(str(path))
     keys = [k for k in mat if not k.startswith("__")]
     if len(keys) != 1:
-        raise ValueError(f"{path}: expected one struct (imdb or wiki), found {keys}")
+        raise InputError(f"{path}: expected one struct (imdb or wiki), found {keys}")
     struct = mat[keys[0]][0, 0]
     names = struct.dtype.names or ()
     missing = [f for f in FIELDS if f not in names]
     if missing:
-        raise ValueError(f"{path}: struct {keys[0]!r} lacks field(s) {missing} (has {list(names)})")
+        raise InputError(f"{path}: struct {keys[0]!r} lacks field(s) {missing} (has {list(names)})")
     return {f: [_unwrap(v) for v in np.ravel(struct[f])] for f in FIELDS}
 
 
@@ -98,11 +99,11 @@ def iter_records(input_dir: str | Path, mat_name: str | None = None, min_face_sc
     if mat_name is None:
         found = [n for n in ("imdb.mat", "wiki.mat") if (root / n).is_file()]
         if len(found) != 1:
-            raise FileNotFoundError(f"expected exactly one of imdb.mat / wiki.mat in {root} (found {found}); "
+            raise InputError(f"expected exactly one of imdb.mat / wiki.mat in {root} (found {found}); "
                                     "pass mat_name=")
         mat_name = found[0]
     if not (root / mat_name).is_file():
-        raise FileNotFoundError(f"metadata not found: {root / mat_name}")
+        raise InputError(f"metadata not found: {root / mat_name}")
     yield from iter_records_from_meta(root, load_mat(root / mat_name), min_face_score, max_second_face_score)
 
 
@@ -111,11 +112,11 @@ def iter_records_from_meta(root: Path, meta: Mapping[str, Sequence[Any]], min_fa
     """Records from already-loaded metadata (per-field lists as returned by :func:`load_mat`)."""
     missing = [f for f in FIELDS if f not in meta]
     if missing:
-        raise ValueError(f"IMDB-WIKI metadata lacks field(s) {missing}")
+        raise InputError(f"IMDB-WIKI metadata lacks field(s) {missing}")
     n = len(meta["full_path"])
     uneven = [f for f in FIELDS if len(meta[f]) != n]
     if uneven:
-        raise ValueError(f"IMDB-WIKI metadata fields {uneven} do not have {n} entries like full_path")
+        raise InputError(f"IMDB-WIKI metadata fields {uneven} do not have {n} entries like full_path")
     order = sorted(range(n), key=lambda i: str(meta["full_path"][i] or ""))
     seen: set[str] = set()
     for i in order:

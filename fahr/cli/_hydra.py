@@ -1,8 +1,25 @@
-"""Where the Hydra configs live, whether fahr runs from a checkout or an installed wheel."""
+"""Shared by the Hydra apps: where the configs live, and how a command reports failure.
+
+Every ``fahr`` subcommand runs its pipeline function through :func:`run_command`, so bad input ends
+as one line on stderr (``fahr predict: error: ...``, exit status 2) and fahr's own bugs as one line
+naming the exception type and where it was raised (exit status 1), with the traceback only when
+asked for (``fahr --debug <command> ...`` or ``FAHR_DEBUG=1``). Messages never carry data: an
+unexpected exception's own message may quote a table cell, so it is shown only in debug mode.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+#: exit statuses of ``fahr <command>``
+EXIT_INPUT_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130
 
 
 def config_dir() -> str:
@@ -17,3 +34,75 @@ def config_dir() -> str:
     from importlib.resources import files
 
     return str(files("fahr.conf"))
+
+
+def debug_mode() -> bool:
+    """True when tracebacks were asked for (``--debug`` sets ``FAHR_DEBUG=1``)."""
+    return os.environ.get("FAHR_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _where_raised(err: BaseException) -> str:
+    """``file:line in function`` of the innermost frame inside fahr (else the innermost frame)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if f"{os.sep}fahr{os.sep}" in f.filename or f"{os.sep}data_pipelines{os.sep}" in f.filename]
+    frame = (ours or frames or [None])[-1]
+    if frame is None:
+        return "unknown location"
+    parts = Path(frame.filename).parts
+    for anchor in ("fahr", "data_pipelines"):
+        if anchor in parts:
+            short = "/".join(parts[len(parts) - 1 - parts[::-1].index(anchor):])
+            break
+    else:
+        short = Path(frame.filename).name
+    return f"{short}:{frame.lineno} in {frame.name}"
+
+
+def _one_line(message: str) -> str:
+    """The message on one line. An error raised in a DataLoader worker arrives wrapped in the
+    worker's traceback text ("Caught ... in DataLoader worker process 0. Original Traceback ..."):
+    its last line is the message."""
+    if "Traceback (most recent call last)" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+    return " ".join(message.split())
+
+
+def run_command(command: str, pipeline: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run ``pipeline(cfg)`` for ``fahr <command>`` and turn failures into one-line reports.
+
+    - :class:`fahr.boundary.InputError` (and an unset mandatory option): ``fahr <command>: error:
+      <message>``, exit status 2;
+    - Ctrl-C: ``fahr <command>: interrupted``, exit status 130;
+    - anything else is a bug in fahr: ``fahr <command>: internal error: <type> at <file:line>``
+      plus how to get the traceback, exit status 1; in debug mode the exception propagates (Hydra
+      prints the traceback; set ``HYDRA_FULL_ERROR=1`` for the frames inside Hydra too).
+    """
+    from omegaconf.errors import MissingMandatoryValue
+
+    from fahr.boundary import InputError
+
+    try:
+        return pipeline(cfg)
+    except InputError as err:
+        if debug_mode():
+            raise
+        message = _one_line(str(err))
+        print(f"fahr {command}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_INPUT_ERROR)
+    except MissingMandatoryValue as err:
+        if debug_mode():
+            raise
+        key = getattr(err, "full_key", None) or "a required option"
+        print(f"fahr {command}: error: {key} is required: add {key}=... to the command line", file=sys.stderr)
+        sys.exit(EXIT_INPUT_ERROR)
+    except KeyboardInterrupt:
+        print(f"fahr {command}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as err:  # noqa: BLE001 - the last line of defence: no traceback, no data
+        if debug_mode():
+            raise
+        print(f"fahr {command}: internal error: {type(err).__name__} at {_where_raised(err)}. This is a bug in "
+              f"fahr, not in your input: rerun with `fahr --debug {command} ...` for the traceback and report it",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERNAL_ERROR)

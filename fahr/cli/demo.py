@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from fahr.cli._hydra import config_dir
+from fahr.cli._hydra import config_dir, run_command
 from fahr.config.evaluate_schema import register_evaluate_schema
 from fahr.config.finetune_schema import register_finetune_schemas
 from fahr.config.schema import register_schemas
@@ -17,4 +17,4 @@ register_evaluate_schema()
 def main(cfg: DictConfig) -> None:
     from fahr.pipeline.demo import demo
 
-    demo(cfg)
+    run_command("demo", demo, cfg)

@@ -1,11 +1,9 @@
 """`fahr evaluate`: Hydra app over conf/evaluate.yaml."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from fahr.cli._hydra import config_dir
+from fahr.cli._hydra import config_dir, run_command
 from fahr.config.evaluate_schema import register_evaluate_schema
 
 register_evaluate_schema()
@@ -15,8 +13,4 @@ register_evaluate_schema()
 def main(cfg: DictConfig) -> None:
     from fahr.pipeline.evaluate import evaluate
 
-    try:
-        evaluate(cfg)
-    except ValueError as err:  # bad input: the message is the whole story, a traceback only hides it
-        print(f"fahr evaluate: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_command("evaluate", evaluate, cfg)

@@ -1,10 +1,9 @@
 """`fahr far`: Hydra app over conf/far.yaml."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
+from fahr.cli._hydra import run_command
 from fahr.config.inference_schema import register_far
 
 register_far()  # conf/far.yaml, composed from the ConfigStore (see fahr.config.inference_schema)
@@ -14,8 +13,4 @@ register_far()  # conf/far.yaml, composed from the ConfigStore (see fahr.config.
 def main(cfg: DictConfig) -> None:
     from fahr.pipeline.far import far
 
-    try:
-        far(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fahr far: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_command("far", far, cfg)

@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from fahr.cli._hydra import config_dir
+from fahr.cli._hydra import config_dir, run_command
 from fahr.config.finetune_schema import register_finetune_schemas
 from fahr.config.schema import register_schemas
 
@@ -15,4 +15,4 @@ register_finetune_schemas()
 def main(cfg: DictConfig) -> None:
     from fahr.pipeline.finetune_survival import finetune_survival
 
-    finetune_survival(cfg)
+    run_command("finetune-survival", finetune_survival, cfg)

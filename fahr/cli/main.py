@@ -35,6 +35,9 @@ examples:
   fahr pretrain experiment=fahr_face_pretrain --cfg job     # print the composed config
   fahr export experiment=demo_pretrain                     # same overrides as the run
   fahr <command> --help                                    # the command's config groups
+  fahr --debug <command> ...                               # show the traceback of an internal error
+
+Bad input ends with one line on stderr and exit status 2; an internal error (a bug) with exit status 1.
 """
 
 
@@ -45,6 +48,11 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--debug":  # tracebacks for fahr's own errors (see fahr.cli._hydra.run_command)
+        import os
+
+        os.environ["FAHR_DEBUG"] = "1"
+        argv = argv[1:]
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(usage())
         return 0

@@ -1,10 +1,9 @@
 """`fahr predict`: Hydra app over conf/predict.yaml."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
+from fahr.cli._hydra import run_command
 from fahr.config.inference_schema import register_predict
 
 register_predict()  # conf/predict.yaml, composed from the ConfigStore (see fahr.config.inference_schema)
@@ -14,8 +13,4 @@ register_predict()  # conf/predict.yaml, composed from the ConfigStore (see fahr
 def main(cfg: DictConfig) -> None:
     from fahr.pipeline.predict import predict
 
-    try:
-        predict(cfg)
-    except (ValueError, FileNotFoundError) as err:  # bad input: the message is the whole story
-        print(f"fahr predict: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_command("predict", predict, cfg)

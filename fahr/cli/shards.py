@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from fahr.cli._hydra import config_dir
+from fahr.cli._hydra import config_dir, run_command
 from fahr.config.schema import register_schemas
 
 register_schemas()
@@ -13,4 +13,4 @@ register_schemas()
 def main(cfg: DictConfig) -> None:
     from fahr.pipeline.shards import shards
 
-    shards(cfg)
+    run_command("shards", shards, cfg)

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning
 
+from fahr.boundary import InputError
 from fahr.data.shards import (
     ShardStream,
     batches_per_rank,
@@ -91,7 +92,7 @@ class ShardDataModule(lightning.LightningDataModule):
     ):
         super().__init__()
         if isinstance(label_keys, str):
-            raise ValueError(f"label_keys must be a tuple of keys, got the string {label_keys!r}")
+            raise InputError(f"label_keys must be a tuple of keys, got the string {label_keys!r}")
         self.train_shards = train_shards
         self.samples_per_epoch = samples_per_epoch
         self.batch_size = batch_size
@@ -151,7 +152,7 @@ class ShardDataModule(lightning.LightningDataModule):
     def _build_val_stream(self, world_size: int, rank: int) -> ShardStream:
         shards = expand_shards(self.val_shards)
         if len(shards) < world_size:
-            raise ValueError(
+            raise InputError(
                 f"{len(shards)} validation shards cannot be split over {world_size} ranks (each needs at "
                 f"least one); write the validation data into >= {world_size} shards"
             )
@@ -159,7 +160,7 @@ class ShardDataModule(lightning.LightningDataModule):
         if samples <= 0:
             samples = num_samples_from_index(shards) or 0
             if samples <= 0:
-                raise ValueError(
+                raise InputError(
                     f"val_samples is {self.val_samples} and the validation shards' size is not listed in an "
                     f"index.json next to them; set val_samples (validation samples per pass, all ranks)"
                 )

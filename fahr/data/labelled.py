@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fahr.boundary import InputError
 from fahr.data.shards import decode_rgb, expand_shards, read_shard
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def load_labelled_faces(shards: str | Sequence[str], required: Sequence[str], op
     if skipped:
         log.warning("skipped %d samples of %d shards: %s", sum(skipped.values()), len(urls), dict(skipped))
     if not images:
-        raise ValueError(f"no usable samples in {len(urls)} shards (skipped: {dict(skipped)})")
+        raise InputError(f"no usable samples in {len(urls)} shards (skipped: {dict(skipped)})")
     labels = {k: np.asarray(v, dtype=np.float64) for k, v in columns.items()}
     return LabelledFaces(images=images, labels=labels, keys=keys, image_size=image_size, skipped=dict(skipped),
                           persons=persons)
@@ -137,7 +138,7 @@ def balancing_weights(ages: np.ndarray, bin_width: float = 10.0, max_weight: flo
     repeated hundreds of times per epoch. ``max_weight=1`` gives uniform weights (no balancing).
     """
     if max_weight < 1:
-        raise ValueError(f"max_weight must be >= 1, got {max_weight}")
+        raise InputError(f"max_weight must be >= 1, got {max_weight}")
     bins = age_bins(ages, bin_width)
     _, inverse, counts = np.unique(bins, return_inverse=True, return_counts=True)
     w = 1.0 / counts[inverse].astype(np.float64)

@@ -35,6 +35,7 @@ import numpy as np
 import webdataset
 from PIL import Image
 
+from fahr.boundary import InputError
 from fahr.data.synthetic import GENERATOR_VERSION, synthetic_face
 from fahr.utils.atomic import atomic_write_json
 
@@ -78,7 +79,7 @@ def _strip_jpeg_metadata(data: bytes) -> bytes:
     i = 2
     while i + 4 <= len(data):
         if data[i] != 0xFF:
-            raise ValueError("corrupt JPEG: expected a segment marker")
+            raise InputError("corrupt JPEG: expected a segment marker")
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -94,7 +95,7 @@ def _strip_jpeg_metadata(data: bytes) -> bytes:
         if not (0xE1 <= marker <= 0xEF and marker != 0xEE) and marker != 0xFE:
             out += data[i:end]
         i = end
-    raise ValueError("corrupt JPEG: no start-of-scan segment")
+    raise InputError("corrupt JPEG: no start-of-scan segment")
 
 
 def _jpeg_bytes(key: str, image: Any, image_size: int) -> bytes:
@@ -103,25 +104,25 @@ def _jpeg_bytes(key: str, image: Any, image_size: int) -> bytes:
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if data[:2] != b"\xff\xd8":
-            raise ValueError(f"image for key {key!r}: bytes are not a JPEG (no SOI marker)")
+            raise InputError(f"image for key {key!r}: bytes are not a JPEG (no SOI marker)")
         try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt, mode, size = im.format, im.mode, im.size
                 im.load()  # catches truncated / undecodable data now rather than at training time
         except (OSError, SyntaxError) as e:
-            raise ValueError(f"image for key {key!r}: undecodable JPEG bytes ({e})") from e
+            raise InputError(f"image for key {key!r}: undecodable JPEG bytes ({e})") from e
         if fmt != "JPEG" or mode != "RGB" or size != want:
-            raise ValueError(
+            raise InputError(
                 f"image for key {key!r}: expected a {want[0]}x{want[1]} RGB JPEG, got {fmt} {mode} {size[0]}x{size[1]}"
             )
         try:
             return _strip_jpeg_metadata(data)
         except ValueError as e:
-            raise ValueError(f"image for key {key!r}: {e}") from e
+            raise InputError(f"image for key {key!r}: {e}") from e
     if not isinstance(image, np.ndarray):
-        raise ValueError(f"image for key {key!r}: expected a uint8 ndarray or JPEG bytes, got {type(image).__name__}")
+        raise InputError(f"image for key {key!r}: expected a uint8 ndarray or JPEG bytes, got {type(image).__name__}")
     if image.dtype != np.uint8 or image.shape != (*want, 3):
-        raise ValueError(
+        raise InputError(
             f"image for key {key!r}: expected uint8 array of shape {(*want, 3)}, got {image.dtype} {image.shape}"
         )
     buf = io.BytesIO()
@@ -142,27 +143,27 @@ def _is_number(value: Any) -> bool:
 def _labels_json(key: str, labels: Any) -> tuple[dict, bytes]:
     """Validate a label dict and encode it as compact UTF-8 JSON."""
     if not isinstance(labels, dict):
-        raise ValueError(f"labels for key {key!r} must be a dict, got {type(labels).__name__}")
+        raise InputError(f"labels for key {key!r} must be a dict, got {type(labels).__name__}")
     clean: dict[str, Any] = {}
     for name, value in labels.items():
         if not isinstance(name, str):
-            raise ValueError(f"labels for key {key!r}: label names must be strings, got {name!r}")
+            raise InputError(f"labels for key {key!r}: label names must be strings, got {name!r}")
         value = _plain(value)
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as e:
-            raise ValueError(
+            raise InputError(
                 f"labels for key {key!r}: label {name!r}={value!r} is not finite, JSON-serialisable data ({e})"
             ) from e
         clean[name] = value
     # the shared label conventions; None means "unknown"
     age, sex, health = clean.get("age"), clean.get("sex"), clean.get("health")
     if age is not None and not (_is_number(age) and age >= 0):
-        raise ValueError(f"labels for key {key!r}: age must be a non-negative number of years or null, got {age!r}")
+        raise InputError(f"labels for key {key!r}: age must be a non-negative number of years or null, got {age!r}")
     if sex is not None and (isinstance(sex, bool) or sex not in (0, 1)):
-        raise ValueError(f"labels for key {key!r}: sex must be 0 (male), 1 (female) or null, got {sex!r}")
+        raise InputError(f"labels for key {key!r}: sex must be 0 (male), 1 (female) or null, got {sex!r}")
     if health is not None and not (_is_number(health) and 0.0 <= health <= 1.0):
-        raise ValueError(f"labels for key {key!r}: health must be a number in [0, 1] or null, got {health!r}")
+        raise InputError(f"labels for key {key!r}: health must be a number in [0, 1] or null, got {health!r}")
     return clean, json.dumps(clean, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
@@ -239,19 +240,19 @@ class ShardWriter:
         overwrite: bool = False,
     ) -> None:
         if not prefix or _BAD_KEY.search(prefix):
-            raise ValueError(f"shard prefix must be non-empty without '.', '/', '\\' or whitespace, got {prefix!r}")
+            raise InputError(f"shard prefix must be non-empty without '.', '/', '\\' or whitespace, got {prefix!r}")
         if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
+            raise InputError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
         if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+            raise InputError(f"image_size must be a positive int, got {image_size!r}")
         extra_index = dict(extra_index or {})
         clash = _RESERVED_INDEX_KEYS & extra_index.keys()
         if clash:
-            raise ValueError(f"extra_index may not set reserved index.json keys {sorted(clash)}")
+            raise InputError(f"extra_index may not set reserved index.json keys {sorted(clash)}")
         try:
             json.dumps(extra_index, allow_nan=False)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"extra_index is not finite, JSON-serialisable data: {e}") from e
+            raise InputError(f"extra_index is not finite, JSON-serialisable data: {e}") from e
 
         self.out_dir = Path(out_dir)
         self.prefix = prefix
@@ -266,7 +267,7 @@ class ShardWriter:
         index_path = self.out_dir / INDEX_NAME
         existing = sorted(p.name for p in self.out_dir.iterdir() if self._shard_re.fullmatch(p.name))
         if not overwrite and (index_path.exists() or existing):
-            raise FileExistsError(
+            raise InputError(
                 f"{self.out_dir} already holds a dataset ({INDEX_NAME} or {prefix}-*.tar); "
                 "pass overwrite=True to replace it"
             )
@@ -332,9 +333,9 @@ class ShardWriter:
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         if not isinstance(key, str) or _BAD_KEY.search(key):
-            raise ValueError(f"sample key must be a non-empty string without '.', '/', '\\' or whitespace, got {key!r}")
+            raise InputError(f"sample key must be a non-empty string without '.', '/', '\\' or whitespace, got {key!r}")
         if key in self._keys:
-            raise ValueError(f"duplicate sample key {key!r}")
+            raise InputError(f"duplicate sample key {key!r}")
         clean, label_bytes = _labels_json(key, labels)
         jpg = _jpeg_bytes(key, image, self.image_size)
         if self._tar is None:
@@ -398,17 +399,17 @@ def read_index(out_dir: str | os.PathLike) -> dict:
     """Load and sanity-check ``out_dir/index.json`` (format fahr-shards/1)."""
     path = Path(out_dir) / INDEX_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a fahr shard directory, or writing did not finish")
+        raise InputError(f"{path} not found: not a fahr shard directory, or writing did not finish")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise InputError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         got = index.get("format") if isinstance(index, dict) else type(index).__name__
-        raise ValueError(f"{path}: expected format {FORMAT!r}, got {got!r}")
+        raise InputError(f"{path}: expected format {FORMAT!r}, got {got!r}")
     missing = [k for k in _REQUIRED_INDEX_KEYS if k not in index]
     if missing:
-        raise ValueError(f"{path}: missing keys {missing}")
+        raise InputError(f"{path}: missing keys {missing}")
     return index
 
 
@@ -422,24 +423,24 @@ def verify_shards(out_dir: str | os.PathLike, check_hashes: bool = True) -> None
     index = read_index(out_dir)
     shards = index["shards"]
     if len(shards) != index["num_shards"]:
-        raise ValueError(f"{out_dir / INDEX_NAME}: num_shards={index['num_shards']} but {len(shards)} shards listed")
+        raise InputError(f"{out_dir / INDEX_NAME}: num_shards={index['num_shards']} but {len(shards)} shards listed")
     total = sum(s["num_samples"] for s in shards)
     if total != index["num_samples"]:
-        raise ValueError(f"{out_dir / INDEX_NAME}: num_samples={index['num_samples']} but shards hold {total}")
+        raise InputError(f"{out_dir / INDEX_NAME}: num_samples={index['num_samples']} but shards hold {total}")
     for s in shards:
         path = out_dir / s["name"]
         if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in {INDEX_NAME} is missing")
+            raise InputError(f"shard {path} listed in {INDEX_NAME} is missing")
         size = path.stat().st_size
         if size != s["bytes"]:
-            raise ValueError(f"shard {path}: {size} bytes on disk, {s['bytes']} in {INDEX_NAME}")
+            raise InputError(f"shard {path}: {size} bytes on disk, {s['bytes']} in {INDEX_NAME}")
         if check_hashes:
             h = hashlib.sha256()
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
             if h.hexdigest() != s["sha256"]:
-                raise ValueError(f"shard {path}: sha256 {h.hexdigest()} does not match {INDEX_NAME} ({s['sha256']})")
+                raise InputError(f"shard {path}: sha256 {h.hexdigest()} does not match {INDEX_NAME} ({s['sha256']})")
 
 
 def synthetic_generator(num_samples: int, samples_per_shard: int, seed: int, image_size: int) -> dict:
@@ -468,26 +469,30 @@ def write_synthetic_shards(
     An existing index.json with the same generator parameters (num_samples, samples_per_shard, seed,
     image_size, generator version) whose shards exist with the recorded sizes is reused as is; other
     synthetic shards in ``out_dir`` are replaced, but a directory whose index.json describes a
-    non-synthetic dataset raises FileExistsError. Returns the index dict.
+    non-synthetic dataset raises InputError. Returns the index dict.
     """
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise InputError(f"num_samples must be >= 1, got {num_samples}")
     generator = synthetic_generator(num_samples, samples_per_shard, seed, image_size)
     try:
         index = read_index(out_dir)
+    except InputError as e:  # none yet, or unreadable: (re)write
+        index = None
+        logger.info("writing synthetic shards: %s", e)
+    if index is not None:
         if index.get("source") != "synthetic":
-            raise FileExistsError(
+            raise InputError(
                 f"{out_dir} holds a non-synthetic dataset (source={index.get('source')!r}); refusing to overwrite it"
             )
         if index.get("generator") == generator:
-            verify_shards(out_dir, check_hashes=False)
-            logger.info("reusing %d synthetic samples in %s", index["num_samples"], out_dir)
-            return index
-        logger.info("synthetic shards in %s have other parameters: regenerating", out_dir)
-    except FileNotFoundError as e:
-        logger.info("writing synthetic shards: %s", e)
-    except ValueError as e:
-        logger.warning("regenerating synthetic shards in %s: %s", out_dir, e)
+            try:
+                verify_shards(out_dir, check_hashes=False)
+                logger.info("reusing %d synthetic samples in %s", index["num_samples"], out_dir)
+                return index
+            except InputError as e:
+                logger.warning("regenerating synthetic shards in %s: %s", out_dir, e)
+        else:
+            logger.info("synthetic shards in %s have other parameters: regenerating", out_dir)
     with ShardWriter(
         out_dir,
         prefix="synthetic",

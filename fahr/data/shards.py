@@ -35,10 +35,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvf
-from webdataset.gopen import gopen
 from webdataset.filters import _shuffle
+from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tar_file_iterator
+
+from fahr.boundary import InputError
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +105,21 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     elif isinstance(spec, (list, tuple)):
         parts = list(spec)
     else:
-        raise ValueError(f"shard spec must be a string or a list of strings, got {type(spec).__name__}: {spec!r}")
+        raise InputError(f"shard spec must be a string or a list of strings, got {type(spec).__name__}: {spec!r}")
     urls: list[str] = []
     for part in parts:
         if not isinstance(part, str):
-            raise ValueError(f"shard spec entries must be strings, got {type(part).__name__}: {part!r}")
+            raise InputError(f"shard spec entries must be strings, got {type(part).__name__}: {part!r}")
         try:
             urls.extend(u.strip() for u in expand_urls(part))
         except AssertionError as exn:  # webdataset asserts on ${NAME} without a WDS_NAME variable
-            raise ValueError(f"cannot expand shard spec {part!r}: {exn}") from None
+            raise InputError(f"cannot expand shard spec {part!r}: {exn}") from None
     urls = [u for u in urls if u]
     if not urls:
-        raise ValueError(f"empty shard list from spec {spec!r}")
+        raise InputError(f"empty shard list from spec {spec!r}")
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(_local_path(u))]
     if missing:
-        raise FileNotFoundError(
+        raise InputError(
             f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} local shards missing, spec {spec!r})"
         )
     return urls
@@ -143,7 +145,7 @@ def resolve_world(world_size: int | None = None, rank: int | None = None) -> tup
         rank = found[1] if rank is None else rank
     world_size, rank = int(world_size), int(rank)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"invalid distributed setup: rank {rank} of world_size {world_size}")
+        raise InputError(f"invalid distributed setup: rank {rank} of world_size {world_size}")
     return world_size, rank
 
 
@@ -154,7 +156,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise InputError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def shard_sample_counts(shards: list[str]) -> dict[str, int] | None:
@@ -176,7 +178,7 @@ def shard_sample_counts(shards: list[str]) -> dict[str, int] | None:
                     entries = json.load(f)["shards"]
                 indexes[folder] = {e["name"]: int(e["num_samples"]) for e in entries}
             except (OSError, ValueError, KeyError, TypeError) as exn:
-                raise ValueError(f"malformed shard index {index_path}: {exn!r}") from exn
+                raise InputError(f"malformed shard index {index_path}: {exn!r}") from exn
         n = indexes[folder].get(os.path.basename(path))
         if n is None:
             return None
@@ -264,19 +266,19 @@ def _iter_tar_members(f: io.BufferedReader) -> Iterator[tuple[str, bytearray]]:
             if header == _ZERO_BLOCK:
                 return
             if not header:
-                raise ValueError(f"stream ends at byte {offset} without the end-of-archive marker (truncated?)")
+                raise InputError(f"stream ends at byte {offset} without the end-of-archive marker (truncated?)")
             if len(header) < _BLOCK:
-                raise ValueError(f"truncated tar header at byte {offset}")
-            raise ValueError(f"invalid tar header at byte {offset}")
+                raise InputError(f"truncated tar header at byte {offset}")
+            raise InputError(f"invalid tar header at byte {offset}")
         try:
             try:
                 size = int(header[124:135], 8)  # the usual 11 octal digits + NUL
             except ValueError:
                 size = _tar_number(header[124:136])
             if _checksum_error(header):
-                raise ValueError(f"tar header checksum mismatch at byte {offset}")
+                raise InputError(f"tar header checksum mismatch at byte {offset}")
         except ValueError as exn:
-            raise ValueError(f"invalid tar header at byte {offset}: {exn}") from None
+            raise InputError(f"invalid tar header at byte {offset}: {exn}") from None
         offset += _BLOCK
         padded = size + (-size % _BLOCK)
         kind = header[156]
@@ -291,17 +293,17 @@ def _iter_tar_members(f: io.BufferedReader) -> Iterator[tuple[str, bytearray]]:
                 name = _header_name(header)
             data = bytearray(padded)
             if readinto(data) != padded:
-                raise ValueError(f"member {name} truncated (stream ends inside its {size} bytes at byte {offset})")
+                raise InputError(f"member {name} truncated (stream ends inside its {size} bytes at byte {offset})")
             del data[size:]
             offset += padded
             if name[:1] != "_" or not _META_NAME.match(name):
                 yield name, data
             continue
         if kind == 83:  # b"S"
-            raise ValueError(f"unsupported sparse member at byte {offset - _BLOCK}")
+            raise InputError(f"unsupported sparse member at byte {offset - _BLOCK}")
         payload = read(padded)
         if len(payload) != padded:
-            raise ValueError(f"tar stream truncated inside a header extension at byte {offset}")
+            raise InputError(f"tar stream truncated inside a header extension at byte {offset}")
         offset += padded
         if kind == 120:  # b"x": pax extended header for the next member
             pax = _parse_pax(payload[:size])
@@ -356,7 +358,7 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
                     yield sample
                 sample = {"__key__": key, "__url__": url}
             elif ext in sample:
-                raise ValueError(f"duplicate member {name} for key {key}")
+                raise InputError(f"duplicate member {name} for key {key}")
             sample[ext] = data
         if sample is not None:
             yield sample
@@ -475,20 +477,20 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.shards = expand_shards(shards) if isinstance(shards, str) else list(shards)
         if not self.shards or not all(isinstance(s, str) and s for s in self.shards):
-            raise ValueError(f"shards must be a non-empty list of URLs, got {shards!r}")
+            raise InputError(f"shards must be a non-empty list of URLs, got {shards!r}")
         if isinstance(label_keys, str):
-            raise ValueError(f"label_keys must be a tuple of keys, got the string {label_keys!r}")
+            raise InputError(f"label_keys must be a tuple of keys, got the string {label_keys!r}")
         self.label_keys = tuple(label_keys)
         clash = _RESERVED_KEYS.intersection(self.label_keys)
         if clash:
-            raise ValueError(f"label keys {sorted(clash)} clash with batch fields {sorted(_RESERVED_KEYS)}")
+            raise InputError(f"label keys {sorted(clash)} clash with batch fields {sorted(_RESERVED_KEYS)}")
         for name, value, low in (("samples_per_epoch", samples_per_epoch, 1), ("batch_size", batch_size, 1),
                                  ("image_size", image_size, 1), ("shuffle_buffer", shuffle_buffer, 0),
                                  ("num_workers", num_workers, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
         if on_error not in ("skip", "raise"):
-            raise ValueError(f'on_error must be "skip" or "raise", got {on_error!r}')
+            raise InputError(f'on_error must be "skip" or "raise", got {on_error!r}')
         self.samples_per_epoch = samples_per_epoch
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -527,7 +529,7 @@ class ShardStream(IterableDataset):
     def _check_shard_count(self) -> None:
         need = self.world_size * self.workers
         if len(self.shards) < need:
-            raise ValueError(
+            raise InputError(
                 f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {self.workers} workers "
                 f"(each needs at least one shard, so >= {need} shards are required). Write the data into "
                 f"more, smaller shards, or lower num_workers (or the number of ranks)."
@@ -537,7 +539,7 @@ class ShardStream(IterableDataset):
         """Set the epoch used by the next iterations (shard order and shuffling depend on it) and the
         rank-local batch index they start at (0 = the whole epoch; ``len(self)`` = nothing left)."""
         if not 0 <= int(start_batch) <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}] (batches per rank per epoch), got {start_batch}")
+            raise InputError(f"start_batch must be in [0, {len(self)}] (batches per rank per epoch), got {start_batch}")
         self._epoch.value = int(epoch)
         self._start_batch.value = int(start_batch)
 
@@ -570,7 +572,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         if info is not None:
             if info.num_workers != workers:
-                raise ValueError(
+                raise InputError(
                     f"ShardStream was built for num_workers={self.num_workers} but the DataLoader runs "
                     f"{info.num_workers} workers; use the same value for both (see make_loader)"
                 )
@@ -625,7 +627,7 @@ class ShardStream(IterableDataset):
         rank = self.rank if rank is None else rank
         shards = self.worker_shards(epoch, rank, worker_id)
         if not shards:
-            raise ValueError(f"rank {rank} worker {worker_id} has no shards (epoch {epoch})")
+            raise InputError(f"rank {rank} worker {worker_id} has no shards (epoch {epoch})")
         bs, keys_wanted, size = self.batch_size, self.label_keys, self.image_size
         skip_batches = len(range(worker_id, start_batch, self.workers))
         source = self._raw_samples(shards, epoch, rank, worker_id, skip=skip_batches * bs)
@@ -640,7 +642,7 @@ class ShardStream(IterableDataset):
                     sample = next(source)
                     if sample is _END_OF_PASS:
                         if good_in_pass == 0:
-                            raise ValueError(
+                            raise InputError(
                                 f"rank {rank} worker {worker_id}: a full pass over its {len(shards)} shards "
                                 f"({shards[:3]}{' ...' if len(shards) > 3 else ''}) gave no usable sample "
                                 f"({skipped_total} bad samples skipped)"
@@ -652,7 +654,7 @@ class ShardStream(IterableDataset):
                     except _BadSample as bad:
                         reason = f"bad sample {sample['__key__']!r} in shard {sample['__url__']}: {bad}"
                         if self.on_error == "raise":
-                            raise ValueError(reason) from bad.__cause__
+                            raise InputError(reason) from bad.__cause__
                         skipped += 1
                         skipped_total += 1
                         self._warn_skip(rank, worker_id, reason)
@@ -760,7 +762,7 @@ def make_loader(
     prefetch_factor do not apply and are ignored.
     """
     if num_workers != stream.num_workers:
-        raise ValueError(
+        raise InputError(
             f"make_loader(num_workers={num_workers}) does not match the stream's num_workers="
             f"{stream.num_workers}; the epoch arithmetic and shard split depend on it"
         )

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from fahr.boundary import InputError
+
 DAYS_PER_YEAR = 365.25
 #: interval bins in days, inclusive (label, low, high)
 INTERVAL_BINS = (("10-365", 10, 365), ("366-730", 366, 730), ("731-1460", 731, 1460))
@@ -97,7 +99,7 @@ def far_from_photos(rows: Iterable[dict[str, Any]], method: str = "pair") -> dic
         ``interval_bin``, ``n_photos`` (rows given), ``n_used`` (photos in the estimate), ``status``.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
     rows = list(rows)
     faces = [r for r in rows if _usable(r)]
     timed = [(photo_days(r), i, r) for i, r in enumerate(faces)]

@@ -16,6 +16,7 @@ import numpy as np
 
 from data_pipelines.imageio import decode_photo
 from data_pipelines.records import RejectedError
+from fahr.boundary import InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
@@ -68,7 +69,7 @@ def read_csv_rows(path: str | Path, required: tuple[str, ...] = ("path",)) -> li
         columns = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in required if c not in columns]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; it has {columns}")
+            raise InputError(f"{path}: missing column(s) {missing}; it has {columns}")
         return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
 
 
@@ -84,7 +85,7 @@ def list_photos(input_path: str | Path) -> list[Photo]:
     if p.is_dir():
         return scan_directory(p)
     if not p.is_file():
-        raise ValueError(f"input {str(input_path)!r} is neither a directory nor a CSV file")
+        raise InputError(f"input {str(input_path)!r} is neither a directory nor a CSV file")
     rows = read_csv_rows(p)
     return [Photo(row["path"], resolve(row["path"], p.parent)) for row in rows]
 

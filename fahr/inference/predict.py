@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from data_pipelines.records import RejectedError
+from fahr.boundary import InputError
 from fahr.inference.photos import Photo, load_photo, status_of
 from fahr.models.face_model import DEFAULT_PREPROCESSING, FaceModel
 
@@ -40,7 +41,7 @@ def resolve_preprocessing(card: dict[str, Any], overrides: dict[str, Any] | None
     prep.update({k: v for k, v in card.get("preprocessing", {}).items() if k in PREPROCESSING_KEYS})
     unknown = set(overrides or {}) - set(PREPROCESSING_KEYS)
     if unknown:
-        raise ValueError(f"unknown preprocessing override(s) {sorted(unknown)}; known: {list(PREPROCESSING_KEYS)}")
+        raise InputError(f"unknown preprocessing override(s) {sorted(unknown)}; known: {list(PREPROCESSING_KEYS)}")
     prep.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return prep
 
@@ -59,9 +60,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise InputError(f"device must be auto, cpu or cuda, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA GPU is visible: use device=cpu or device=auto")
+        raise InputError("device=cuda but no CUDA GPU is visible: use device=cpu or device=auto")
     return torch.device(device)
 
 
@@ -178,7 +179,7 @@ def iter_predictions(model: FaceModel, card: dict[str, Any], paths: Iterable[str
         progress: called with the number of photos done after each step.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     model = model.to(dev).eval()
     aligner = aligner or make_aligner(resolve_preprocessing(card, preprocessing))

@@ -19,6 +19,8 @@ import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from fahr.boundary import InputError
+
 
 @dataclass(frozen=True)
 class VitSize:
@@ -60,11 +62,11 @@ def create_backbone(
     The position embedding is initialised with fixed 2D sin-cos values (as in MAE) and stays learnable.
     """
     if arch not in VIT_SIZES:
-        raise ValueError(f"unknown backbone arch {arch!r}; choose one of {sorted(VIT_SIZES)}")
+        raise InputError(f"unknown backbone arch {arch!r}; choose one of {sorted(VIT_SIZES)}")
     if patch_size not in SUPPORTED_PATCH_SIZES:
-        raise ValueError(f"patch_size must be one of {SUPPORTED_PATCH_SIZES}, got {patch_size}")
+        raise InputError(f"patch_size must be one of {SUPPORTED_PATCH_SIZES}, got {patch_size}")
     if img_size % patch_size:
-        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        raise InputError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
     size = VIT_SIZES[arch]
     model = VisionTransformer(
         img_size=img_size,
@@ -95,7 +97,7 @@ def backbone_config(model: VisionTransformer) -> dict:
         None,
     )
     if arch is None:
-        raise ValueError("model does not match any fahr backbone size")
+        raise InputError("model does not match any fahr backbone size")
     return {
         "arch": arch,
         "img_size": int(model.patch_embed.img_size[0]),

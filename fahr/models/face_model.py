@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fahr.boundary import InputError
 from fahr.models.backbone import backbone_config, create_backbone
 from fahr.models.heads import build_head
 from fahr.utils.atomic import atomic_write_json
@@ -114,7 +115,7 @@ def load_face_model(export_dir: str | Path, map_location: str | torch.device = "
 
     card = read_any_card(export_dir)
     if card["format"] != MODEL_FORMAT:
-        raise ValueError(
+        raise InputError(
             f"{export_dir} holds a backbone ({card['format']}) without task heads: fine-tune it first "
             "(`fahr finetune-age` / `fahr finetune-survival`), or load it with fahr.models.load_backbone"
         )

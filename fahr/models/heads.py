@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fahr.boundary import InputError
+
 
 def _mlp(in_features: int, hidden: list[int], out_features: int, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -45,9 +47,9 @@ class AgeHead(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         if kind not in ("regression", "distribution"):
-            raise ValueError(f"AgeHead kind must be 'regression' or 'distribution', got {kind!r}")
+            raise InputError(f"AgeHead kind must be 'regression' or 'distribution', got {kind!r}")
         if not max_age > min_age or bin_width <= 0:
-            raise ValueError(f"need min_age < max_age and bin_width > 0, got {min_age}, {max_age}, {bin_width}")
+            raise InputError(f"need min_age < max_age and bin_width > 0, got {min_age}, {max_age}, {bin_width}")
         self.kind = kind
         self.config = {"kind": kind, "min_age": float(min_age), "max_age": float(max_age),
                        "bin_width": float(bin_width), "hidden": list(hidden or []), "dropout": float(dropout)}
@@ -89,7 +91,7 @@ class RiskHead(nn.Module):
         if self.num_covariates:
             if covariates is None or covariates.shape[-1] != self.num_covariates:
                 got = None if covariates is None else tuple(covariates.shape)
-                raise ValueError(f"RiskHead expects {self.num_covariates} covariates per row, got {got}")
+                raise InputError(f"RiskHead expects {self.num_covariates} covariates per row, got {got}")
             features = torch.cat([features, covariates.to(features.dtype)], dim=-1)
         return {"risk": self.net(features).squeeze(-1)}
 
@@ -100,4 +102,4 @@ def build_head(name: str, in_features: int, config: dict[str, Any]) -> nn.Module
         return AgeHead(in_features, **config)
     if name == "risk":
         return RiskHead(in_features, **config)
-    raise ValueError(f"unknown head {name!r} (known: age, risk)")
+    raise InputError(f"unknown head {name!r} (known: age, risk)")

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from fahr.boundary import InputError
 from fahr.models.backbone import backbone_config, create_backbone
 from fahr.utils.atomic import atomic_write_json
 
@@ -59,10 +60,10 @@ def read_any_card(export_dir: str | Path) -> dict[str, Any]:
     """The model card of a backbone export (``fahr-backbone/1``) or a fine-tuned model (``fahr-model/1``)."""
     path = Path(export_dir) / CARD_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {CARD_FILE} in {export_dir}: is this a `fahr export` directory?")
+        raise InputError(f"no {CARD_FILE} in {export_dir}: is this a `fahr export` directory?")
     card = json.loads(path.read_text())
     if card.get("format") not in (CARD_FORMAT, MODEL_FORMAT):
-        raise ValueError(f"{path}: unsupported model card format {card.get('format')!r}, "
+        raise InputError(f"{path}: unsupported model card format {card.get('format')!r}, "
                          f"expected {CARD_FORMAT} or {MODEL_FORMAT}")
     return card
 

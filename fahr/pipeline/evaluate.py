@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from fahr.boundary import InputError
 from fahr.config.evaluate_schema import EvaluateConfig
 from fahr.config.schema import validate
 from fahr.stats import clinical as cl
@@ -45,10 +46,10 @@ log = logging.getLogger("fahr.evaluate")
 def read_table(path: str) -> pd.DataFrame:
     """The input CSV; a clear error when it is missing or empty."""
     if not Path(path).is_file():
-        raise ValueError(f"input {path!r} is not a file: give input=PATH/TO/table.csv")
+        raise InputError(f"input {path!r} is not a file: give input=PATH/TO/table.csv")
     df = pd.read_csv(path)
     if df.empty:
-        raise ValueError(f"input {path!r} has no rows")
+        raise InputError(f"input {path!r} has no rows")
     return df
 
 
@@ -62,10 +63,10 @@ def require_columns(df: pd.DataFrame, cfg: DictConfig) -> None:
         wanted.update({"far.column": cfg.far.column, "far.interval_bin": cfg.far.interval_bin})
     missing = [f"{key}={name!r}" for key, name in wanted.items() if name is not None and name not in df.columns]
     if missing:
-        raise ValueError(f"column(s) not in the input table: {', '.join(missing)}; table has {list(df.columns)}")
+        raise InputError(f"column(s) not in the input table: {', '.join(missing)}; table has {list(df.columns)}")
     stray = [name for name in cfg.categorical if name not in cfg.covariates]
     if stray:
-        raise ValueError(f"categorical {stray} must also be listed in covariates")
+        raise InputError(f"categorical {stray} must also be listed in covariates")
 
 
 def check_one_row_per_patient(df: pd.DataFrame, patient: str | None) -> None:
@@ -74,7 +75,7 @@ def check_one_row_per_patient(df: pd.DataFrame, patient: str | None) -> None:
         return
     dup = duplicate_patient_count(df, patient)
     if dup:
-        raise ValueError(f"{dup} patient(s) have more than one row: give one row per patient "
+        raise InputError(f"{dup} patient(s) have more than one row: give one row per patient "
                          "(e.g. the prediction from the first photo)")
 
 
@@ -86,13 +87,13 @@ def resolve_markers(df: pd.DataFrame, cfg: DictConfig) -> tuple[dict[str, Any], 
             skipped.append(key)
             continue
         if not pd.api.types.is_numeric_dtype(df[m.column]):
-            raise ValueError(f"marker {key!r} (column {m.column!r}) is not numeric")
+            raise InputError(f"marker {key!r} (column {m.column!r}) is not numeric")
         if m.column in cfg.covariates:
-            raise ValueError(f"marker {key!r} (column {m.column!r}) is also a covariate")
+            raise InputError(f"marker {key!r} (column {m.column!r}) is also a covariate")
         present[key] = m
     if not present:
         columns = [m.column for m in cfg.markers.values()]
-        raise ValueError(f"none of the marker columns {columns} is in the input table; "
+        raise InputError(f"none of the marker columns {columns} is in the input table; "
                          "set markers.<name>.column to the prediction column(s)")
     return present, skipped
 
@@ -101,11 +102,11 @@ def check_analysable(data: pd.DataFrame, markers: list[cl.Marker], min_events: i
     """Enough events for Cox models, and no constant marker."""
     events = int(data[cl.EVENT].sum())
     if events < min_events:
-        raise ValueError(f"only {events} event(s) in the {len(data)} analysed rows (after dropping incomplete rows); "
+        raise InputError(f"only {events} event(s) in the {len(data)} analysed rows (after dropping incomplete rows); "
                          f"at least min_events={min_events} are needed")
     for m in markers:
         if data[m.term].nunique() < 2:
-            raise ValueError(f"marker {m.key!r} is constant in the analysed rows: nothing to estimate")
+            raise InputError(f"marker {m.key!r} is constant in the analysed rows: nothing to estimate")
 
 
 # ---------------------------------------------------------------- analysis frame
@@ -121,7 +122,7 @@ def build_frames(df: pd.DataFrame, cfg: DictConfig, marker_cfgs: dict[str, Any])
     design, codings = covariate_design(df.loc[cov_rows], list(cfg.covariates), list(cfg.categorical))
     clash = set(design.columns) & set(marker_cfgs)
     if clash:
-        raise ValueError(f"marker name(s) {sorted(clash)} clash with covariate terms; rename the markers")
+        raise InputError(f"marker name(s) {sorted(clash)} clash with covariate terms; rename the markers")
     base = pd.DataFrame({cl.TIME: df.loc[cov_rows, cfg.columns.time].astype(float),
                          cl.EVENT: df.loc[cov_rows, cfg.columns.event].astype(int)}).join(design)
     markers = base.assign(**{key: df.loc[cov_rows, m.column].astype(float) for key, m in marker_cfgs.items()})

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import fahr
+from fahr.boundary import InputError
 from fahr.config.schema import validate
 from fahr.models import create_backbone, save_backbone, strip_prefix
 from fahr.models.weights import model_card
@@ -30,12 +31,12 @@ def select_checkpoint(run_dir: Path, which: str) -> Path:
         best = [s["best_model_path"] for k, s in last.get("callbacks", {}).items()
                 if "ModelCheckpoint" in k and s.get("best_model_score") is not None and s.get("best_model_path")]
         if not best:
-            raise FileNotFoundError(f"{run_dir}: no best checkpoint recorded (was a metric monitored?)")
+            raise InputError(f"{run_dir}: no best checkpoint recorded (was a metric monitored?)")
         path = Path(best[0])
     else:
         path = Path(which)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (has the run in {run_dir} saved one?)")
+        raise InputError(f"checkpoint not found: {path} (has the run in {run_dir} saved one?)")
     return path
 
 

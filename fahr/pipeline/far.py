@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from fahr.boundary import InputError
 from fahr.config.inference_schema import FarConfig
 from fahr.config.schema import validate
 from fahr.pipeline.predict import load_model, preprocessing_overrides, write_csv
@@ -27,12 +28,12 @@ def read_far_input(path: str) -> list[dict[str, Any]]:
 
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"input {path!r} is not a CSV file (columns: person, path, date or age_at_photo)")
+        raise InputError(f"input {path!r} is not a CSV file (columns: person, path, date or age_at_photo)")
     rows = read_csv_rows(p, required=("person", "path"))
     if rows and "date" not in rows[0] and "age_at_photo" not in rows[0]:
-        raise ValueError(f"{path}: needs a `date` (ISO, e.g. 2019-05-31) or `age_at_photo` (years) column")
+        raise InputError(f"{path}: needs a `date` (ISO, e.g. 2019-05-31) or `age_at_photo` (years) column")
     if not rows:
-        raise ValueError(f"input {path!r} has no rows")
+        raise InputError(f"input {path!r} has no rows")
     for row in rows:
         row["file"] = resolve(row["path"], p.parent)
     return rows
@@ -63,14 +64,14 @@ def far(cfg: DictConfig) -> dict[str, Any]:
 
     validate(cfg, FarConfig)
     if cfg.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+        raise InputError(f"method must be one of {METHODS}, got {cfg.method!r}")
     rows = read_far_input(cfg.input)
     undated = sum(photo_days(r) is None for r in rows)
     if undated:
         log.warning("%d of %d photos have no usable date / age_at_photo (they are left out)", undated, len(rows))
     model, card = load_model(cfg.model)
     if "age" not in model.heads:
-        raise ValueError(f"{cfg.model} has no FaceAge head (heads: {list(model.heads)}): FAR needs a FaceAge model")
+        raise InputError(f"{cfg.model} has no FaceAge head (heads: {list(model.heads)}): FAR needs a FaceAge model")
     preds = attach_predictions(rows, model, card, cfg)
     if cfg.photos_output:
         write_csv(cfg.photos_output, output_columns(model, card), preds)

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from fahr.boundary import InputError
 from fahr.config.finetune_schema import FinetuneAgeConfig
 from fahr.config.schema import validate
 from fahr.data.build import resolve_train_shards
@@ -98,7 +99,7 @@ def train_loader(ds: LabelledFaces, cfg: DictConfig, seed: int) -> tuple[DataLoa
     b = cfg.task.balance
     ages = ds.labels["age"]
     if b.mode not in ("sampler", "loss", "none"):
-        raise ValueError(f"task.balance.mode must be sampler, loss or none, got {b.mode!r}")
+        raise InputError(f"task.balance.mode must be sampler, loss or none, got {b.mode!r}")
     weights = balancing_weights(ages, b.bin_width, b.max_weight) if b.mode != "none" else np.ones(len(ages))
     report = {"mode": b.mode, "bin_width": b.bin_width, "max_weight": b.max_weight,
               "data_histogram": effective_histogram(ages, np.ones(len(ages)), b.bin_width),
@@ -106,7 +107,7 @@ def train_loader(ds: LabelledFaces, cfg: DictConfig, seed: int) -> tuple[DataLoa
     common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, drop_last=True,
                   persistent_workers=cfg.data.num_workers > 0)
     if len(ds) < cfg.data.batch_size:
-        raise ValueError(f"{len(ds)} training photos are fewer than one batch ({cfg.data.batch_size})")
+        raise InputError(f"{len(ds)} training photos are fewer than one batch ({cfg.data.batch_size})")
     g = torch.Generator().manual_seed(seed)
     if b.mode == "sampler":
         sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(ds), replacement=True, generator=g)

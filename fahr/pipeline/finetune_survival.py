@@ -29,14 +29,15 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from fahr.boundary import InputError
 from fahr.config.finetune_schema import FinetuneSurvivalConfig
 from fahr.config.schema import validate
 from fahr.data.labelled import LabelledFaces
 from fahr.models.face_model import FaceModel, save_face_model
 from fahr.models.heads import RiskHead
+from fahr.pipeline.finetune_age import load_task_weights
 from fahr.stats.validation import check_survival_arrays
 from fahr.tasks.survival import SurvivalTask, TableRiskModel, predict_risk
-from fahr.pipeline.finetune_age import load_task_weights
 from fahr.utils.atomic import atomic_write, atomic_write_json, atomic_write_text
 from fahr.utils.checkpoint_io import AtomicCheckpointIO
 from fahr.utils.loggers import build_loggers, finish_trackers
@@ -70,13 +71,13 @@ def read_table(path: str, time: str, event: str) -> tuple[pd.DataFrame, np.ndarr
     df = pd.read_csv(path)
     missing = [c for c in (time, event) if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; it has {list(df.columns)[:20]}")
+        raise InputError(f"{path}: missing column(s) {missing}; it has {list(df.columns)[:20]}")
     feats = df.drop(columns=[time, event])
     bad = [c for c in feats.columns if not pd.api.types.is_numeric_dtype(feats[c])]
     if bad:
-        raise ValueError(f"{path}: non-numeric feature column(s) {bad}: encode them as numbers first")
+        raise InputError(f"{path}: non-numeric feature column(s) {bad}: encode them as numbers first")
     if feats.isna().any().any():
-        raise ValueError(f"{path}: {int(feats.isna().any(axis=1).sum())} rows have missing feature values")
+        raise InputError(f"{path}: {int(feats.isna().any(axis=1).sum())} rows have missing feature values")
     t, e = check_survival_arrays(df[time].to_numpy(), df[event].to_numpy(), name=os.path.basename(path))
     return feats, t, e
 
@@ -142,7 +143,7 @@ def table_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any], dic
 
     def make(x: pd.DataFrame, t: np.ndarray, e: np.ndarray) -> Split:
         if list(x.columns) != columns:
-            raise ValueError(f"feature columns differ between splits: {list(x.columns)} vs {columns}")
+            raise InputError(f"feature columns differ between splits: {list(x.columns)} vs {columns}")
         z = torch.tensor((x.to_numpy(np.float64) - mean) / std, dtype=torch.float32)
         ds = _TableRows(z, torch.tensor(t, dtype=torch.float32), torch.tensor(e, dtype=torch.float32))
         return Split(ds, t, e)
@@ -204,14 +205,14 @@ def image_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any], dic
         spec = d[split]
         if spec is None:
             if split == "val":
-                raise ValueError("data.val is required in images mode (a person-disjoint split from `fahr shards`)")
+                raise InputError("data.val is required in images mode (a person-disjoint split from `fahr shards`)")
             continue
         raw[split] = load_split_labels(spec, [d.time, d.event], cov, d.image_size)
     scaler: dict[str, Any] = {"features": cov}
     if cov:
         train_cov = np.stack([raw["train"].labels[c] for c in cov], axis=1)
         if np.isnan(train_cov).any():
-            raise ValueError(f"covariates {cov} have missing values in {int(np.isnan(train_cov).any(1).sum())} training photos")
+            raise InputError(f"covariates {cov} have missing values in {int(np.isnan(train_cov).any(1).sum())} training photos")
         scaler["mean"] = train_cov.mean(0).tolist()
         scaler["std"] = np.where(train_cov.std(0) > 0, train_cov.std(0), 1.0).tolist()
     splits = {}
@@ -221,7 +222,7 @@ def image_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any], dic
         if cov:
             z = (np.stack([ds.labels[c] for c in cov], axis=1) - scaler["mean"]) / scaler["std"]
             if np.isnan(z).any():
-                raise ValueError(f"covariates {cov} have missing values in the {split} split")
+                raise InputError(f"covariates {cov} have missing values in the {split} split")
         splits[split] = Split(_PhotoOutcomes(ds, d.time, d.event, z), t, e, ds.persons)
     return splits, scaler, {}
 
@@ -232,13 +233,13 @@ def person_level(split: Split, risk: np.ndarray, how: str) -> tuple[np.ndarray, 
     if split.persons is None:
         return split.time, split.event, risk, [str(i) for i in range(len(risk))]
     if how not in ("mean", "first"):
-        raise ValueError(f"task.person_aggregation must be mean or first, got {how!r}")
+        raise InputError(f"task.person_aggregation must be mean or first, got {how!r}")
     df = pd.DataFrame({"person": split.persons, "time": split.time, "event": split.event, "risk": risk})
     if (df["person"] == "").any():
-        raise ValueError("photos without a person id: person-level evaluation needs `person` in the shard json")
+        raise InputError("photos without a person id: person-level evaluation needs `person` in the shard json")
     conflicting = df.groupby("person")["event"].nunique().gt(1).sum()
     if conflicting:
-        raise ValueError(f"{conflicting} persons have photos with conflicting events")
+        raise InputError(f"{conflicting} persons have photos with conflicting events")
     first = df.loc[df.groupby("person")["time"].idxmax()].set_index("person")
     if how == "mean":
         first["risk"] = df.groupby("person")["risk"].mean()
@@ -264,7 +265,7 @@ def loaders(cfg: DictConfig, splits: dict[str, Split]) -> dict[str, DataLoader]:
     full = d.mode == "table" and d.batch_size == 0
     train_bs = len(splits["train"].dataset) if full else d.batch_size
     if train_bs > len(splits["train"].dataset):
-        raise ValueError(f"{len(splits['train'].dataset)} training rows are fewer than one batch ({train_bs})")
+        raise InputError(f"{len(splits['train'].dataset)} training rows are fewer than one batch ({train_bs})")
     g = torch.Generator().manual_seed(cfg.seed)
     if d.mode == "table":
         out = {"train": table_loader(splits["train"].dataset, train_bs, g)}
@@ -375,9 +376,9 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
     """Train (or resume) the survival model ``cfg`` describes, evaluate per person, export."""
     validate(cfg, FinetuneSurvivalConfig)
     if cfg.data.mode not in ("images", "table"):
-        raise ValueError(f"data.mode must be images or table, got {cfg.data.mode!r}")
+        raise InputError(f"data.mode must be images or table, got {cfg.data.mode!r}")
     if cfg.task.early_stopping_patience < 0:
-        raise ValueError(f"task.early_stopping_patience must be >= 0 (0 = off), got {cfg.task.early_stopping_patience}")
+        raise InputError(f"task.early_stopping_patience must be >= 0 (0 = off), got {cfg.task.early_stopping_patience}")
     L.seed_everything(cfg.seed, workers=True)
     ensure_cohort(cfg)
     run_dir = run_dir_for(cfg)

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fahr.boundary import InputError
 from fahr.config.inference_schema import PredictConfig
 from fahr.config.schema import validate
 from fahr.utils.atomic import atomic_write
@@ -71,7 +72,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     model, card = load_model(cfg.model)
     photos = list_photos(cfg.input)
     if not photos:
-        raise ValueError(f"no photos in {cfg.input!r} (image extensions: jpg, jpeg, png, bmp, gif, tif(f), webp, ppm, pgm)")
+        raise InputError(f"no photos in {cfg.input!r} (image extensions: jpg, jpeg, png, bmp, gif, tif(f), webp, ppm, pgm)")
     overrides = preprocessing_overrides(cfg)
     log.info("%d photos from %s; preprocessing %s", len(photos), cfg.input, resolve_preprocessing(card, overrides))
     counts: Counter = Counter()

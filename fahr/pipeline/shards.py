@@ -6,6 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fahr.boundary import InputError
 from fahr.config.schema import ShardsConfig, validate
 
 
@@ -15,7 +16,7 @@ def build_options(cfg: DictConfig):
     cohort = cfg.source == "cohort"
     stratify = cfg.split.stratify if cfg.split.stratify != "auto" else ("event" if cohort else "age")
     if cfg.deid.enabled not in ("auto", "true", "false"):
-        raise ValueError(f"deid.enabled must be auto, true or false, got {cfg.deid.enabled!r}")
+        raise InputError(f"deid.enabled must be auto, true or false, got {cfg.deid.enabled!r}")
     deid = cohort if cfg.deid.enabled == "auto" else cfg.deid.enabled == "true"
     return BuildOptions(
         fractions=dict(cfg.split.fractions), split_seed=cfg.split.seed, stratify=stratify,

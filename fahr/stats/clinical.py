@@ -21,6 +21,7 @@ from lifelines.exceptions import ConvergenceError
 from lifelines.statistics import multivariate_logrank_test
 from scipy import stats
 
+from fahr.boundary import InputError
 from fahr.stats.design import marker_scale
 
 TIME = "__time__"
@@ -66,7 +67,7 @@ def fit_cox(data: pd.DataFrame, terms: list[str]) -> CoxPHFitter:
             warnings.simplefilter("ignore")  # lifelines' convergence hints: failures raise below
             cph.fit(data[[TIME, EVENT, *terms]], duration_col=TIME, event_col=EVENT)
     except (ConvergenceError, np.linalg.LinAlgError) as err:
-        raise ValueError(
+        raise InputError(
             f"Cox model on {terms or 'no terms'} did not converge ({type(err).__name__}): terms may be "
             "collinear or perfectly separate events; drop or merge covariates"
         ) from None
@@ -78,7 +79,7 @@ def hazard_ratio(cph: CoxPHFitter, term: str, scale: float = 1.0) -> dict[str, f
     coef = float(cph.params_[term])
     low, high = (float(v) for v in cph.confidence_intervals_.loc[term])
     if abs(scale * coef) > 700:  # exp() overflows a float
-        raise ValueError(f"the HR of {term} per {scale:g} units is beyond floating point (log-HR {scale * coef:.3g}): "
+        raise InputError(f"the HR of {term} per {scale:g} units is beyond floating point (log-HR {scale * coef:.3g}): "
                          "the column barely varies or separates events perfectly; report it per SD "
                          f"(markers.<name>.standardize=true) or check the predictions")
     return {
@@ -126,7 +127,7 @@ def quartile_groups(values: pd.Series, name: str) -> pd.Series:
     try:
         return pd.qcut(values, 4, labels=QUARTILES)
     except ValueError:
-        raise ValueError(f"marker {name!r} has too few distinct values to split into quartiles") from None
+        raise InputError(f"marker {name!r} has too few distinct values to split into quartiles") from None
 
 
 def quartile_table(models: CoxModels, marker: Marker, groups: pd.Series, clinical: list[str]) -> pd.DataFrame:

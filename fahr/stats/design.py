@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from fahr.boundary import InputError
+
 
 @dataclass
 class Coding:
@@ -46,7 +48,7 @@ def code_covariate(series: pd.Series, forced_categorical: bool = False) -> tuple
     """
     name = str(series.name)
     if series.nunique() < 2:
-        raise ValueError(f"covariate {name!r} is constant in the analysed rows: drop it from `covariates`")
+        raise InputError(f"covariate {name!r} is constant in the analysed rows: drop it from `covariates`")
     if not is_categorical(series, forced_categorical):
         return series.astype(float).to_frame(name), Coding(name, "numeric", [name])
     text = series.astype(str)

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fahr.boundary import InputError
+
 
 def _label(name: str) -> str:
     return f"{name}: " if name else ""
@@ -31,22 +33,22 @@ def check_survival_arrays(time: Any, event: Any, name: str = "", require_event: 
     p = _label(name)
     t = np.asarray(time, dtype=float).reshape(-1) if _numeric(time) else None
     if t is None:
-        raise ValueError(f"{p}follow-up times must be numeric")
+        raise InputError(f"{p}follow-up times must be numeric")
     e_raw = np.asarray(event)
     e_raw = e_raw.reshape(-1)
     if len(t) != len(e_raw):
-        raise ValueError(f"{p}length mismatch: {len(t)} times but {len(e_raw)} event indicators")
+        raise InputError(f"{p}length mismatch: {len(t)} times but {len(e_raw)} event indicators")
     if len(t) == 0:
-        raise ValueError(f"{p}no rows: survival data is empty")
+        raise InputError(f"{p}no rows: survival data is empty")
     bad = ~np.isfinite(t)
     if bad.any():
-        raise ValueError(f"{p}{int(bad.sum())} follow-up time(s) are NaN or infinite (first at row {int(np.argmax(bad))})")
+        raise InputError(f"{p}{int(bad.sum())} follow-up time(s) are NaN or infinite (first at row {int(np.argmax(bad))})")
     neg = t < 0
     if neg.any():
-        raise ValueError(f"{p}{int(neg.sum())} follow-up time(s) are negative (first at row {int(np.argmax(neg))})")
+        raise InputError(f"{p}{int(neg.sum())} follow-up time(s) are negative (first at row {int(np.argmax(neg))})")
     e = _events_as_int(e_raw, p)
     if require_event and e.sum() == 0:
-        raise ValueError(f"{p}all {len(e)} subjects are censored (no event): survival models cannot be fitted")
+        raise InputError(f"{p}all {len(e)} subjects are censored (no event): survival models cannot be fitted")
     return t, e
 
 
@@ -65,11 +67,11 @@ def _events_as_int(event: np.ndarray, prefix: str) -> np.ndarray:
     try:
         e = event.astype(float)
     except (TypeError, ValueError):
-        raise ValueError(f"{prefix}event indicators must be 0 or 1, got non-numeric values") from None
+        raise InputError(f"{prefix}event indicators must be 0 or 1, got non-numeric values") from None
     bad = ~np.isin(e, (0.0, 1.0))  # NaN is not in {0, 1} either
     if bad.any():
         shown = sorted({repr(v) for v in e[bad].tolist()})[:5]
-        raise ValueError(
+        raise InputError(
             f"{prefix}{int(bad.sum())} event indicator(s) are not 0 or 1 (values seen: {', '.join(shown)}; "
             f"first at row {int(np.argmax(bad))})"
         )
@@ -104,7 +106,7 @@ def validate_survival_table(
     required = [c for c in (time, event, patient) if c is not None]
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ValueError(f"{p}missing column(s) {missing}; table has {list(df.columns)}")
+        raise InputError(f"{p}missing column(s) {missing}; table has {list(df.columns)}")
     _check_photo_before_event(df, photo_date, event_date, p)
     check_survival_arrays(df[time].to_numpy(), df[event].to_numpy(), name=name)
     if patient is not None:
@@ -114,11 +116,11 @@ def validate_survival_table(
 def _check_duplicate_patients(df: pd.DataFrame, time: str, event: str, patient: str, prefix: str) -> None:
     """Duplicate patient rows are tolerated only when their outcomes agree."""
     if df[patient].isna().any():
-        raise ValueError(f"{prefix}{int(df[patient].isna().sum())} row(s) have no patient id in column {patient!r}")
+        raise InputError(f"{prefix}{int(df[patient].isna().sum())} row(s) have no patient id in column {patient!r}")
     counts = df.groupby(patient, sort=False)[[time, event]].nunique()
     conflicting = int(((counts[time] > 1) | (counts[event] > 1)).sum())
     if conflicting:
-        raise ValueError(
+        raise InputError(
             f"{prefix}{conflicting} patient(s) have several rows with conflicting outcomes "
             f"({time!r}/{event!r} differ); give one row per patient"
         )
@@ -132,7 +134,7 @@ def _check_photo_before_event(df: pd.DataFrame, photo_date: str | None, event_da
     outcome = pd.to_datetime(df[event_date], errors="coerce")
     after = (photo > outcome).to_numpy()
     if after.any():
-        raise ValueError(
+        raise InputError(
             f"{prefix}{int(after.sum())} row(s) have a photo ({photo_date!r}) dated after the event or last "
             f"contact ({event_date!r}); first at row {int(np.argmax(after))}"
         )

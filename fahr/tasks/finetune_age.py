@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from timm.optim import param_groups_layer_decay
 
+from fahr.boundary import InputError
 from fahr.losses.age import l1_age_loss, label_distribution_loss
 from fahr.models.face_model import FaceModel
 from fahr.tasks.schedules import warmup_cosine
@@ -32,7 +33,7 @@ class AgeTask(L.LightningModule):
                  effective_batch: int, metric_prefix: str = "") -> None:
         super().__init__()
         if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage}")
+            raise InputError(f"stage must be 1 or 2, got {stage}")
         self.model = model
         self.cfg = task
         self.stage = stage
@@ -73,7 +74,7 @@ class AgeTask(L.LightningModule):
         elif self.cfg["loss"] == "l1":
             loss = l1_age_loss(out["age"], target, weight)
         else:
-            raise ValueError(f"unknown age loss {self.cfg['loss']!r} (distribution, l1)")
+            raise InputError(f"unknown age loss {self.cfg['loss']!r} (distribution, l1)")
         mae = (out["age"].detach() - target).abs().mean()
         self.log(f"{self.prefix}train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log(f"{self.prefix}train/mae", mae, on_step=True, on_epoch=False)

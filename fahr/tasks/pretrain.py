@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from fahr.boundary import InputError
 from fahr.models import MaskedAutoencoder, create_backbone
 from fahr.tasks.optim import param_groups
 from fahr.tasks.schedules import scaled_lr, warmup_cosine
@@ -102,7 +103,7 @@ class MAEPretrainTask(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=tuple(self.cfg["betas"]))
         total, warmup, min_lr, peak = self.trainer.max_steps, self.cfg["warmup_steps"], self.cfg["min_lr"], self.peak_lr
         if total is None or total <= 0:
-            raise ValueError("trainer.max_steps must be set: the LR schedule is a function of the step")
+            raise InputError("trainer.max_steps must be set: the LR schedule is a function of the step")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, peak, warmup, total, min_lr) / peak
         )

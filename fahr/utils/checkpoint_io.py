@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from fahr.boundary import InputError
 from fahr.utils.atomic import atomic_write
 
 
@@ -25,5 +26,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+            raise InputError(f"checkpoint not found: {path}")
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from fahr.boundary import InputError
+
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 SLURM_VARS = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NNODES")
 # Lightning's SLURMEnvironment uses the same names to recognise an allocation used interactively.
@@ -53,14 +55,14 @@ def _ints(environ: Mapping[str, str], names: tuple[str, ...], who: str) -> dict[
     missing = [n for n in names if not environ.get(n)]
     if missing:
         present = [n for n in names if environ.get(n)]
-        raise ValueError(
+        raise InputError(
             f"half-set {who} environment: {', '.join(present)} set but {', '.join(missing)} missing; "
             f"set all of {', '.join(names)} (or none of them for a single-process run)"
         )
     try:
         return {n: int(environ[n]) for n in names}
     except ValueError as err:
-        raise ValueError(f"{who} environment: not an integer in {[(n, environ[n]) for n in names]}") from err
+        raise InputError(f"{who} environment: not an integer in {[(n, environ[n]) for n in names]}") from err
 
 
 def _port(environ: Mapping[str, str]) -> Optional[int]:
@@ -74,7 +76,7 @@ def tasks_per_node(value: str) -> list[int]:
     for part in value.split(","):
         m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
         if not m:
-            raise ValueError(f"cannot parse SLURM_TASKS_PER_NODE={value!r}")
+            raise InputError(f"cannot parse SLURM_TASKS_PER_NODE={value!r}")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     return counts
 
@@ -83,7 +85,7 @@ def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``"gpu[03-05,9],cpu1"`` -> ``"gpu03"``."""
     m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if not m:
-        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+        raise InputError(f"cannot parse SLURM node list {nodelist!r}")
     prefix, ranges = m.group(1), m.group(2)
     return prefix + re.split(r"[-,]", ranges)[0] if ranges else prefix
 
@@ -92,10 +94,10 @@ def _torchrun(environ: Mapping[str, str]) -> DistEnv:
     v = _ints(environ, TORCHRUN_VARS, "torchrun")
     world, rank, local_rank, local_world = v["WORLD_SIZE"], v["RANK"], v["LOCAL_RANK"], v["LOCAL_WORLD_SIZE"]
     if world < 1 or local_world < 1 or world % local_world:
-        raise ValueError(f"inconsistent torchrun environment: WORLD_SIZE={world} is not a multiple of "
+        raise InputError(f"inconsistent torchrun environment: WORLD_SIZE={world} is not a multiple of "
                          f"LOCAL_WORLD_SIZE={local_world}")
     if not (0 <= rank < world and 0 <= local_rank < local_world):
-        raise ValueError(f"inconsistent torchrun environment: RANK={rank}, LOCAL_RANK={local_rank} outside "
+        raise InputError(f"inconsistent torchrun environment: RANK={rank}, LOCAL_RANK={local_rank} outside "
                          f"WORLD_SIZE={world}, LOCAL_WORLD_SIZE={local_world}")
     return DistEnv("torchrun", world, rank, local_rank, world // local_world, local_world,
                    environ.get("MASTER_ADDR") or None, _port(environ))
@@ -111,20 +113,20 @@ def _slurm(environ: Mapping[str, str]) -> DistEnv:
         per_node_all = tasks_per_node(environ["SLURM_TASKS_PER_NODE"])
         source = "SLURM_TASKS_PER_NODE"
     else:
-        raise ValueError("half-set SLURM (srun step) environment: neither SLURM_NTASKS_PER_NODE nor "
+        raise InputError("half-set SLURM (srun step) environment: neither SLURM_NTASKS_PER_NODE nor "
                          "SLURM_TASKS_PER_NODE is set")
     if len(set(per_node_all)) != 1:
-        raise ValueError(f"SLURM gave nodes different task counts ({source}={environ[source]}); one process per "
+        raise InputError(f"SLURM gave nodes different task counts ({source}={environ[source]}); one process per "
                          f"GPU needs the same on every node: submit with --ntasks-per-node")
     per_node = per_node_all[0]
     if len(per_node_all) > 1 and len(per_node_all) != nodes:
-        raise ValueError(f"inconsistent SLURM environment: {source}={environ[source]} lists "
+        raise InputError(f"inconsistent SLURM environment: {source}={environ[source]} lists "
                          f"{len(per_node_all)} nodes but SLURM_NNODES={nodes}")
     if world != nodes * per_node:
-        raise ValueError(f"inconsistent SLURM environment: SLURM_NTASKS={world} != SLURM_NNODES={nodes} x "
+        raise InputError(f"inconsistent SLURM environment: SLURM_NTASKS={world} != SLURM_NNODES={nodes} x "
                          f"{source}={environ[source]} ({nodes * per_node})")
     if not (0 <= rank < world and 0 <= local_rank < per_node):
-        raise ValueError(f"inconsistent SLURM environment: SLURM_PROCID={rank}, SLURM_LOCALID={local_rank} outside "
+        raise InputError(f"inconsistent SLURM environment: SLURM_PROCID={rank}, SLURM_LOCALID={local_rank} outside "
                          f"SLURM_NTASKS={world}, {per_node} tasks per node")
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     addr = environ.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else None)
@@ -188,7 +190,7 @@ def trainer_topology(trainer_cfg: Mapping[str, Any], env: DistEnv) -> dict[str, 
     devices = _count(out.get("devices", "auto"))
     if not env.is_distributed:
         if nodes is not None and nodes > 1:
-            raise ValueError(
+            raise InputError(
                 f"trainer.num_nodes={nodes} but this process was not started by srun or torchrun (a single "
                 f"process): launch one process per GPU with `srun` (see slurm/README.md) or torchrun, "
                 f"or set trainer.num_nodes=auto"
@@ -201,9 +203,9 @@ def trainer_topology(trainer_cfg: Mapping[str, Any], env: DistEnv) -> dict[str, 
     hint = (f"set trainer.num_nodes=auto trainer.devices=auto, or launch with --nodes={nodes or env.num_nodes} "
             f"--ntasks-per-node={devices or env.devices_per_node}")
     if nodes is not None and nodes != env.num_nodes:
-        raise ValueError(f"{asked} contradicts the environment: {launched}; {hint}")
+        raise InputError(f"{asked} contradicts the environment: {launched}; {hint}")
     if devices is not None and devices != env.devices_per_node:
-        raise ValueError(f"{asked} contradicts the environment: {launched} (one process per device); {hint}")
+        raise InputError(f"{asked} contradicts the environment: {launched} (one process per device); {hint}")
     out["num_nodes"] = env.num_nodes
     if devices is None:
         out["devices"] = env.devices_per_node

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fahr.boundary import InputError
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
 
 # Keys that do not change what is trained: where files go, how it is watched, how it is exported.
@@ -45,7 +46,7 @@ def derive_run_id(cfg: DictConfig) -> str:
 def run_dir_for(cfg: DictConfig) -> Path:
     run_id = cfg.run_id or derive_run_id(cfg)
     if "/" in run_id or run_id in {".", ".."}:
-        raise ValueError(f"run_id must be a plain name, got {run_id!r}")
+        raise InputError(f"run_id must be a plain name, got {run_id!r}")
     return Path(cfg.paths.runs_dir) / cfg.experiment_name / run_id
 
 
@@ -104,5 +105,5 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RUN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a fahr run directory (no {RUN_FILE})")
+        raise InputError(f"{run_dir} is not a fahr run directory (no {RUN_FILE})")
     return json.loads(path.read_text())

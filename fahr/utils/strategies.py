@@ -12,6 +12,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Mapping
 
+from fahr.boundary import InputError
+
 # Options each strategy accepts (StrategyConfig field names); the rest must stay None.
 _COMMON = {"process_group_backend", "timeout_minutes"}
 OPTIONS = {
@@ -41,15 +43,15 @@ def strategy_options(strategy: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         msg = str(err).splitlines()[0]
-        raise ValueError(f"trainer.strategy.{key}: {msg} (see StrategyConfig in fahr/config/schema.py)") from err
+        raise InputError(f"trainer.strategy.{key}: {msg} (see StrategyConfig in fahr/config/schema.py)") from err
     name = cfg.pop("name")
     if name not in OPTIONS:
-        raise ValueError(f"trainer.strategy.name={name!r}: a strategy with options is one of {sorted(OPTIONS)}; "
+        raise InputError(f"trainer.strategy.name={name!r}: a strategy with options is one of {sorted(OPTIONS)}; "
                          f"other Lightning strategies are given by name alone (trainer.strategy={name})")
     options = {k: v for k, v in cfg.items() if v is not None}
     wrong = sorted(set(options) - OPTIONS[name])
     if wrong:
-        raise ValueError(f"trainer.strategy: option(s) {', '.join(wrong)} do not apply to {name} "
+        raise InputError(f"trainer.strategy: option(s) {', '.join(wrong)} do not apply to {name} "
                          f"(it takes {', '.join(sorted(OPTIONS[name]))})")
     return name, options
 

@@ -1,0 +1,345 @@
+"""The input boundary: every file, table and output path a user hands a ``fahr`` command crosses here.
+
+Bad input becomes an :class:`InputError` whose message is one line: the file, row, column or key at
+fault and what was expected. Messages name what the *user* typed (paths, option keys, column names
+they configured) and counts or row numbers, never cell values: clinical tables hold identifiers.
+
+What this module guarantees, for every command that reads through it:
+
+- only regular files are read (a FIFO, a device such as ``/dev/zero``, a directory or a socket is
+  refused before a byte is read: no hang, no endless read), and never more than a byte cap;
+- text files (CSV, JSON) must be UTF-8 (a leading BOM is accepted) without NUL bytes;
+- CSV tables have a header row, the required columns, no duplicated column names, and fields no
+  longer than :data:`MAX_CSV_FIELD` characters;
+- an output path is checked before any work: not a directory where a file is meant (or the
+  reverse), not one of the command's inputs, and its folder can really be written to (a probe file
+  is created and removed, which also holds for root, for whom permission bits say nothing);
+- text written to output CSV cells is neutralised for spreadsheets (:func:`spreadsheet_safe`) and
+  made encodable (:func:`printable_path`).
+
+This module imports nothing heavy (no torch, numpy or pandas), so the command line can use it early.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "InputError",
+    "MAX_CSV_BYTES",
+    "MAX_CSV_FIELD",
+    "MAX_JSON_BYTES",
+    "MAX_PHOTO_BYTES",
+    "FileRefused",
+    "check_output_dir",
+    "check_output_file",
+    "printable_path",
+    "read_csv_table",
+    "read_json_file",
+    "read_regular_file",
+    "read_text_file",
+    "spreadsheet_safe",
+]
+
+#: largest photo file read (bytes): a 100-megapixel JPEG is ~30 MB; a bigger "photo" is refused
+#: unread (``image:too_large``), before any decoding
+MAX_PHOTO_BYTES = 64 * 1024 * 1024
+#: largest CSV table read (bytes): 10 million rows of a typical cohort table
+MAX_CSV_BYTES = 2 * 1024**3
+#: largest JSON file read (model cards, shard indexes, chunk marks), bytes
+MAX_JSON_BYTES = 256 * 1024 * 1024
+#: longest CSV field (characters); Python's csv module refuses longer fields with this limit
+MAX_CSV_FIELD = 1 << 20
+
+
+class InputError(ValueError):
+    """Bad input from the user: a file, row, column, key or option that is not what fahr expects.
+
+    ``fahr <command>`` prints the message as one line (``fahr predict: error: ...``) and exits with
+    status 2; other exceptions are fahr's own bugs. A subclass of ``ValueError``, so Python callers
+    that caught ``ValueError`` keep working.
+    """
+
+
+class FileRefused(Exception):
+    """A file that cannot be read as asked. ``reason`` is a short id (``missing``, ``not_regular``,
+    ``too_large``, ``unreadable``, ``empty``); ``detail`` is one human line without file contents."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` bytes.
+
+    The file is opened non-blocking (opening a FIFO never waits for a writer) and its type checked
+    on the open descriptor (no race between a check and the read); at most ``max_bytes + 1`` bytes
+    are read, so a file that grows while read is still refused.
+
+    Raises:
+        FileRefused: ``missing`` (does not exist, or a path component is not a directory),
+            ``not_regular`` (directory, FIFO, device, socket), ``too_large``, ``unreadable``
+            (permission or I/O error).
+    """
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise FileRefused("missing", "no such file") from None
+    except NotADirectoryError:
+        raise FileRefused("missing", "a parent of the path is not a directory") from None
+    except IsADirectoryError:
+        raise FileRefused("not_regular", "is a directory") from None
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # a FIFO or socket without a peer
+            raise FileRefused("not_regular", "not a regular file (FIFO or socket)") from None
+        raise FileRefused("unreadable", f"cannot open: {err.strerror or type(err).__name__}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefused("not_regular", f"is {_kind(info.st_mode)}, not a regular file")
+        if info.st_size > max_bytes:
+            raise FileRefused("too_large", f"{info.st_size:,} bytes, more than the {max_bytes:,}-byte limit")
+        os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while True:
+            block = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not block:
+                break
+            chunks.append(block)
+            total += len(block)
+            if total > max_bytes:
+                raise FileRefused("too_large", f"more than the {max_bytes:,}-byte limit (still growing)")
+        return b"".join(chunks)
+    except OSError as err:
+        raise FileRefused("unreadable", f"read error: {err.strerror or type(err).__name__}") from None
+    finally:
+        os.close(fd)
+
+
+def _where(path: str | os.PathLike, what: str) -> str:
+    return f"{what} {printable_path(path)}" if what else printable_path(path)
+
+
+def read_text_file(path: str | os.PathLike, what: str, max_bytes: int) -> str:
+    """A UTF-8 text file as ``str`` (BOM dropped, newlines kept).
+
+    ``what`` names the file's role in messages (``"input CSV"``, ``"model card"``).
+
+    Raises:
+        InputError: missing, not a regular file, larger than ``max_bytes``, not UTF-8, or holding NUL
+            bytes (a binary file), each naming the file and what is expected.
+    """
+    try:
+        data = read_regular_file(path, max_bytes)
+    except FileRefused as err:
+        raise InputError(f"{_where(path, what)}: {err.detail}") from None
+    if b"\x00" in data:
+        raise InputError(f"{_where(path, what)}: holds NUL bytes; expected a UTF-8 text file, not a binary one")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{_where(path, what)}: not UTF-8 (invalid byte at offset {err.start}); "
+                         "save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file (strict: no NaN/Infinity constants, no duplicate keys, UTF-8).
+
+    Raises:
+        InputError: as :func:`read_text_file`, or not valid JSON (naming the line and column).
+    """
+    text = read_text_file(path, what, max_bytes)
+
+    def strict_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise InputError(f"{_where(path, what)}: key {key!r} appears twice in one object")
+            out[key] = value
+        return out
+
+    def no_constants(name: str) -> Any:
+        raise InputError(f"{_where(path, what)}: {name} is not JSON (write null or a finite number)")
+
+    try:
+        return json.loads(text, object_pairs_hook=strict_pairs, parse_constant=no_constants)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{_where(path, what)}: not valid JSON ({err.msg} at line {err.lineno}, "
+                         f"column {err.colno})") from None
+    except RecursionError:
+        raise InputError(f"{_where(path, what)}: nested too deeply to be a fahr file") from None
+
+
+def read_csv_table(path: str | os.PathLike, what: str, required: tuple[str, ...] = (),
+                   max_bytes: int = MAX_CSV_BYTES) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV table with a header row: (column names, rows as ``{column: stripped text}``).
+
+    Column names are stripped; blank lines are skipped; a row shorter than the header has ``""`` in
+    the missing cells; one longer than the header is an error unless the extra cells are empty. Row numbers in messages are file lines (the header
+    is line 1).
+
+    Raises:
+        InputError: as :func:`read_text_file`; no header; duplicated or empty column names; missing
+            ``required`` columns (named, with a hint when the file looks ``;``-separated); a field
+            longer than :data:`MAX_CSV_FIELD`; a row with more cells than the header. The message
+            never repeats the file's content (a header-less clinical CSV has data in its first line).
+    """
+    text = read_text_file(path, what, max_bytes)
+    where = _where(path, what)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(MAX_CSV_FIELD)
+    try:
+        try:
+            header = next(reader, None)
+        except csv.Error as err:
+            raise InputError(f"{where}: line 1 is not CSV ({err})") from None
+        if not header or not any(c.strip() for c in header):
+            raise InputError(f"{where}: empty, or no header row (expected column names in line 1)")
+        columns = [c.strip() for c in header]
+        if any(not c for c in columns):
+            raise InputError(f"{where}: column {columns.index('') + 1} of the header has no name")
+        duplicated = sorted({c for c in columns if columns.count(c) > 1})
+        if duplicated:
+            raise InputError(f"{where}: column name(s) {duplicated} appear more than once in the header")
+        missing = [c for c in required if c not in columns]
+        if missing:
+            hint = ("; the file looks ';'-separated: save it comma-separated"
+                    if len(columns) == 1 and ";" in header[0] else "")
+            raise InputError(f"{where}: missing required column(s) {missing} (the header has {len(columns)} "
+                             f"column(s)){hint}")
+        rows: list[dict[str, str]] = []
+        try:
+            for cells in reader:
+                if not any(cell.strip() for cell in cells):
+                    continue
+                if len(cells) > len(columns) and any(c.strip() for c in cells[len(columns):]):
+                    raise InputError(f"{where}: line {reader.line_num} has {len(cells)} cells, the header "
+                                     f"{len(columns)} (an unquoted comma?)")
+                cells = [cell.strip() for cell in cells[: len(columns)]] + [""] * (len(columns) - len(cells))
+                rows.append(dict(zip(columns, cells)))
+        except csv.Error as err:
+            raise InputError(f"{where}: line {reader.line_num} is not valid CSV ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
+    return columns, rows
+
+
+# ---- outputs --------------------------------------------------------------------------------------
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in ``folder`` (creating the folder if needed)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{what}: {printable_path(folder)} exists and is not a directory") from None
+    except OSError as err:
+        raise InputError(f"{what}: cannot create folder {printable_path(folder)} ({err.strerror})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fahr-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{what}: cannot write in {printable_path(folder)} ({err.strerror})") from None
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output",
+                      inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+    """Check, before any work, that a result file can be written at ``path``.
+
+    Raises:
+        InputError: ``path`` is empty, an existing directory, one of ``inputs`` (a file the command
+            reads: it would be overwritten), or its folder cannot be created or written to.
+    """
+    if not str(path).strip():
+        raise InputError(f"{what}: empty path; give a file name, e.g. {what}=results.csv")
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what}={printable_path(p)} is a directory; give a file path")
+    if p.exists() and not p.is_file():
+        raise InputError(f"{what}={printable_path(p)} exists and is not a regular file")
+    for source in inputs:
+        if source is not None and (_same_file(p, Path(source)) or p.resolve() == Path(source).resolve()):
+            raise InputError(f"{what}={printable_path(p)} is also an input of this command; "
+                             "refusing to overwrite it: choose another output path")
+    _probe_writable(p.parent if str(p.parent) else Path("."), f"{what}={printable_path(p)}")
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output",
+                     inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+    """Check, before any work, that results can be written into the directory ``path`` (created if
+    missing). Raises :class:`InputError` if it is a file, an input, or not writable."""
+    if not str(path).strip():
+        raise InputError(f"{what}: empty path; give a directory, e.g. {what}=report/")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{what}={printable_path(p)} exists and is not a directory")
+    for source in inputs:
+        if source is not None and (_same_file(p, Path(source)) or p.resolve() == Path(source).resolve()):
+            raise InputError(f"{what}={printable_path(p)} is also an input of this command; choose another directory")
+    _probe_writable(p, f"{what}={printable_path(p)}")
+    return p
+
+
+# ---- text that leaves fahr ------------------------------------------------------------------------
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that spreadsheets will not run as a formula (OWASP "CSV injection").
+
+    Text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading
+    apostrophe, which spreadsheets show as text; numbers (``-3.5``) pass unchanged, as does any
+    non-string value.
+    """
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    if value[0] in "+-":
+        try:
+            float(value)
+            return value
+        except ValueError:
+            pass
+    return "'" + value
+
+
+def printable_path(path: str | os.PathLike) -> str:
+    """A path as encodable text: bytes that are not UTF-8 (``surrogateescape``) become ``\\xNN``."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "backslashreplace")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
