@@ -158,6 +158,11 @@ class AlignedFace:
 
 MultiFace = Literal["reject", "largest", "central"]
 
+#: with ``skip_detection``, inputs must be aligned crops: at least this many pixels on each side ...
+MIN_CROP_SIDE = 32
+#: ... and at most this much longer on one side than on the other
+MAX_CROP_ASPECT = 1.5
+
 
 class FaceAligner:
     """Detect the face in each photo with MTCNN (built once) and align it to the 5-point template.
@@ -181,7 +186,9 @@ class FaceAligner:
             (black) before detection, so faces that fill or overflow the frame (tight crops such as
             UTKFace; close-up photos) are detected whole instead of getting frame-clipped
             landmarks. 0 is faster (~1.3x on FG-NET) for photos with room around the face.
-        skip_detection: inputs are already aligned crops (e.g. UTKFace 200x200): resize only.
+        skip_detection: inputs are already aligned crops (e.g. UTKFace 200x200): resize only. A
+            photo under :data:`MIN_CROP_SIDE` pixels (``face:too_small``) or more than
+            :data:`MAX_CROP_ASPECT` times longer on one side (``face:not_aligned``) is rejected.
         scale_factor: MTCNN image-pyramid factor (facenet's 0.709; 0.5 is faster but loses faces
             whose size falls between two levels, e.g. one FG-NET photo).
         thresholds: MTCNN P/R/O-net thresholds.
@@ -255,9 +262,15 @@ class FaceAligner:
     def _min_face_px(self, h: int, w: int) -> float:
         return self.min_face_size * min(h, w) if self.min_face_size < 1 else self.min_face_size
 
-    def _resize_only(self, image: np.ndarray) -> AlignedFace:
+    def _resize_only(self, image: np.ndarray) -> AlignedFace | RejectedError:
         im = _as_pil(image)
         w, h = im.size
+        # an aligned crop is square-ish and big enough to hold a face: anything else resized to the
+        # model's input would give a confident-looking prediction from a few pixels or a whole scene
+        if min(w, h) < MIN_CROP_SIDE:
+            return RejectedError("face:too_small", f"{w}x{h} is smaller than an aligned crop ({MIN_CROP_SIDE} px)")
+        if max(w, h) > MAX_CROP_ASPECT * min(w, h):
+            return RejectedError("face:not_aligned", f"{w}x{h} is not a square-ish aligned face crop")
         n = self.image_size
         crop = np.asarray(im.resize((n, n), Image.Resampling.BILINEAR), dtype=np.uint8)
         sx, sy = n / w, n / h  # continuous-coordinate scale; index coords: crop = s*(src+0.5)-0.5

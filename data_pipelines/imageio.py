@@ -5,7 +5,8 @@
 - EXIF orientation is applied first (``PIL.ImageOps.exif_transpose``), so phone photos come out upright;
 - every mode becomes 8-bit RGB: greyscale / palette / CMYK / YCbCr are converted, alpha (RGBA, LA,
   PA, palette transparency) is composited on white, 16-bit and 32-bit integer greyscale (``I;16*``,
-  ``I``) and float (``F``) are rescaled to 0-255;
+  ``I``) and float (``F``) are rescaled to 0-255 (float data within [0, 1] is scaled by 255, as
+  scientific TIFFs store it; NaN or infinite pixels are ``image:unreadable``);
 - rejections (:class:`~data_pipelines.records.RejectedError`): ``image:empty`` (zero bytes),
   ``image:unreadable`` (not an image, truncated, undecodable), ``image:too_large`` (more than
   ``max_pixels`` pixels according to the header, checked *before* any pixel is decoded).
@@ -36,8 +37,12 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
     if mode.startswith("I;16") or mode in ("I", "F"):
         a = np.asarray(im).astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError("non-finite pixel values")
         if mode.startswith("I;16"):
             a = a / 257.0
+        elif mode == "F" and a.size and a.min() >= 0.0 and a.max() <= 1.0:  # float data in [0, 1]
+            a = a * 255.0
         elif a.size and a.max() > 255:  # 16/32-bit integer or float data in a wider range: 16-bit scale
             a = np.clip(a, 0, 65535) / 257.0
         a = np.clip(np.rint(a), 0, 255).astype(np.uint8)

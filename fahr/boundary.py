@@ -40,6 +40,7 @@ __all__ = [
     "MAX_PHOTO_BYTES",
     "FileRefused",
     "check_output_dir",
+    "check_regular_file",
     "check_output_file",
     "printable_path",
     "read_csv_table",
@@ -86,6 +87,26 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def check_regular_file(path: str | os.PathLike, max_bytes: int) -> int:
+    """The size in bytes of ``path`` after checking (without opening it) that it is a regular file of
+    at most ``max_bytes``; for readers that open the file themselves (e.g. safetensors, tarfile).
+
+    Raises:
+        FileRefused: as :func:`read_regular_file`.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileRefused("missing", "no such file") from None
+    except OSError as err:
+        raise FileRefused("unreadable", f"cannot stat: {err.strerror or type(err).__name__}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise FileRefused("not_regular", f"is {_kind(info.st_mode)}, not a regular file")
+    if info.st_size > max_bytes:
+        raise FileRefused("too_large", f"{info.st_size:,} bytes, more than the {max_bytes:,}-byte limit")
+    return info.st_size
 
 
 def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
@@ -157,7 +178,8 @@ def read_text_file(path: str | os.PathLike, what: str, max_bytes: int) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise InputError(f"{_where(path, what)}: not UTF-8 (invalid byte at offset {err.start}); "
+        line = data[: err.start].count(b"\n") + 1
+        raise InputError(f"{_where(path, what)}: not UTF-8 (invalid byte in line {line}, at byte {err.start}); "
                          "save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
     return text[1:] if text.startswith("\ufeff") else text
 

@@ -69,3 +69,44 @@ def shared_data(sub: str) -> Path:
 
 
 __all__ = ["compose_config", "open_dict", "shared_data", "TINY_DATA", "REPO"]
+
+
+class FahrRun:
+    """What ``fahr <argv>`` did: exit status, stdout and stderr."""
+
+    def __init__(self, status: int, out: str, err: str) -> None:
+        self.status, self.out, self.err = status, out, err
+
+    def __repr__(self) -> str:
+        return f"FahrRun(status={self.status}, err={self.err[-2000:]!r})"
+
+    @property
+    def error_line(self) -> str:
+        """The last non-empty stderr line (where ``fahr`` reports a failure)."""
+        lines = [line for line in self.err.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+
+@pytest.fixture
+def run_fahr(capfd, monkeypatch):
+    """Run the shipped ``fahr`` command line in this process: ``run_fahr("predict", "model=...", ...)``
+    returns a :class:`FahrRun`. The same entry point as the console script (``fahr.cli.main.main``),
+    without a subprocess per call (Hydra and torch start once per test session)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fahr.cli.main import main
+
+    def run(*argv: str) -> FahrRun:
+        GlobalHydra.instance().clear()
+        capfd.readouterr()
+        monkeypatch.delenv("FAHR_DEBUG", raising=False)
+        try:
+            status = main(list(argv))
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        finally:
+            GlobalHydra.instance().clear()
+        out, err = capfd.readouterr()
+        return FahrRun(int(status or 0), out, err)
+
+    return run

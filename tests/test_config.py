@@ -67,7 +67,9 @@ def test_demo_is_the_demo_experiment():
     ("model.arhc=vit_base", "arhc"),
 ])
 def test_misspelt_override_fails_naming_the_key(override, key):
-    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
+    from fahr.boundary import InputError
+
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, InputError)) as err:
         validate(compose_config("pretrain", [override]))
     assert key in str(err.value) + str(err.value.__cause__)
 

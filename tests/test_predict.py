@@ -98,7 +98,7 @@ def test_status_vocabulary():
     assert status_of("face:too_small") == "no_face"
     assert status_of("face:multiple") == "multiple_faces"
     assert status_of("face:low_confidence") == "low_confidence"
-    for reason in ("image:empty", "image:unreadable", "image:too_large", "image:missing"):
+    for reason in ("image:empty", "image:unreadable", "image:too_large", "image:missing", "image:not_regular"):
         assert status_of(reason) == "unreadable"
     assert set(STATUSES) == {"ok", "no_face", "multiple_faces", "low_confidence", "unreadable"}
 
@@ -168,13 +168,13 @@ def test_predict_photos_api_with_csv_input(export, photo_dir, tmp_path):
     rows = predict_photos(model, card, photos, batch_size=2, device="cpu")
     assert [r["path"] for r in rows] == [p.label for p in photos]
     assert [r["status"] for r in rows] == ["ok", "unreadable", "ok", "ok"]
-    # not bit-identical: the aligner pads each detection batch to a common canvas, so landmarks
-    # move by a fraction of a pixel with the batch's other photos
-    assert rows[0]["faceage"] == pytest.approx(rows[3]["faceage"], abs=0.5)
+    # the same photo gets the same crop whatever else is in its batch; the model's batched arithmetic
+    # leaves differences far below the CSV's 1e-4 years
+    assert rows[0]["faceage"] == pytest.approx(rows[3]["faceage"], abs=1e-4)
     assert rows[1]["faceage"] is None
     # plain paths work too, labelled by themselves
     plain = predict_photos(model, card, [photos[0].path], device="cpu")
-    assert plain[0]["path"] == str(photos[0].path) and plain[0]["faceage"] == pytest.approx(rows[0]["faceage"], abs=0.5)
+    assert plain[0]["path"] == str(photos[0].path) and plain[0]["faceage"] == pytest.approx(rows[0]["faceage"], abs=1e-4)
 
 
 def test_card_without_detection_only_resizes(tmp_path):
@@ -237,7 +237,7 @@ def test_missing_model_or_photos_is_a_clear_error(export, tmp_path):
 
     (tmp_path / "empty").mkdir()
     cfg = compose_predict([f"model={tmp_path / 'nope'}", f"input={tmp_path}", f"output={tmp_path / 'o.csv'}"])
-    with pytest.raises(InputError, match="model_card.json"):
+    with pytest.raises(InputError, match="nope: not a directory"):
         predict(cfg)
     cfg = compose_predict([f"model={export}", f"input={tmp_path / 'empty'}", f"output={tmp_path / 'o.csv'}"])
     with pytest.raises(ValueError, match="no photos"):

@@ -20,6 +20,9 @@ from typing import Any
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
+#: set when :func:`run_command` has reported a failure (so ``fahr.cli.main`` can tell Hydra's own
+#: config errors, which exit 1 before any command runs, from a reported internal error)
+REPORTED: list[str] = []
 
 
 def config_dir() -> str:
@@ -86,23 +89,30 @@ def run_command(command: str, pipeline: Callable[[Any], Any], cfg: Any) -> Any:
         return pipeline(cfg)
     except InputError as err:
         if debug_mode():
+            REPORTED.append("debug")
             raise
         message = _one_line(str(err))
         print(f"fahr {command}: error: {message}", file=sys.stderr)
+        REPORTED.append("input")
         sys.exit(EXIT_INPUT_ERROR)
     except MissingMandatoryValue as err:
         if debug_mode():
+            REPORTED.append("debug")
             raise
         key = getattr(err, "full_key", None) or "a required option"
         print(f"fahr {command}: error: {key} is required: add {key}=... to the command line", file=sys.stderr)
+        REPORTED.append("input")
         sys.exit(EXIT_INPUT_ERROR)
     except KeyboardInterrupt:
         print(f"fahr {command}: interrupted", file=sys.stderr)
+        REPORTED.append("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:  # noqa: BLE001 - the last line of defence: no traceback, no data
         if debug_mode():
+            REPORTED.append("debug")
             raise
         print(f"fahr {command}: internal error: {type(err).__name__} at {_where_raised(err)}. This is a bug in "
               f"fahr, not in your input: rerun with `fahr --debug {command} ...` for the traceback and report it",
               file=sys.stderr)
+        REPORTED.append("internal")
         sys.exit(EXIT_INTERNAL_ERROR)

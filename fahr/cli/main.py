@@ -67,7 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(SUBCOMMANDS[command][0])
     sys.argv = [f"fahr-{command}", *argv[1:]]
-    module.main()
+    from fahr.cli import _hydra
+
+    _hydra.REPORTED.clear()
+    try:
+        module.main()
+    except SystemExit as exit_:
+        # Hydra reports a config it cannot compose (unknown key, wrong type, bad override) itself and
+        # exits 1; that is bad input too, so it gets the input-error status like every other
+        if exit_.code == 1 and not _hydra.REPORTED:
+            raise SystemExit(_hydra.EXIT_INPUT_ERROR) from None
+        raise
     return 0
 
 

@@ -259,8 +259,23 @@ def validate(cfg: Any, schema: type = PretrainConfig) -> None:
 
     Hydra's ``+key=value`` may append keys the schema does not know; this rejects them (and wrong
     types) with the key named, before anything runs.
+
+    Raises:
+        InputError: an unknown key, a wrong type, or a required (``???``) value left unset.
     """
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    # merge a plain container: merging the DictConfig itself would carry its appended keys along
-    OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg, resolve=False))
+    from fahr.boundary import InputError
+
+    try:
+        # merge a plain container: merging the DictConfig itself would carry its appended keys along
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg, resolve=False))
+        missing = sorted(OmegaConf.missing_keys(merged))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        message = str(err).splitlines()[0]
+        raise InputError(f"{key}: {message}" if key else message) from None
+    if missing:
+        raise InputError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required: add "
+                         f"{missing[0]}=... to the command line")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,8 @@ METHODS = ("pair", "slope")
 FAR_STATUSES: dict[str, str] = {
     "ok": "FAR computed",
     "no_usable_photos": "no photo of the person has a face (all no_face / multiple_faces / unreadable ...)",
-    "missing_dates": "fewer than 2 usable photos once photos without a date (or age) are dropped",
+    "missing_dates": "fewer than 2 usable photos once photos without a valid date (or age) are dropped",
+    "mixed_time_kinds": "some photos give a date and others only an age_at_photo: the two cannot be combined",
     "one_photo": "only one usable photo",
     "zero_interval": "all usable photos were taken on the same day",
 }
@@ -52,24 +53,52 @@ def interval_bin(days: float | None) -> str:
     return "other"
 
 
-def photo_days(row: dict[str, Any]) -> float | None:
-    """A photo's time in days on a per-person axis: from ``date`` (ISO, ``date`` or ``datetime``) as
-    days since 0001-01-01, else ``age_at_photo`` (years) x 365.25. None when absent or unparseable."""
+#: plausible photo dates: no photograph of a living person predates this, none postdates today
+EARLIEST_PHOTO_DATE = date(1900, 1, 1)
+#: plausible ages at a photo, years
+AGE_RANGE = (0.0, 120.0)
+
+
+def photo_time(row: dict[str, Any]) -> tuple[str | None, float | None, str]:
+    """A photo's time on its person's axis: ``(kind, days, problem)``.
+
+    ``kind`` is ``"date"`` (days since 0001-01-01 from an ISO ``date``, or a ``date``/``datetime``
+    value; a time part after the day is ignored) or ``"age"`` (``age_at_photo`` years x 365.25);
+    the ``date`` column wins when both are filled. ``(None, None, problem)`` when the row has no usable
+    time, ``problem`` saying why in a few words (``"no date or age_at_photo"``, ``"date not ISO
+    YYYY-MM-DD"``, ``"date before 1900 or in the future"``, ``"age_at_photo not a number in [0,
+    120]"``). A bad date never falls back to the age: the two are on different axes.
+    """
     value = row.get("date")
     if value not in (None, ""):
-        try:
-            d = value if isinstance(value, date) else date.fromisoformat(str(value).strip()[:10])
-        except ValueError:
-            return None
-        return float(d.toordinal())
+        if isinstance(value, date):
+            d = value
+        else:
+            text = str(value).strip()
+            try:
+                if len(text) > 10 and text[10] not in "T ":
+                    raise ValueError
+                d = date.fromisoformat(text[:10])
+            except ValueError:
+                return None, None, "date not ISO YYYY-MM-DD"
+        if not EARLIEST_PHOTO_DATE <= d <= date.today() + timedelta(days=1):
+            return None, None, "date before 1900 or in the future"
+        return "date", float(d.toordinal()), ""
     age = row.get("age_at_photo")
     if age in (None, ""):
-        return None
+        return None, None, "no date or age_at_photo"
     try:
         years = float(age)
     except (TypeError, ValueError):
-        return None
-    return years * DAYS_PER_YEAR if math.isfinite(years) else None
+        years = math.nan
+    if not (math.isfinite(years) and AGE_RANGE[0] <= years <= AGE_RANGE[1]):
+        return None, None, "age_at_photo not a number in [0, 120]"
+    return "age", years * DAYS_PER_YEAR, ""
+
+
+def photo_days(row: dict[str, Any]) -> float | None:
+    """A photo's time in days on its person's axis (see :func:`photo_time`), None if unusable."""
+    return photo_time(row)[1]
 
 
 def _usable(row: dict[str, Any]) -> bool:
@@ -101,6 +130,9 @@ def far_from_photos(rows: Iterable[dict[str, Any]], method: str = "pair") -> dic
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     rows = list(rows)
+    kinds = {photo_time(r)[0] for r in rows} - {None}
+    if len(kinds) > 1:  # days since year 1 against years of age x 365.25: no interval exists
+        return _empty(rows, "mixed_time_kinds", 0)
     faces = [r for r in rows if _usable(r)]
     timed = [(photo_days(r), i, r) for i, r in enumerate(faces)]
     timed = sorted((t for t in timed if t[0] is not None), key=lambda t: (t[0], t[1]))
@@ -128,8 +160,12 @@ def far_from_photos(rows: Iterable[dict[str, Any]], method: str = "pair") -> dic
 
 
 def far_table(rows: Iterable[dict[str, Any]], method: str = "pair") -> list[dict[str, Any]]:
-    """One :func:`far_from_photos` result per ``person``, in order of first appearance."""
+    """One :func:`far_from_photos` result per ``person``, in order of first appearance. Rows whose
+    ``person`` is empty (None or blank text) belong to nobody and are left out (the caller counts
+    them): merging them into one "person" would compare strangers' photos."""
     by_person: dict[Any, list[dict[str, Any]]] = {}
     for r in rows:
+        if r["person"] is None or (isinstance(r["person"], str) and not r["person"].strip()):
+            continue
         by_person.setdefault(r["person"], []).append(r)
     return [far_from_photos(group, method) for group in by_person.values()]

@@ -8,7 +8,6 @@ status from a small vocabulary (:data:`STATUSES`); the pipeline's detailed rejec
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,14 @@ import numpy as np
 
 from data_pipelines.imageio import decode_photo
 from data_pipelines.records import RejectedError
-from fahr.boundary import InputError
+from fahr.boundary import (
+    MAX_PHOTO_BYTES,
+    FileRefused,
+    InputError,
+    printable_path,
+    read_csv_table,
+    read_regular_file,
+)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
@@ -26,7 +32,7 @@ STATUSES: dict[str, str] = {
     "no_face": "no face found, or only faces smaller than the minimum face size",
     "multiple_faces": "several faces and the multi_face policy is 'reject'",
     "low_confidence": "the best face's detector probability is below min_confidence",
-    "unreadable": "missing, empty, undecodable or too large a file",
+    "unreadable": "missing, empty, undecodable or too large a file, or not a regular file (a folder, FIFO, device)",
 }
 
 # data_pipelines reason id -> status (unknown face:* reasons are no_face, unknown others unreadable)
@@ -40,11 +46,11 @@ _REASON_STATUS = {
 
 @dataclass(frozen=True)
 class Photo:
-    """One input photo: ``label`` as written in the output (the CSV's value, or the scanned path);
-    ``path`` where to read it."""
+    """One input photo: ``label`` as written in the output (the CSV's value, or the scanned path, as
+    encodable text); ``path`` where to read it (None: the CSV row named no file)."""
 
     label: str
-    path: Path
+    path: Path | None
 
 
 def status_of(reason: str) -> str:
@@ -55,22 +61,19 @@ def status_of(reason: str) -> str:
 
 
 def scan_directory(root: str | Path) -> list[Photo]:
-    """Every file under ``root`` (recursively) with an image extension, sorted by path."""
+    """Every regular file under ``root`` (recursively; symlinked folders are not entered) with an
+    image extension, sorted by path. File names that are not UTF-8 are labelled with ``\\xNN``
+    escapes, so writing the output never fails on them."""
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    return [Photo(str(p), p) for p in files]
+    return [Photo(printable_path(p), p) for p in files]
 
 
 def read_csv_rows(path: str | Path, required: tuple[str, ...] = ("path",)) -> list[dict[str, str]]:
-    """Rows of a CSV as dicts; a ``ValueError`` naming the missing columns."""
-    path = Path(path)
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise InputError(f"{path}: missing column(s) {missing}; it has {columns}")
-        return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    """Rows of an input CSV as ``{column: stripped text}``; :class:`InputError` naming the file for a
+    missing, unreadable, non-UTF-8 or malformed table or missing columns (see
+    :func:`fahr.boundary.read_csv_table`)."""
+    return read_csv_table(path, "input CSV", required)[1]
 
 
 def resolve(value: str, base: Path) -> Path:
@@ -80,21 +83,35 @@ def resolve(value: str, base: Path) -> Path:
 
 
 def list_photos(input_path: str | Path) -> list[Photo]:
-    """The photos named by ``input_path``: a directory (recursive scan) or a CSV with a ``path`` column."""
+    """The photos named by ``input_path``: a directory (recursive scan), one photo file (by its image
+    extension), or a CSV with a ``path`` column (relative paths from the CSV's folder; an empty cell
+    is a row without a photo, reported ``unreadable``)."""
     p = Path(input_path)
+    if not str(input_path).strip():
+        raise InputError("input: empty path; give a folder of photos, one photo, or a CSV with a `path` column")
     if p.is_dir():
         return scan_directory(p)
-    if not p.is_file():
-        raise InputError(f"input {str(input_path)!r} is neither a directory nor a CSV file")
+    if not p.exists():
+        raise InputError(f"input {printable_path(p)}: no such file or directory")
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        return [Photo(printable_path(p), p)]
     rows = read_csv_rows(p)
-    return [Photo(row["path"], resolve(row["path"], p.parent)) for row in rows]
+    return [Photo(row["path"], resolve(row["path"], p.parent) if row["path"] else None) for row in rows]
 
 
-def load_photo(path: str | Path) -> np.ndarray:
-    """Read and decode one photo to (H, W, 3) uint8 RGB; raises :class:`RejectedError`
-    (``image:missing`` when it cannot be read, else :func:`decode_photo`'s reasons)."""
+_FILE_REASONS = {"missing": "image:missing", "not_regular": "image:not_regular", "too_large": "image:too_large",
+                 "unreadable": "image:unreadable"}
+
+
+def load_photo(path: str | Path | None) -> np.ndarray:
+    """Read and decode one photo to (H, W, 3) uint8 RGB; raises :class:`RejectedError`:
+    ``image:missing`` (no such file, or no path), ``image:not_regular`` (a folder, FIFO, device, ...),
+    ``image:too_large`` (over :data:`fahr.boundary.MAX_PHOTO_BYTES` bytes, or too many pixels),
+    else :func:`decode_photo`'s reasons. Only regular files are opened, never more than the cap read."""
+    if path is None:
+        raise RejectedError("image:missing", "empty path")
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise RejectedError("image:missing", f"{type(e).__name__}") from e
+        data = read_regular_file(path, MAX_PHOTO_BYTES)
+    except FileRefused as err:
+        raise RejectedError(_FILE_REASONS[err.reason], err.detail) from None
     return decode_photo(data)

@@ -43,6 +43,9 @@ def resolve_preprocessing(card: dict[str, Any], overrides: dict[str, Any] | None
     if unknown:
         raise InputError(f"unknown preprocessing override(s) {sorted(unknown)}; known: {list(PREPROCESSING_KEYS)}")
     prep.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    from fahr.models.weights import check_preprocessing
+
+    check_preprocessing(prep, "preprocessing")
     return prep
 
 
@@ -145,6 +148,10 @@ def _rows_for_chunk(photos: Sequence[Photo], aligned: list[np.ndarray | str], mo
         return rows
     crops = torch.from_numpy(np.stack([aligned[j] for j in ok])).permute(0, 3, 1, 2).contiguous()
     preds = run_model(model, crops, batch_size, device)
+    for name, values in preds.items():
+        if not np.isfinite(values).all():  # finite weights, finite inputs: only a broken model gets here
+            raise InputError(f"the model gave a non-finite {name} for {int((~np.isfinite(values)).sum())} photo(s): "
+                             "its weights or normalisation are broken; re-export it")
     cal = card.get("age_calibration")
     for k, j in enumerate(ok):
         if "age" in preds:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from fahr.boundary import InputError
@@ -110,8 +110,14 @@ def save_face_model(export_dir: str | Path, model: FaceModel, card: dict[str, An
 
 def load_face_model(export_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[FaceModel, dict[str, Any]]:
     """Rebuild a :class:`FaceModel` from an export directory (safetensors: no pickle). Returns (model in
-    eval mode, card)."""
-    from fahr.models.weights import read_any_card
+    eval mode, card).
+
+    Raises:
+        InputError: not an export directory, a backbone without heads, or a card or weights file that
+            fails the checks of :func:`fahr.models.weights.check_card` / :func:`~fahr.models.weights.load_weights`
+            (naming the key or tensor).
+    """
+    from fahr.models.weights import load_state_dict_checked, load_weights, read_any_card
 
     card = read_any_card(export_dir)
     if card["format"] != MODEL_FORMAT:
@@ -122,9 +128,15 @@ def load_face_model(export_dir: str | Path, map_location: str | torch.device = "
     arch = card["backbone"]
     backbone = create_backbone(arch=arch["arch"], img_size=arch["img_size"], patch_size=arch["patch_size"],
                                global_pool=arch.get("global_pool", "token"))
-    heads = {name: build_head(name, backbone.num_features, cfg) for name, cfg in card["heads"].items()}
+    heads = {}
+    for name, cfg in card["heads"].items():
+        try:
+            heads[name] = build_head(name, backbone.num_features, cfg)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{Path(export_dir) / CARD_FILE}: heads.{name} is not a valid head config "
+                             f"({str(err).splitlines()[0][:120]})") from None
     model = FaceModel(backbone, heads, card["normalization"]["mean"], card["normalization"]["std"],
                       flip_average=card.get("flip_average", False))  # cards before 2026-11-30: none
-    state = load_file(str(Path(export_dir) / WEIGHTS_FILE), device=str(map_location))
-    model.load_state_dict(state, strict=True)
+    state = load_weights(export_dir, device=str(map_location))
+    load_state_dict_checked(model, state, Path(export_dir) / WEIGHTS_FILE)
     return model.eval(), card

@@ -6,7 +6,7 @@ An export directory holds ``model.safetensors`` (the encoder's state dict, plain
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from fahr.boundary import InputError
-from fahr.models.backbone import backbone_config, create_backbone
+from fahr.boundary import FileRefused, InputError, check_regular_file, printable_path, read_json_file
+from fahr.models.backbone import SUPPORTED_PATCH_SIZES, VIT_SIZES, backbone_config, create_backbone
 from fahr.utils.atomic import atomic_write_json
 
 CARD_FORMAT = "fahr-backbone/1"
@@ -54,18 +54,126 @@ def save_backbone(export_dir: str | Path, encoder_state: dict[str, torch.Tensor]
 
 
 MODEL_FORMAT = "fahr-model/1"  # a fine-tuned model (fahr.models.face_model): backbone.* + heads.*
+#: largest weights file loaded (bytes): ViT-B with heads is ~350 MB
+MAX_WEIGHTS_BYTES = 16 * 1024**3
+#: image sides a card may name (pixels); beyond, a typo would allocate gigabytes before anything fails
+IMAGE_SIZE_RANGE = (16, 1024)
+
+
+def _card_error(path: Path, key: str, expected: str) -> InputError:
+    return InputError(f"{printable_path(path)}: {key} must be {expected}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_card(card: Any, path: Path) -> dict[str, Any]:
+    """Check the facts of a model card that loading and predicting rely on; returns the card.
+
+    A card is data a user may have edited or received: every field read later is checked here for
+    type and range, so a tampered card is a one-line :class:`InputError` naming the key, never a
+    traceback or a silently wrong prediction (a zero normalisation std made every FaceAge NaN).
+    """
+    if not isinstance(card, dict):
+        raise InputError(f"{printable_path(path)}: a model card must be a JSON object, got {type(card).__name__}")
+    if card.get("format") not in (CARD_FORMAT, MODEL_FORMAT):
+        raise InputError(f"{printable_path(path)}: unsupported model card format {str(card.get('format'))[:40]!r}, "
+                         f"expected {CARD_FORMAT} or {MODEL_FORMAT}")
+    arch = card.get("backbone") if card["format"] == MODEL_FORMAT else card
+    prefix = "backbone." if card["format"] == MODEL_FORMAT else ""
+    if not isinstance(arch, dict):
+        raise _card_error(path, "backbone", "an object (arch, img_size, patch_size)")
+    if arch.get("arch") not in VIT_SIZES:
+        raise _card_error(path, f"{prefix}arch", f"one of {sorted(VIT_SIZES)}")
+    if arch.get("patch_size") not in SUPPORTED_PATCH_SIZES:
+        raise _card_error(path, f"{prefix}patch_size", f"one of {list(SUPPORTED_PATCH_SIZES)}")
+    size = arch.get("img_size")
+    lo, hi = IMAGE_SIZE_RANGE
+    if not isinstance(size, int) or isinstance(size, bool) or not lo <= size <= hi or size % arch["patch_size"]:
+        raise _card_error(path, f"{prefix}img_size", f"an integer in [{lo}, {hi}] divisible by the patch size")
+    if arch.get("global_pool", "token") not in ("token", "avg"):
+        raise _card_error(path, f"{prefix}global_pool", "'token' or 'avg'")
+    norm = card.get("normalization")
+    if norm is not None or card["format"] == MODEL_FORMAT:
+        if not isinstance(norm, dict):
+            raise _card_error(path, "normalization", "an object with mean and std")
+        for key in ("mean", "std"):
+            values = norm.get(key)
+            if not isinstance(values, list) or len(values) != 3 or not all(_number(v) for v in values):
+                raise _card_error(path, f"normalization.{key}", "a list of 3 finite numbers (R, G, B)")
+        if not all(v > 0 for v in norm["std"]):
+            raise _card_error(path, "normalization.std", "positive (a zero std divides by zero)")
+    if card["format"] == MODEL_FORMAT:
+        heads = card.get("heads")
+        if not isinstance(heads, dict) or not heads or not all(isinstance(h, dict) for h in heads.values()):
+            raise _card_error(path, "heads", "an object of head name -> config (age, risk)")
+        unknown = sorted(set(heads) - {"age", "risk"})
+        if unknown:
+            raise _card_error(path, "heads", f"'age' and/or 'risk', not {unknown}")
+        for name, head in heads.items():
+            _check_head(head, path, f"heads.{name}")
+        calibration = card.get("age_calibration")
+        if calibration is not None:
+            if (not isinstance(calibration, dict) or not all(_number(calibration.get(k)) for k in ("slope", "intercept"))
+                    or calibration["slope"] == 0):
+                raise _card_error(path, "age_calibration", "null or {slope: non-zero number, intercept: number}")
+        if not isinstance(card.get("flip_average", False), bool):
+            raise _card_error(path, "flip_average", "true or false")
+        prep = card.get("preprocessing", {})
+        if not isinstance(prep, dict):
+            raise _card_error(path, "preprocessing", "an object")
+        check_preprocessing(prep, f"{printable_path(path)}: preprocessing")
+    return card
+
+
+def _check_head(head: dict[str, Any], path: Path, key: str) -> None:
+    """Sizes in a head config are bounded before any layer is allocated from them."""
+    hidden = head.get("hidden", [])
+    if not isinstance(hidden, list) or not all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 65536
+                                               for h in hidden) or len(hidden) > 16:
+        raise _card_error(path, f"{key}.hidden", "a list of at most 16 layer widths in [1, 65536]")
+    if "dropout" in head and not (_number(head["dropout"]) and 0.0 <= head["dropout"] < 1.0):
+        raise _card_error(path, f"{key}.dropout", "a number in [0, 1)")
+    if "num_covariates" in head and not (isinstance(head["num_covariates"], int) and 0 <= head["num_covariates"] <= 10000):
+        raise _card_error(path, f"{key}.num_covariates", "an integer in [0, 10000]")
+    ages = [head.get(k) for k in ("min_age", "max_age", "bin_width") if k in head]
+    if ages and not all(_number(v) for v in ages):
+        raise _card_error(path, f"{key}.min_age/max_age/bin_width", "finite numbers")
+    if {"min_age", "max_age", "bin_width"} <= set(head):
+        bins = (head["max_age"] - head["min_age"]) / head["bin_width"] if head["bin_width"] > 0 else -1
+        if not 0 < bins <= 10000:
+            raise _card_error(path, f"{key}.min_age/max_age/bin_width", "min_age < max_age with at most 10,000 bins")
+
+
+def check_preprocessing(prep: dict[str, Any], where: str) -> None:
+    """Check the preprocessing keys fahr applies (``detect``, ``image_size``, ``margin``,
+    ``multi_face``, ``min_confidence``) that ``prep`` sets; ``where`` prefixes the message."""
+    lo, hi = IMAGE_SIZE_RANGE
+    checks = {
+        "detect": (lambda v: isinstance(v, bool), "true or false"),
+        "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+                       f"an integer number of pixels in [{lo}, {hi}]"),
+        "margin": (lambda v: _number(v) and 0.0 <= v <= 2.0, "a number in [0, 2] (0.25 = 25% more context)"),
+        "multi_face": (lambda v: v in ("reject", "largest", "central"), "reject, largest or central"),
+        "min_confidence": (lambda v: _number(v) and 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    }
+    for key, (ok, expected) in checks.items():
+        if key in prep and prep[key] is not None and not ok(prep[key]):
+            raise InputError(f"{where}.{key} must be {expected}")
 
 
 def read_any_card(export_dir: str | Path) -> dict[str, Any]:
-    """The model card of a backbone export (``fahr-backbone/1``) or a fine-tuned model (``fahr-model/1``)."""
-    path = Path(export_dir) / CARD_FILE
-    if not path.is_file():
-        raise InputError(f"no {CARD_FILE} in {export_dir}: is this a `fahr export` directory?")
-    card = json.loads(path.read_text())
-    if card.get("format") not in (CARD_FORMAT, MODEL_FORMAT):
-        raise InputError(f"{path}: unsupported model card format {card.get('format')!r}, "
-                         f"expected {CARD_FORMAT} or {MODEL_FORMAT}")
-    return card
+    """The checked model card of a backbone export (``fahr-backbone/1``) or a fine-tuned model
+    (``fahr-model/1``); :class:`InputError` for a missing, unreadable or tampered card."""
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise InputError(f"model {printable_path(export_dir)}: not a directory; give a `fahr export` directory "
+                         f"({CARD_FILE} + {WEIGHTS_FILE})")
+    path = export_dir / CARD_FILE
+    if not path.exists():
+        raise InputError(f"no {CARD_FILE} in {printable_path(export_dir)}: is this a `fahr export` directory?")
+    return check_card(read_json_file(path, "model card", 16 * 1024 * 1024), path)
 
 
 def read_card(export_dir: str | Path) -> dict[str, Any]:
@@ -75,6 +183,50 @@ def read_card(export_dir: str | Path) -> dict[str, Any]:
     if card["format"] == MODEL_FORMAT:
         return {**card, **card["backbone"]}
     return card
+
+
+def load_weights(export_dir: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of ``export_dir/model.safetensors``, each checked to be finite.
+
+    safetensors holds raw tensors and a JSON header, nothing executable; a file that is not one (a
+    pickle renamed ``.safetensors``, a truncated download) is refused unread.
+
+    Raises:
+        InputError: missing, not a regular file, too large, not a valid safetensors file, or a
+            tensor with NaN or infinite values (naming the tensor).
+    """
+    path = Path(export_dir) / WEIGHTS_FILE
+    try:
+        check_regular_file(path, MAX_WEIGHTS_BYTES)
+    except FileRefused as err:
+        raise InputError(f"{printable_path(path)}: {err.detail}") from None
+    try:
+        state = load_file(str(path), device=device)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        raise InputError(f"{printable_path(path)}: not a valid safetensors file ({type(err).__name__}); "
+                         "re-export the model or fetch the file again") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{printable_path(path)}: tensor {name[:100]!r} holds NaN or infinite values; "
+                             "the weights are broken (a diverged run?)")
+    return state
+
+
+def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``module.load_state_dict(state, strict=True)`` with a one-line :class:`InputError` naming the
+    missing, unexpected and mis-shaped tensors (at most a few of each)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if keys:
+                parts.append(f"{label} {len(keys)} ({', '.join(k[:60] for k in keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        raise InputError(f"{printable_path(path)}: the weights do not fit the architecture in {CARD_FILE}: "
+                         f"{'; '.join(parts)}")
+    module.load_state_dict(state, strict=True)
 
 
 def load_backbone(
@@ -91,7 +243,7 @@ def load_backbone(
     Returns: (backbone, model card). Loading reads tensors only (safetensors): no pickle.
     """
     card = read_card(export_dir)
-    state = load_file(str(Path(export_dir) / WEIGHTS_FILE))
+    state = load_weights(export_dir)
     if card["format"] == MODEL_FORMAT:
         state = strip_prefix(state, "backbone.")
     size = img_size or card["img_size"]
@@ -100,13 +252,13 @@ def load_backbone(
         global_pool=overrides.pop("global_pool", card.get("global_pool", "token")), **overrides,
     )
     new_grid = list(model.patch_embed.grid_size)
-    if state["pos_embed"].shape != model.pos_embed.shape:
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         old = card["img_size"] // card["patch_size"]
         state["pos_embed"] = resample_abs_pos_embed(
             state["pos_embed"], new_size=new_grid, old_size=[old, old], num_prefix_tokens=1
         )
     state = _adapt_final_norm(state, model)
-    model.load_state_dict(state, strict=True)
+    load_state_dict_checked(model, state, Path(export_dir) / WEIGHTS_FILE)
     return model, card
 
 

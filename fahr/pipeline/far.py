@@ -14,29 +14,57 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fahr.boundary import InputError
+from fahr.boundary import InputError, check_output_file, printable_path
 from fahr.config.inference_schema import FarConfig
 from fahr.config.schema import validate
-from fahr.pipeline.predict import load_model, preprocessing_overrides, write_csv
+from fahr.pipeline.predict import (
+    check_inference_options,
+    load_model,
+    model_files,
+    preprocessing_overrides,
+    write_csv,
+)
 
 log = logging.getLogger("fahr.far")
 
 
 def read_far_input(path: str) -> list[dict[str, Any]]:
-    """The input rows, each with ``file`` (the photo's resolved Path) added."""
-    from fahr.inference.photos import read_csv_rows, resolve
+    """The input rows, each with ``file`` (the photo's resolved Path, None for an empty cell) added.
+
+    Raises:
+        InputError: not a readable UTF-8 CSV, a missing ``person``/``path`` column, neither ``date``
+            nor ``age_at_photo``, or no rows.
+    """
+    from fahr.boundary import read_csv_table
+    from fahr.inference.photos import resolve
 
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"input {path!r} is not a CSV file (columns: person, path, date or age_at_photo)")
-    rows = read_csv_rows(p, required=("person", "path"))
-    if rows and "date" not in rows[0] and "age_at_photo" not in rows[0]:
-        raise InputError(f"{path}: needs a `date` (ISO, e.g. 2019-05-31) or `age_at_photo` (years) column")
+    if p.is_dir():
+        raise InputError(f"input {printable_path(p)} is a folder; give a CSV (columns: person, path, "
+                         "date or age_at_photo)")
+    columns, rows = read_csv_table(p, "input CSV", required=("person", "path"))
+    if "date" not in columns and "age_at_photo" not in columns:
+        raise InputError(f"input CSV {printable_path(p)}: needs a `date` (ISO, e.g. 2019-05-31) or `age_at_photo` "
+                         "(years) column")
     if not rows:
-        raise InputError(f"input {path!r} has no rows")
+        raise InputError(f"input CSV {printable_path(p)} has no rows")
     for row in rows:
-        row["file"] = resolve(row["path"], p.parent)
+        row["file"] = resolve(row["path"], p.parent) if row["path"] else None
     return rows
+
+
+def input_problems(rows: list[dict[str, Any]]) -> Counter:
+    """Rows that cannot count fully, by problem: an empty ``person`` (left out) or no usable time
+    (kept as a photo without a date: it cannot set an interval). Counts only, never values."""
+    from fahr.inference.far import photo_time
+
+    problems: Counter = Counter()
+    for row in rows:
+        if not row["person"].strip():
+            problems["empty person"] += 1
+        elif photo_time(row)[0] is None:
+            problems[photo_time(row)[2]] += 1
+    return problems
 
 
 def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], cfg: DictConfig) -> list[dict[str, Any]]:
@@ -49,7 +77,7 @@ def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], 
     labels = {row["file"]: row["path"] for row in reversed(rows)}
     preds = predict_photos(model, card, [Photo(labels[f], f) for f in files], batch_size=cfg.batch_size,
                            device=cfg.device, preprocessing=preprocessing_overrides(cfg))
-    by_file = dict(zip(files, preds))
+    by_file = dict(zip(files, preds))  # one None key at most: every row with an empty path
     key = "faceage_corrected" if cfg.use_corrected and card.get("age_calibration") else "faceage"
     for row in rows:
         pred = by_file[row["file"]]
@@ -59,16 +87,23 @@ def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], 
 
 def far(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fahr far``; returns ``{"output", "persons", "counts"}`` (counts by person status)."""
-    from fahr.inference.far import METHODS, OUTPUT_COLUMNS, far_table, photo_days
+    from fahr.inference.far import METHODS, OUTPUT_COLUMNS, far_table
     from fahr.inference.predict import output_columns
 
     validate(cfg, FarConfig)
     if cfg.method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    check_inference_options(cfg)
+    inputs = (cfg.input, *model_files(cfg.model))
+    check_output_file(cfg.output, "output", inputs=inputs)
+    if cfg.photos_output:
+        check_output_file(cfg.photos_output, "photos_output", inputs=(*inputs, cfg.output))
     rows = read_far_input(cfg.input)
-    undated = sum(photo_days(r) is None for r in rows)
-    if undated:
-        log.warning("%d of %d photos have no usable date / age_at_photo (they are left out)", undated, len(rows))
+    problems = input_problems(rows)
+    if problems:
+        log.warning("%d of %d rows: %s (an empty person is left out; a photo without a usable time cannot set "
+                    "an interval)", sum(problems.values()), len(rows),
+                    ", ".join(f"{n} {what}" for what, n in problems.most_common()))
     model, card = load_model(cfg.model)
     if "age" not in model.heads:
         raise InputError(f"{cfg.model} has no FaceAge head (heads: {list(model.heads)}): FAR needs a FaceAge model")

@@ -12,11 +12,12 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fahr.boundary import InputError
+from fahr.boundary import InputError, check_output_file, printable_path, spreadsheet_safe
 from fahr.config.inference_schema import PredictConfig
 from fahr.config.schema import validate
 from fahr.utils.atomic import atomic_write
@@ -25,12 +26,13 @@ log = logging.getLogger("fahr.predict")
 
 
 def format_value(value: Any) -> Any:
-    """CSV cell: None -> empty, floats to 4 decimals (years / log-hazard), others unchanged."""
+    """CSV cell: None -> empty, floats to 4 decimals (years / log-hazard), text neutralised for
+    spreadsheets (:func:`fahr.boundary.spreadsheet_safe`), others unchanged."""
     if value is None:
         return ""
     if isinstance(value, float):
         return "" if not math.isfinite(value) else f"{value:.4f}"
-    return value
+    return spreadsheet_safe(value)
 
 
 def write_csv(path: str, columns: list[str], rows: Iterable[dict[str, Any]]) -> int:
@@ -55,10 +57,32 @@ def preprocessing_overrides(cfg: DictConfig) -> dict[str, Any]:
 
 
 def load_model(export_dir: str):
-    """(FaceModel, card) from an export directory, with a clear error when it is not one."""
+    """(FaceModel, card) from an export directory; :class:`InputError` when it is not a valid one."""
     from fahr.models.face_model import load_face_model
 
     return load_face_model(export_dir)
+
+
+#: most photos decoded and aligned per step (peak memory is this many decoded photos)
+MAX_BATCH_SIZE = 4096
+
+
+def check_inference_options(cfg: DictConfig) -> None:
+    """The options ``predict`` and ``far`` share, checked before any work."""
+    from fahr.models.weights import check_preprocessing
+
+    if not 1 <= cfg.batch_size <= MAX_BATCH_SIZE:
+        raise InputError(f"batch_size must be in [1, {MAX_BATCH_SIZE}], got {cfg.batch_size}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    check_preprocessing(preprocessing_overrides(cfg), "preprocessing")
+
+
+def model_files(export_dir: str) -> tuple[str, str]:
+    """The files of an export directory (inputs that an output must never overwrite)."""
+    from fahr.models.weights import CARD_FILE, WEIGHTS_FILE
+
+    return str(Path(export_dir) / CARD_FILE), str(Path(export_dir) / WEIGHTS_FILE)
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -69,10 +93,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     from fahr.inference.predict import iter_predictions, output_columns, resolve_preprocessing, summarize
 
     validate(cfg, PredictConfig)
+    check_inference_options(cfg)
+    check_output_file(cfg.output, "output", inputs=(cfg.input, *model_files(cfg.model)))
     model, card = load_model(cfg.model)
     photos = list_photos(cfg.input)
     if not photos:
-        raise InputError(f"no photos in {cfg.input!r} (image extensions: jpg, jpeg, png, bmp, gif, tif(f), webp, ppm, pgm)")
+        raise InputError(f"no photos in {printable_path(cfg.input)} (image extensions: jpg, jpeg, png, bmp, gif, "
+                         "tif(f), webp, ppm, pgm)")
     overrides = preprocessing_overrides(cfg)
     log.info("%d photos from %s; preprocessing %s", len(photos), cfg.input, resolve_preprocessing(card, overrides))
     counts: Counter = Counter()
