@@ -205,5 +205,5 @@ def test_negative_patience_fails_clearly(tmp_path):
     from fahr.pipeline.finetune_survival import finetune_survival
 
     _rossi_csvs(tmp_path)
-    with pytest.raises(ValueError, match="early_stopping_patience must be >= 0"):
+    with pytest.raises(ValueError, match="early_stopping_patience must be at least 0, got -1"):
         finetune_survival(_table_cfg(tmp_path, "task.early_stopping_patience=-1"))

@@ -8,7 +8,13 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from fahr.config.schema import (
-    IMAGENET_MEAN, IMAGENET_STD, LoggerConfig, ModelConfig, PathsConfig, TrainerConfig,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LoggerConfig,
+    ModelConfig,
+    PathsConfig,
+    TrainerConfig,
+    bounded,
 )
 
 
@@ -16,11 +22,11 @@ from fahr.config.schema import (
 class SyntheticSplitsConfig:
     """Synthetic labelled faces, one generator seed per split (so no face is in two splits)."""
     out_dir: str = MISSING
-    train: int = 2048
-    val: int = 256
-    test: int = 256
-    samples_per_shard: int = 256
-    seed: int = 1
+    train: int = bounded(2048, lo=1)
+    val: int = bounded(256, lo=1)
+    test: int = bounded(256, lo=1)
+    samples_per_shard: int = bounded(256, lo=1)
+    seed: int = bounded(1, lo=0)
 
 
 @dataclass
@@ -32,49 +38,49 @@ class LabelledDataConfig:
     train: Any = MISSING
     val: Any = MISSING
     test: Any = None
-    image_size: int = 112
-    batch_size: int = 64  # per device
-    eval_batch_size: int = 128
-    num_workers: int = 2
+    image_size: int = bounded(112, lo=16, hi=1024)
+    batch_size: int = bounded(64, lo=1, hi=65536)  # per device
+    eval_batch_size: int = bounded(128, lo=1, hi=65536)
+    num_workers: int = bounded(2, lo=0, hi=256)
     clinical: bool = False
     synthetic: bool = False
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = bounded(above=0, hi=10, factory=lambda: list(IMAGENET_STD))
     generate: Optional[SyntheticSplitsConfig] = None
 
 
 @dataclass
 class BalanceConfig:
-    mode: str = "sampler"  # "sampler" (weighted sampling), "loss" (per-sample loss weights) or "none"
-    bin_width: float = 10.0  # years
-    max_weight: float = 10.0  # cap, relative to the most frequent bin's weight
+    mode: str = bounded("sampler", choices=("sampler", "loss", "none"))  # weighted sampling, loss weights, or none
+    bin_width: float = bounded(10.0, above=0.0, hi=120.0)  # years
+    max_weight: float = bounded(10.0, lo=1.0, hi=1e6)  # cap, relative to the most frequent bin's weight
 
 
 @dataclass
 class AgeHeadConfig:
-    min_age: float = 0.0
-    max_age: float = 100.0
-    bin_width: float = 1.0  # years per bin of the distribution head
-    hidden: list[int] = field(default_factory=list)
-    dropout: float = 0.0
+    min_age: float = bounded(0.0, lo=-50.0, hi=200.0)
+    max_age: float = bounded(100.0, lo=-50.0, hi=200.0)
+    bin_width: float = bounded(1.0, lo=0.05, hi=50.0)  # years per bin of the distribution head
+    hidden: list[int] = bounded(lo=1, hi=65536, factory=list)
+    dropout: float = bounded(0.0, lo=0.0, hi=0.95)
 
 
 @dataclass
 class StageConfig:
-    max_steps: int = MISSING  # 0 skips the stage
-    base_lr: float = 1e-3  # LR = base_lr * effective_batch / 256
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    layer_decay: float = 1.0  # stage 2: LR of block i scaled by layer_decay ** (depth + 1 - i)
-    drop_path_rate: float = 0.0
-    val_every_n_steps: int = 100
+    max_steps: int = bounded(lo=0)  # 0 skips the stage
+    base_lr: float = bounded(1e-3, above=0.0, hi=1.0)  # LR = base_lr * effective_batch / 256
+    min_lr: float = bounded(1e-6, lo=0.0, hi=1.0)
+    warmup_steps: int = bounded(0, lo=0)
+    weight_decay: float = bounded(0.05, lo=0.0, hi=10.0)
+    layer_decay: float = bounded(1.0, above=0.0, hi=1.0)  # stage 2: LR of block i scaled by layer_decay ** (depth + 1 - i)
+    drop_path_rate: float = bounded(0.0, lo=0.0, hi=0.9)
+    val_every_n_steps: int = bounded(100, lo=1)
 
 
 @dataclass
 class AgeTaskConfig:
-    loss: str = "distribution"  # "distribution" (softmax over bins, expectation) or "l1"
-    label_sigma: float = 2.0  # years: Gaussian label distribution around the true age (0 = one-hot)
+    loss: str = bounded("distribution", choices=("distribution", "l1"))  # softmax over bins (expectation), or L1
+    label_sigma: float = bounded(2.0, lo=0.0, hi=50.0)  # years: Gaussian label distribution around the true age (0 = one-hot)
     head: AgeHeadConfig = field(default_factory=AgeHeadConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(max_steps=200, base_lr=1e-3))
@@ -89,7 +95,7 @@ class AgeTaskConfig:
 class FinetuneAgeConfig:
     experiment_name: str = "faceage"
     run_id: Optional[str] = None
-    seed: int = 0
+    seed: int = bounded(0, lo=0, hi=2**32 - 1)
     resume: bool = True
     backbone: Optional[str] = None  # a `fahr export` directory; None trains from scratch
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -107,48 +113,48 @@ class SurvivalDataConfig:
     ``event``, ``person``, covariates). ``mode: table``: CSVs where every column but ``time`` and
     ``event`` is a feature (DeepSurv mode)."""
     name: str = MISSING
-    mode: str = "images"  # "images" or "table"
+    mode: str = bounded("images", choices=("images", "table"))
     root: Optional[str] = None
     train: Any = MISSING
     val: Any = None  # None: a deterministic val_fraction of train (table mode)
     test: Any = None
-    val_fraction: float = 0.2
+    val_fraction: float = bounded(0.2, above=0.0, hi=0.9)
     time: str = "followup_days"  # column / label of the follow-up time (days for cohorts)
     event: str = "event"  # 1 = death observed, 0 = censored
     covariates: list[str] = field(default_factory=list)  # images: clinical labels fed to the head too
-    image_size: int = 112
-    batch_size: int = 64  # per device; table mode: 0 = the whole training table in one batch
-    eval_batch_size: int = 128
-    num_workers: int = 2
+    image_size: int = bounded(112, lo=16, hi=1024)
+    batch_size: int = bounded(64, lo=0, hi=65536)  # per device; table mode: 0 = the whole training table in one batch
+    eval_batch_size: int = bounded(128, lo=1, hi=65536)
+    num_workers: int = bounded(2, lo=0, hi=256)
     clinical: bool = True
     synthetic: bool = False
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = bounded(above=0, hi=10, factory=lambda: list(IMAGENET_STD))
     generate: Optional[dict[str, Any]] = None  # the demo's semi-synthetic cohort (fahr.data.cohort)
 
 
 @dataclass
 class RiskHeadConfig:
-    hidden: list[int] = field(default_factory=lambda: [64])
-    dropout: float = 0.1
+    hidden: list[int] = bounded(lo=1, hi=65536, factory=lambda: [64])
+    dropout: float = bounded(0.1, lo=0.0, hi=0.95)
 
 
 @dataclass
 class SurvivalTaskConfig:
-    ties: str = "efron"  # "efron" or "breslow"
+    ties: str = bounded("efron", choices=("efron", "breslow"))
     head: RiskHeadConfig = field(default_factory=RiskHeadConfig)
-    max_steps: int = 1000
-    base_lr: float = 1e-3  # images: LR = base_lr * effective_batch / 256; table: the LR itself
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 1e-4
-    layer_decay: float = 0.75
-    drop_path_rate: float = 0.1
+    max_steps: int = bounded(1000, lo=1)
+    base_lr: float = bounded(1e-3, above=0.0, hi=1.0)  # images: LR = base_lr * effective_batch / 256; table: the LR itself
+    min_lr: float = bounded(1e-6, lo=0.0, hi=1.0)
+    warmup_steps: int = bounded(0, lo=0)
+    weight_decay: float = bounded(1e-4, lo=0.0, hi=10.0)
+    layer_decay: float = bounded(0.75, above=0.0, hi=1.0)
+    drop_path_rate: float = bounded(0.1, lo=0.0, hi=0.9)
     freeze_backbone: bool = False  # train the head only (a linear/MLP probe)
-    val_every_n_steps: int = 50
-    early_stopping_patience: int = 0  # stop after this many validations without a lower val/loss; 0 = never
-    person_aggregation: str = "mean"  # person-level risk: "mean" over photos or "first" (nearest baseline)
-    horizons_days: list[float] = field(default_factory=lambda: [365.0, 730.0, 1825.0])
+    val_every_n_steps: int = bounded(50, lo=1)
+    early_stopping_patience: int = bounded(0, lo=0)  # stop after this many validations without a lower val/loss; 0 = never
+    person_aggregation: str = bounded("mean", choices=("mean", "first"))  # per person: mean risk over photos, or the first photo's
+    horizons_days: list[float] = bounded(above=0.0, factory=lambda: [365.0, 730.0, 1825.0])
     hflip: bool = True
 
 
@@ -156,7 +162,7 @@ class SurvivalTaskConfig:
 class FinetuneSurvivalConfig:
     experiment_name: str = "facesurvival"
     run_id: Optional[str] = None
-    seed: int = 0
+    seed: int = bounded(0, lo=0, hi=2**32 - 1)
     resume: bool = True
     backbone: Optional[str] = None  # images: a `fahr export` dir (MAE backbone or FaceAge model)
     paths: PathsConfig = field(default_factory=PathsConfig)

@@ -8,11 +8,26 @@ in a YAML file.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+def bounded(default: Any = MISSING, *, lo: float | None = None, hi: float | None = None,
+            above: float | None = None, choices: tuple[Any, ...] | None = None,
+            factory: Any = None) -> Any:
+    """A schema field whose value (or each element, for a list) :func:`validate` checks: within
+    ``[lo, hi]``, strictly above ``above``, or one of ``choices``. The bounds are the documentation:
+    a value outside them is a one-line error naming the key before any work starts."""
+    meta = {"bounds": {"lo": lo, "hi": hi, "above": above, "choices": choices}}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -38,52 +53,52 @@ class SyntheticShardsConfig:
 class DataConfig:
     name: str = MISSING
     train_shards: Any = MISSING  # a brace pattern, `::`-separated string, or a list of shard URLs
-    samples_per_epoch: int = MISSING  # nominal, global over all ranks
-    batch_size: int = 64  # per device
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    image_size: int = 112
-    on_error: str = "skip"  # bad samples: "skip" (counted, logged) or "raise"
+    samples_per_epoch: int = bounded(lo=1)  # nominal, global over all ranks
+    batch_size: int = bounded(64, lo=1, hi=65536)  # per device
+    num_workers: int = bounded(2, lo=0, hi=256)
+    shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)
+    image_size: int = bounded(112, lo=16, hi=1024)
+    on_error: str = bounded("skip", choices=("skip", "raise"))  # bad samples: "skip" (counted, logged) or "raise"
     seed: int = 0
     label_keys: list[str] = field(default_factory=list)
     val_shards: Any = None
-    val_samples: int = 0
+    val_samples: int = bounded(0, lo=0)
     persistent_workers: bool = False
     pin_memory: bool = False
     clinical: bool = False  # clinical photos are never logged as images unless task.log_clinical_images
     synthetic: bool = False
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = bounded(above=0, hi=10, factory=lambda: list(IMAGENET_STD))
     generate: Optional[SyntheticShardsConfig] = None
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_tiny"
-    img_size: int = 112
-    patch_size: int = 16
-    drop_path_rate: float = 0.0
-    global_pool: str = "token"
+    arch: str = bounded("vit_tiny", choices=("vit_test", "vit_tiny", "vit_small", "vit_base"))
+    img_size: int = bounded(112, lo=16, hi=1024)
+    patch_size: int = bounded(16, choices=(8, 16))
+    drop_path_rate: float = bounded(0.0, lo=0.0, hi=0.9)
+    global_pool: str = bounded("token", choices=("token", "avg"))
     grad_checkpointing: bool = False
 
 
 @dataclass
 class PretrainTaskConfig:
     name: str = "mae"
-    mask_ratio: float = 0.75
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
+    mask_ratio: float = bounded(0.75, above=0.0, hi=0.99)
+    decoder_dim: int = bounded(128, lo=8, hi=4096)
+    decoder_depth: int = bounded(2, lo=1, hi=48)
+    decoder_heads: int = bounded(4, lo=1, hi=64)
     norm_pix_loss: bool = True
-    base_lr: float = 1.5e-4  # LR = base_lr * effective_batch / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 100
+    base_lr: float = bounded(1.5e-4, above=0.0, hi=1.0)  # LR = base_lr * effective_batch / 256
+    min_lr: float = bounded(0.0, lo=0.0, hi=1.0)
+    weight_decay: float = bounded(0.05, lo=0.0, hi=10.0)
+    betas: list[float] = bounded(lo=0.0, hi=0.99999, factory=lambda: [0.9, 0.95])
+    warmup_steps: int = bounded(100, lo=0)
     hflip: bool = True  # device-side horizontal flip augmentation
-    log_images_every_n_steps: int = 0  # 0 = never; reconstructions of non-clinical data only
+    log_images_every_n_steps: int = bounded(0, lo=0)  # 0 = never; reconstructions of non-clinical data only
     log_clinical_images: bool = False
-    num_log_images: int = 8
+    num_log_images: int = bounded(8, lo=1, hi=64)
 
 
 @dataclass
@@ -129,11 +144,11 @@ class TrainerConfig:
     num_nodes: Any = 1  # int or "auto"
     strategy: Any = "auto"  # str or StrategyConfig mapping
     precision: Any = "32-true"
-    max_steps: int = MISSING
-    max_epochs: int = -1
-    gradient_clip_val: Optional[float] = 1.0
-    accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 10
+    max_steps: int = bounded(lo=-1)
+    max_epochs: int = bounded(-1, lo=-1)
+    gradient_clip_val: Optional[float] = bounded(1.0, lo=0.0)
+    accumulate_grad_batches: int = bounded(1, lo=1, hi=4096)
+    log_every_n_steps: int = bounded(10, lo=1)
     limit_val_batches: Any = None
     val_check_interval: Any = None
     num_sanity_val_steps: int = 0
@@ -167,10 +182,10 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_train_steps: int = 500
+    every_n_train_steps: int = bounded(500, lo=1)
     monitor: str = "train/loss_epoch"
-    mode: str = "min"
-    save_top_k: int = 1
+    mode: str = bounded("min", choices=("min", "max"))
+    save_top_k: int = bounded(1, lo=-1)
 
 
 @dataclass
@@ -191,7 +206,7 @@ class ExportConfig:
 class PretrainConfig:
     experiment_name: str = "default"
     run_id: Optional[str] = None  # None: derived from a hash of the config (same command = same run)
-    seed: int = 0
+    seed: int = bounded(0, lo=0, hi=2**32 - 1)
     resume: bool = True  # a run directory holding a checkpoint resumes it
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -279,3 +294,51 @@ def validate(cfg: Any, schema: type = PretrainConfig) -> None:
     if missing:
         raise InputError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required: add "
                          f"{missing[0]}=... to the command line")
+    try:
+        _check_bounds(schema, merged, "")
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve
+        key = getattr(err, "full_key", None)
+        raise InputError(f"{key}: {str(err).splitlines()[0]}" if key else str(err).splitlines()[0]) from None
+
+
+def _check_bounds(schema: type, node: Any, prefix: str) -> None:
+    """Check every :func:`bounded` field of ``schema`` (recursively) on the merged config ``node``."""
+    from fahr.boundary import InputError
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        value = node[f.name]
+        key = prefix + f.name
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        inner = args[0] if typing.get_origin(kind) is typing.Union and len(args) == 1 else kind
+        if dataclasses.is_dataclass(inner) and value is not None:
+            _check_bounds(inner, value, key + ".")
+        bounds = f.metadata.get("bounds")
+        if bounds is None or value is None:
+            continue
+        values = list(value) if typing.get_origin(inner) is list or isinstance(inner, type) and inner is list else [value]
+        for v in values:
+            problem = _out_of_bounds(v, **bounds)
+            if problem:
+                raise InputError(f"{key} must be {problem}, got {v!r}")
+
+
+def _out_of_bounds(value: Any, lo=None, hi=None, above=None, choices=None) -> str | None:
+    """What ``value`` should be (the whole allowed range), or None when it is within its bounds."""
+    if choices is not None:
+        return None if value in choices else f"one of {', '.join(map(str, choices))}"
+
+    def text(v: float) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+    if above is not None:
+        allowed = f"greater than {text(above)}" + (f" and at most {text(hi)}" if hi is not None else "")
+    elif lo is not None and hi is not None:
+        allowed = f"in [{text(lo)}, {text(hi)}]"
+    else:
+        allowed = f"at least {text(lo)}" if lo is not None else f"at most {text(hi)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"a finite number {allowed}"
+    too_low = (above is not None and not value > above) or (lo is not None and value < lo)
+    return allowed if too_low or (hi is not None and value > hi) else None

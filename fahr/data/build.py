@@ -113,7 +113,7 @@ def resolve_train_shards(spec: str | list[str]) -> str | list[str]:
         path, split = spec.rsplit("#", 1)
         return shard_list_from_split_index(path, split)
     if isinstance(spec, str) and spec.endswith("index.json") and "://" not in spec and not spec.startswith("pipe:"):
-        if not Path(spec).is_file():
+        if not Path(spec).exists():
             raise InputError(f"shard index not found: {spec}")
         return shard_list_from_index(spec)
     return spec

@@ -35,7 +35,7 @@ import numpy as np
 import webdataset
 from PIL import Image
 
-from fahr.boundary import InputError
+from fahr.boundary import InputError, read_json_file
 from fahr.data.synthetic import GENERATOR_VERSION, synthetic_face
 from fahr.utils.atomic import atomic_write_json
 
@@ -398,12 +398,9 @@ class ShardWriter:
 def read_index(out_dir: str | os.PathLike) -> dict:
     """Load and sanity-check ``out_dir/index.json`` (format fahr-shards/1)."""
     path = Path(out_dir) / INDEX_NAME
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path} not found: not a fahr shard directory, or writing did not finish")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON: {e}") from e
+    index = read_json_file(path, "shard index")
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         got = index.get("format") if isinstance(index, dict) else type(index).__name__
         raise InputError(f"{path}: expected format {FORMAT!r}, got {got!r}")

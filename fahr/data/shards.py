@@ -72,8 +72,9 @@ def decode_rgb(data: torch.Tensor) -> torch.Tensor:
     return decode_image(data, mode=ImageReadMode.RGB)
 
 
-class ShardReadError(OSError):
-    """A shard could not be opened or read completely (missing, truncated, corrupt tar, failed pipe)."""
+class ShardReadError(InputError):
+    """A shard could not be opened or read completely (missing, truncated, corrupt tar, failed pipe):
+    bad input, so ``fahr <command>`` reports it on one line naming the shard."""
 
 
 # ---- shard lists ----------------------------------------------------------------------------------

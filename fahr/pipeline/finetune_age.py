@@ -166,8 +166,11 @@ def build_model(cfg: DictConfig) -> tuple[FaceModel, dict[str, Any]]:
 
 def load_task_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load a task checkpoint's ``model.*`` weights into ``model`` (weights only: no pickle)."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
+    from fahr.models.weights import load_state_dict_checked
+    from fahr.utils.checkpoint_io import load_checkpoint_file
+
+    state = load_checkpoint_file(ckpt)["state_dict"]
+    load_state_dict_checked(model, {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, Path(ckpt))
 
 
 # ---- stages ---------------------------------------------------------------------------------------

@@ -27,7 +27,13 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from fahr.boundary import InputError
 from fahr.config.finetune_schema import FinetuneSurvivalConfig
@@ -66,20 +72,65 @@ class Split:
 # ---- table mode -----------------------------------------------------------------------------------
 
 
+#: fewest rows and events a training table (after the validation part is held out) may have
+MIN_TABLE_ROWS, MIN_TABLE_EVENTS = 10, 2
+
+
 def read_table(path: str, time: str, event: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """(features, time, event) from a CSV; every column but ``time`` and ``event`` is a feature."""
-    df = pd.read_csv(path)
+    """(features, time, event) from a CSV; every column but ``time`` and ``event`` is a feature.
+
+    Read through the input boundary (regular UTF-8 file, size cap); errors name the file and the
+    configured column, never cell values or the table's header (a header-less clinical CSV would
+    have data there).
+
+    Raises:
+        InputError: unreadable or malformed CSV, missing ``time``/``event`` column, no feature
+            column, non-numeric, missing or infinite feature values, and every check of
+            :func:`fahr.stats.validation.check_survival_arrays`.
+    """
+    import csv
+    import io
+
+    from fahr.boundary import MAX_CSV_BYTES, read_text_file
+
+    name = os.path.basename(str(path))
+    text = read_text_file(path, "survival table", MAX_CSV_BYTES)
+    header = next(csv.reader(io.StringIO(text)), [])
+    names = [c.strip() for c in header]
+    if len(set(names)) != len(names):  # pandas would rename the second "x" to "x.1" and go on
+        raise InputError(f"survival table {path}: {len(names) - len(set(names))} duplicated column name(s) in the header")
+    try:
+        df = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"survival table {path}: not a readable CSV ({first[:120]})") from None
     missing = [c for c in (time, event) if c not in df.columns]
     if missing:
-        raise InputError(f"{path}: missing column(s) {missing}; it has {list(df.columns)[:20]}")
+        raise InputError(f"survival table {path}: missing column(s) {missing} (data.time / data.event); "
+                         f"it has {len(df.columns)} column(s)")
+    if df.columns.duplicated().any():
+        raise InputError(f"survival table {path}: {int(df.columns.duplicated().sum())} duplicated column name(s)")
     feats = df.drop(columns=[time, event])
+    if feats.shape[1] == 0:
+        raise InputError(f"survival table {path}: no feature columns (every column but {time!r} and {event!r} is one)")
     bad = [c for c in feats.columns if not pd.api.types.is_numeric_dtype(feats[c])]
     if bad:
-        raise InputError(f"{path}: non-numeric feature column(s) {bad}: encode them as numbers first")
+        raise InputError(f"survival table {path}: {len(bad)} non-numeric feature column(s) (first: column "
+                         f"{list(df.columns).index(bad[0]) + 1}): encode them as numbers first")
     if feats.isna().any().any():
-        raise InputError(f"{path}: {int(feats.isna().any(axis=1).sum())} rows have missing feature values")
-    t, e = check_survival_arrays(df[time].to_numpy(), df[event].to_numpy(), name=os.path.basename(path))
+        raise InputError(f"survival table {path}: {int(feats.isna().any(axis=1).sum())} rows have missing feature values")
+    infinite = ~np.isfinite(feats.to_numpy(np.float64))
+    if infinite.any():
+        raise InputError(f"survival table {path}: {int(infinite.any(axis=1).sum())} rows have infinite feature values")
+    t, e = check_survival_arrays(df[time].to_numpy(), df[event].to_numpy(), name=name)
     return feats, t, e
+
+
+def check_enough(t: np.ndarray, e: np.ndarray, what: str, rows: int, events: int) -> None:
+    """At least ``rows`` rows and ``events`` events (a Cox fit on fewer is noise or undefined)."""
+    if len(t) < rows or int(e.sum()) < events:
+        raise InputError(f"{what}: {len(t)} rows with {int(e.sum())} events; at least {rows} rows and {events} events "
+                         "are needed")
 
 
 def holdout(n: int, event: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
@@ -136,15 +187,24 @@ def table_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any], dic
         mask = holdout(len(t_train), e_train, d.val_fraction, cfg.seed, groups)
         x_val, t_val, e_val = x_train[mask], t_train[mask], e_train[mask]
         x_train, t_train, e_train = x_train[~mask], t_train[~mask], e_train[~mask]
+    check_enough(t_train, e_train, f"the training part of {d.train}", MIN_TABLE_ROWS, MIN_TABLE_EVENTS)
+    check_enough(t_val, e_val, "the validation part" + (f" ({d.val})" if d.val else f" (data.val_fraction={d.val_fraction})"),
+                 2, 1)
     columns = list(x_train.columns)
     mean = x_train.mean().to_numpy(np.float64)
     std = x_train.std(ddof=0).replace(0, 1.0).to_numpy(np.float64)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise InputError(f"{d.train}: feature values too large to standardise (their mean or SD overflows)")
     scaler = {"features": columns, "mean": mean.tolist(), "std": std.tolist()}
 
     def make(x: pd.DataFrame, t: np.ndarray, e: np.ndarray) -> Split:
         if list(x.columns) != columns:
-            raise InputError(f"feature columns differ between splits: {list(x.columns)} vs {columns}")
+            extra, lacking = len(set(x.columns) - set(columns)), len(set(columns) - set(x.columns))
+            raise InputError(f"feature columns differ from {d.train}'s: {extra} extra, {lacking} missing"
+                             + ("" if extra or lacking else ", or in another order"))
         z = torch.tensor((x.to_numpy(np.float64) - mean) / std, dtype=torch.float32)
+        if not torch.isfinite(z).all():
+            raise InputError("standardised feature values overflow float32: rescale the features")
         ds = _TableRows(z, torch.tensor(t, dtype=torch.float32), torch.tensor(e, dtype=torch.float32))
         return Split(ds, t, e)
 
@@ -332,7 +392,7 @@ def train(cfg: DictConfig, model: torch.nn.Module, dl: dict[str, DataLoader], ru
     if trainer.interrupted:
         raise RuntimeError(f"training was interrupted at step {trainer.global_step}; rerun to resume")
     if not best.best_model_path:
-        raise RuntimeError("no validation loss was computed (a validation set without events?)")
+        raise InputError("no validation loss was computed: the validation part has no usable event")
     load_task_weights(model, Path(best.best_model_path))
     done = {"steps": trainer.global_step, "stopped_early": trainer.global_step < t.max_steps,
             "best": os.path.relpath(Path(best.best_model_path).resolve(), run_dir.resolve()),
@@ -349,7 +409,13 @@ def survival_metrics(train: tuple[np.ndarray, np.ndarray, np.ndarray], test: tup
                      horizons: list[float]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Harrell's and Uno's C, time-dependent AUC and integrated Brier score of test risks; the
     Breslow baseline (fitted on the training risks) is returned for the export."""
-    from fahr.metrics.survival import BreslowBaseline, harrell_c, integrated_brier, time_dependent_auc, uno_c
+    from fahr.metrics.survival import (
+        BreslowBaseline,
+        harrell_c,
+        integrated_brier,
+        time_dependent_auc,
+        uno_c,
+    )
 
     (tr_t, tr_e, tr_r), (te_t, te_e, te_r) = train, test
     out: dict[str, Any] = {"test_c_index": float(harrell_c(te_t, te_e, te_r)),
@@ -375,10 +441,6 @@ def survival_metrics(train: tuple[np.ndarray, np.ndarray, np.ndarray], test: tup
 def finetune_survival(cfg: DictConfig) -> SurvivalResult:
     """Train (or resume) the survival model ``cfg`` describes, evaluate per person, export."""
     validate(cfg, FinetuneSurvivalConfig)
-    if cfg.data.mode not in ("images", "table"):
-        raise InputError(f"data.mode must be images or table, got {cfg.data.mode!r}")
-    if cfg.task.early_stopping_patience < 0:
-        raise InputError(f"task.early_stopping_patience must be >= 0 (0 = off), got {cfg.task.early_stopping_patience}")
     L.seed_everything(cfg.seed, workers=True)
     ensure_cohort(cfg)
     run_dir = run_dir_for(cfg)

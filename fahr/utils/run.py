@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fahr.boundary import InputError
+from fahr.boundary import InputError, read_json_file
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
 
 # Keys that do not change what is trained: where files go, how it is watched, how it is exported.
@@ -95,7 +95,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     })
     run_file = run_dir / RUN_FILE
     if run_file.is_file():
-        return json.loads(run_file.read_text())
+        return read_run_info(run_dir)
     info = {"run_id": run_dir.name, "experiment_name": cfg.experiment_name,
             "wandb_id": secrets.token_hex(6)}
     atomic_write_json(run_file, info)
@@ -106,4 +106,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RUN_FILE
     if not path.is_file():
         raise InputError(f"{run_dir} is not a fahr run directory (no {RUN_FILE})")
-    return json.loads(path.read_text())
+    info = read_json_file(path, "run file")
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("run_id", "experiment_name")):
+        raise InputError(f"{path}: not a fahr run file (needs run_id and experiment_name)")
+    return info
