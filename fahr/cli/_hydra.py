@@ -10,6 +10,7 @@ unexpected exception's own message may quote a table cell, so it is shown only i
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -45,29 +46,36 @@ def debug_mode() -> bool:
 
 
 def _where_raised(err: BaseException) -> str:
-    """``file:line in function`` of the innermost frame inside fahr (else the innermost frame)."""
+    """``file:line in function`` of the innermost frame of project code (fahr, data_pipelines, or a
+    caller's own code), skipping frames inside installed libraries and the standard library."""
     frames = traceback.extract_tb(err.__traceback__)
-    ours = [f for f in frames if f"{os.sep}fahr{os.sep}" in f.filename or f"{os.sep}data_pipelines{os.sep}" in f.filename]
-    frame = (ours or frames or [None])[-1]
+    libraries = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+
+    def ours(filename: str) -> bool:
+        path = os.path.realpath(filename)
+        if re.search(r"[/\\]site-packages[/\\](fahr|data_pipelines)[/\\]", path):
+            return True
+        return "site-packages" not in path and not any(path.startswith(lib + os.sep) for lib in libraries)
+
+    frame = ([f for f in frames if ours(f.filename)] or frames or [None])[-1]
     if frame is None:
         return "unknown location"
-    parts = Path(frame.filename).parts
-    for anchor in ("fahr", "data_pipelines"):
-        if anchor in parts:
-            short = "/".join(parts[len(parts) - 1 - parts[::-1].index(anchor):])
-            break
-    else:
-        short = Path(frame.filename).name
+    path = os.path.realpath(frame.filename)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    short = os.path.relpath(path, root) if path.startswith(root + os.sep) else os.path.basename(path)
     return f"{short}:{frame.lineno} in {frame.name}"
+
+
+_EXCEPTION_PREFIX = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning): ")
 
 
 def _one_line(message: str) -> str:
     """The message on one line. An error raised in a DataLoader worker arrives wrapped in the
     worker's traceback text ("Caught ... in DataLoader worker process 0. Original Traceback ..."):
-    its last line is the message."""
+    its last line, without the exception's class name, is the message."""
     if "Traceback (most recent call last)" in message:
         last = [line for line in message.splitlines() if line.strip()][-1]
-        message = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+        message = _EXCEPTION_PREFIX.sub("", last, count=1)
     return " ".join(message.split())
 
 
