@@ -365,3 +365,12 @@ def test_export_output_that_is_a_file(pretrain_run, tmp_path, run_fahr):
     (tmp_path / "taken").write_text("x")
     r = _export(run_fahr, run, f"export.output_dir={tmp_path / 'taken'}")
     assert r.status == 2 and "export.output_dir=" in r.error_line and "exists and is not a directory" in r.error_line, r
+
+
+def test_run_and_export_folders_are_checked_before_training(tmp_path, run_fahr):
+    (tmp_path / "file").write_text("x")
+    r = run_fahr("finetune-survival", "data=table", f"data.train={tmp_path}/t.csv", f"paths.root_dir={tmp_path}/file")
+    assert r.status == 2 and "run directory (paths.runs_dir)=" in r.error_line, r
+    _rossi().to_csv(tmp_path / "t.csv", index=False)
+    r = _survival(run_fahr, tmp_path, tmp_path / "t.csv", None, f"export_dir={tmp_path / 'file'}")
+    assert r.status == 2 and "export_dir=" in r.error_line and "exists and is not a directory" in r.error_line, r

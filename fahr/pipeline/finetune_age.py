@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from fahr.boundary import InputError
+from fahr.boundary import InputError, check_output_dir
 from fahr.config.finetune_schema import FinetuneAgeConfig
 from fahr.config.schema import validate
 from fahr.data.build import resolve_train_shards
@@ -287,6 +287,8 @@ def finetune_age(cfg: DictConfig) -> FinetuneResult:
     ensure_synthetic_splits(cfg.data)
     run_dir = run_dir_for(cfg)
     run_info = prepare_run_dir(cfg, run_dir)
+    if cfg.export_dir:
+        check_output_dir(cfg.export_dir, "export_dir")
     log.info("run directory: %s", run_dir)
     train = load_split(cfg.data.train, cfg.data.image_size)
     val = load_split(cfg.data.val, cfg.data.image_size)

@@ -35,7 +35,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from fahr.boundary import InputError
+from fahr.boundary import InputError, check_output_dir
 from fahr.config.finetune_schema import FinetuneSurvivalConfig
 from fahr.config.schema import validate
 from fahr.data.labelled import LabelledFaces
@@ -445,6 +445,8 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
     ensure_cohort(cfg)
     run_dir = run_dir_for(cfg)
     run_info = prepare_run_dir(cfg, run_dir)
+    if cfg.export_dir:
+        check_output_dir(cfg.export_dir, "export_dir")
     log.info("run directory: %s", run_dir)
     splits, scaler, notes = table_splits(cfg) if cfg.data.mode == "table" else image_splits(cfg)
     for name, s in splits.items():

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fahr.boundary import InputError, read_json_file
+from fahr.boundary import InputError, check_output_dir, read_json_file
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
 
 # Keys that do not change what is trained: where files go, how it is watched, how it is exported.
@@ -86,7 +86,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ``run.json`` (run id, W&B id) is created once and kept across resumes; returns its content.
     Only rank 0 should call this.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(run_dir, "run directory (paths.runs_dir)")
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_json(run_dir / "provenance.json", {
