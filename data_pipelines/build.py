@@ -1,5 +1,13 @@
 """Raw photos -> detected, aligned, de-identified, split webdataset shards (`fahr shards`).
 
+Before any work, the options are checked (:func:`check_options`, one-line errors naming the config
+key) and so is the output (:func:`check_output`): it must be a new or empty directory, or an earlier
+``fahr shards`` output (a ``parts/`` folder or an ``index.json`` of format ``fahr-shards-splits/1``);
+a file, a non-empty foreign directory, one of the inputs, a folder holding an input, and a folder
+that cannot be written are refused. Entries named like shards or chunk marks that are not regular
+files (a directory ``train-000000.tar``, ``index.json`` as a folder) are refused too. A lock
+on ``parts/`` keeps a second ``fahr shards`` out of the same output while one runs.
+
 Two passes over the source (both in the source's deterministic order):
 
 1. **Plan**: every record's bytes are hashed and decoded once (to a thumbnail) for perceptual
@@ -9,39 +17,68 @@ Two passes over the source (both in the source's deterministic order):
 2. **Write**: records are cut into fixed chunks of ``chunk_size`` source items. Each chunk is
    decoded, aligned, de-identified and written to ``parts/c<chunk>/<split>/`` by
    :class:`fahr.data.shard_writer.ShardWriter` (temp file + rename per shard); then
-   ``parts/c<chunk>.json`` records its counts and shards (bytes, sha256). A rerun skips every chunk
-   that has that file, so a crash costs at most the chunks in flight. Chunks run in ``processes``
-   worker processes, each building its face aligner once.
+   ``parts/c<chunk>.json`` (the chunk mark) records its counts, its shards (bytes, sha256 and the
+   file's identity: inode and mtime, which a rename keeps) and the chunk's **fingerprint**. Chunks
+   run in ``processes`` worker processes, each building its face aligner once.
 
-Finally, once every chunk is finished, the shards are renamed (``os.replace``) into one flat series
-per split, the webdataset convention: ``<output>/<split>-000000.tar``, ``<split>-000001.tar``, ...
-(chunks in order, each chunk's shards in order), so ``<output>/train-{000000..000012}.tar`` works
-too. The move is idempotent: a destination whose source is gone was moved by an earlier run, a
-rerun after a crash finishes it, and a destination holding a different file than the chunk mark
-records is never overwritten. The chunk marks stay in ``parts/`` (so reruns still skip every chunk);
-the emptied chunk directories are removed. Then ``index.json`` sums the chunks: ``read`` (items the
-source yielded), ``written``, ``rejected`` (reason -> count; ``read == written + sum(rejected)``) and
-``splits`` (split -> count, shards with their flat names, bytes and sha256, label histograms). The
-trainer streams a split with ``data.train_shards=<output>/index.json#train``.
+**The fingerprint** (:func:`chunk_fingerprint`) is a SHA-256 over a canonical JSON stream of
+everything that shapes the chunk's shards: a format constant (:data:`CHUNK_FORMAT`, bumped whenever
+the writer's output changes) and the versions of the libraries that encode and resize (Pillow,
+NumPy, torch, webdataset, Python), the source name, the chunk number, the options (every align
+option, ``deidentify``, ``allowed_labels``, ``samples_per_shard``), and every item of the chunk's
+range in order: its item id, whether the source or the plan rejected it (and why), else its source
+id, person id, the SHA-256 of its image bytes, its labels (dates included), its landmarks, its
+person's split and (cohorts) anchor date. With de-identification on, ids enter the stream as their
+keyed pseudonyms and the digest is an HMAC keyed by ``HMAC(salt, "fahr-chunk-fingerprint")``: the
+mark holds no identifier, no date and nothing that tests a guess without the salt, and another salt
+gives another fingerprint. A rerun reuses a finished chunk only if its mark's fingerprint equals the
+one computed now *and* every shard of it is still on disk (in ``parts/``, in ``parts/staging/``, or
+as a flat shard: found by its identity, else by size and SHA-256); otherwise the chunk is rebuilt.
+An edited label, a changed photo, an added or removed row (every later chunk's range moves), another
+split decision, ``align.image_size`` or ``samples_per_shard`` all change fingerprints.
 
-Rerunning into a finished output directory reuses every chunk mark as it is, whatever the options
-(the marks decide), and rewrites the same ``index.json``. A changed source is caught only by the
-count check above (``read == written + sum(rejected)``): build it into a new directory.
+Finally, once every chunk is finished, the shards are placed into one flat series per split, the
+webdataset convention: ``<output>/<split>-000000.tar``, ``<split>-000001.tar``, ... (chunks in
+order, each chunk's shards in order), so ``<output>/train-{000000..000012}.tar`` works too. Flat
+names shift when an earlier chunk gains or loses shards, so the placement (:func:`_place`) works
+from where each needed shard *is* (the inventory above), never from names: if anything is to change,
+``index.json`` is removed first (a half-placed output has no index); needed shards sitting at another
+flat name are moved to ``parts/staging/<sha256>.tar`` (so shifting never clobbers one with another);
+every shard is renamed (``os.replace``) to its flat name; flat ``<split>-NNNNNN.tar`` files the new
+index does not list are deleted, as are chunk directories, staging leftovers and chunk marks beyond
+the current number of chunks; then ``index.json`` is written atomically. Each step is a rename or an
+unlink and the chunk marks do not change while shards move, so a crash anywhere followed by a rerun
+(with the same or a changed input) converges to what a fresh build of that input gives, byte for
+byte: shards and ``index.json``. (Marks whose shards were found only by hashing, e.g. in a copied
+output folder, are rewritten with the new identities once everything is placed.) A rerun of an
+unchanged input over a finished output moves and rewrites nothing. An input that changes between
+the two passes of one run is an :class:`InputError` (rerun when it is stable). ``index.json`` sums the chunks: ``read`` (items the source yielded), ``written``,
+``rejected`` (reason -> count; ``read == written + sum(rejected)``) and ``splits`` (split -> count,
+shards with their flat names, bytes and sha256, label histograms). The trainer streams a split with
+``data.train_shards=<output>/index.json#train``.
+
+Not detected: a shard file edited in place that keeps its size and modification time.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import functools
 import hashlib
+import hmac
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
 import shutil
+import stat
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +86,25 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.records import Record, RejectedError, Rejection
-from fahr.boundary import InputError
+from fahr.boundary import InputError, check_output_dir, printable_path, read_json_file
 from fahr.utils.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "fahr-shards-splits/1"
+#: the chunk marks' format; part of every fingerprint: bump it when the written shards change
+CHUNK_FORMAT = "fahr-shards-chunk/2"
+
+#: option bounds (checked before any work by :func:`check_options`)
+IMAGE_SIZE_RANGE = (16, 1024)  # align.image_size 100000 once allocated 22 GB per photo
+MARGIN_RANGE = (0.0, 2.0)
+MAX_CHUNK_SIZE = 100_000  # a chunk's photo bytes are held in memory, per process
+MAX_SAMPLES_PER_SHARD = 1_000_000
+MAX_NEAR_THRESHOLD = 7  # multi-index hashing finds every pair only below 8 bits
+MULTI_FACE = ("reject", "largest", "central")
+STRATIFY = ("age", "event", "none")
+#: split names become file names (``<split>-000000.tar``) and ``index.json#<split>``
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +130,184 @@ class BuildOptions:
     chunk_size: int = 2000
     processes: int = 1
     align: AlignOptions = field(default_factory=AlignOptions)
+
+
+# ---- checks before any work -----------------------------------------------------------------------
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def max_processes() -> int:
+    """The largest ``processes`` accepted: 4 per usable CPU (at least 4); each process holds a
+    chunk's photos and a face detector, and more processes than cores only add memory."""
+    return max(4, 4 * _usable_cpus())
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_options(options: BuildOptions) -> None:
+    """Every build option, before any work; raises :class:`InputError` naming the config key
+    (``conf/shards.yaml``) and what is accepted."""
+
+    def int_in(key: str, value: Any, low: int, high: int, why: str = "") -> None:
+        if not _is_int(value) or not low <= value <= high:
+            raise InputError(f"{key} must be an integer in [{low}, {high}]{why}, got {value!r}")
+
+    fractions = options.fractions
+    if not isinstance(fractions, dict) or not fractions:
+        raise InputError(f"split.fractions must map split names to fractions, e.g. {{train: 0.8, test: 0.2}}, "
+                         f"got {fractions!r}")
+    for name, fraction in fractions.items():
+        if not isinstance(name, str) or not SPLIT_NAME.fullmatch(name):
+            raise InputError(f"split.fractions: split name {name!r} must be 1-64 letters, digits or '_' "
+                             "(it becomes a file name, <split>-000000.tar)")
+        if not _is_number(fraction) or fraction < 0:
+            raise InputError(f"split.fractions.{name} must be a finite number >= 0, got {fraction!r}")
+    if abs(sum(fractions.values()) - 1.0) > 1e-9:
+        raise InputError(f"split.fractions must sum to 1, got {sum(fractions.values())!r} ({dict(fractions)})")
+    if not isinstance(options.split_seed, str):
+        raise InputError(f"split.seed must be a string, got {type(options.split_seed).__name__}")
+    if options.stratify not in STRATIFY:
+        raise InputError(f"split.stratify must be auto, {', '.join(STRATIFY)}; got {options.stratify!r}")
+    if not isinstance(options.dedup, bool):
+        raise InputError(f"dedup.enabled must be true or false, got {options.dedup!r}")
+    int_in("dedup.near_threshold", options.near_threshold, 0, MAX_NEAR_THRESHOLD,
+           " (pHash bits; the duplicate search finds every pair only below 8)")
+    if not isinstance(options.deidentify, bool):
+        raise InputError(f"deid.enabled must be auto, true or false, got {options.deidentify!r}")
+    labels = options.allowed_labels
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) and x for x in labels):
+        raise InputError(f"deid.allowed_labels must be a list of label names, got {labels!r}")
+    int_in("samples_per_shard", options.samples_per_shard, 1, MAX_SAMPLES_PER_SHARD)
+    int_in("chunk_size", options.chunk_size, 1, MAX_CHUNK_SIZE, " (photos per chunk, held in memory)")
+    int_in("processes", options.processes, 1, max_processes(), f" (4 per usable CPU; {_usable_cpus()} here)")
+    align = options.align
+    int_in("align.image_size", align.image_size, *IMAGE_SIZE_RANGE, " (pixels per side of the crop)")
+    if not _is_number(align.margin) or not MARGIN_RANGE[0] <= align.margin <= MARGIN_RANGE[1]:
+        raise InputError(f"align.margin must be a number in [{MARGIN_RANGE[0]:g}, {MARGIN_RANGE[1]:g}] "
+                         f"(zoom-out around the face, e.g. 0.25), got {align.margin!r}")
+    if align.multi_face not in MULTI_FACE:
+        raise InputError(f"align.multi_face must be one of {', '.join(MULTI_FACE)}, got {align.multi_face!r}")
+    if not _is_number(align.min_confidence) or not 0.0 <= align.min_confidence <= 1.0:
+        raise InputError(f"align.min_confidence must be a number in [0, 1], got {align.min_confidence!r}")
+    if not isinstance(align.skip_detection, bool):
+        raise InputError(f"align.skip_detection must be true or false, got {align.skip_detection!r}")
+
+
+#: flat shard names in the output folder: ``<split>-NNNNNN.tar``
+_FLAT_NAME = re.compile(r"([A-Za-z0-9_]{1,64})-\d{6}\.tar")
+_MARK_NAME = re.compile(r"c(\d{6})\.json")
+_CHUNK_DIR = re.compile(r"c\d{6}")
+STAGING = "staging"
+
+
+def _is_our_index(path: Path) -> bool:
+    try:
+        index = read_json_file(path, "index")
+    except InputError:
+        return False
+    return isinstance(index, dict) and index.get("format") == INDEX_FORMAT
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "not a regular file"
+
+
+def check_output(output: str | os.PathLike, inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+    """Check, before any work, that ``output`` can take a ``fahr shards`` build; returns it as a Path.
+
+    Raises:
+        InputError: ``output`` is a file; is one of ``inputs`` or holds one; is a non-empty directory
+            that is not a ``fahr shards`` output (no ``parts/`` folder and no ``index.json`` of format
+            ``fahr-shards-splits/1``); holds an ``index.json``, a ``parts`` entry, a chunk mark or a
+            flat shard name that is not what this command writes there (a directory named
+            ``train-000000.tar``, a symbolic link, ...); or cannot be created or written to.
+    """
+    out = Path(output)
+    where = f"output={printable_path(out)}"
+    if not str(output).strip():
+        raise InputError("output: empty path; give a directory, e.g. output=data/shards")
+    if os.path.lexists(out) and not out.is_dir():
+        raise InputError(f"{where} exists and is not a directory")
+    for source in inputs:
+        if source is None or not str(source).strip():
+            continue
+        resolved_in, resolved_out = Path(source).resolve(), out.resolve()
+        if resolved_in == resolved_out:
+            raise InputError(f"{where} is also the input of this command; refusing to write into it: "
+                             "choose another output directory")
+        if resolved_out in resolved_in.parents:
+            raise InputError(f"{where} holds the input {printable_path(source)}; refusing to write around "
+                             "the input: choose an output directory outside it")
+    if out.is_dir():
+        entries = {p.name: p for p in out.iterdir()}
+        parts, index = out / "parts", out / "index.json"
+        ours = parts.is_dir() and not parts.is_symlink() or (index.is_file() and _is_our_index(index))
+        if entries and not ours:
+            raise InputError(f"{where} is a non-empty directory that is not a `fahr shards` output (no parts/ "
+                             f"folder, no index.json of format {INDEX_FORMAT}); refusing to write into it: "
+                             "choose a new or empty directory")
+        if os.path.lexists(index) and not stat.S_ISREG(os.lstat(index).st_mode):
+            raise InputError(f"{printable_path(index)} is {_kind(os.lstat(index).st_mode)}; `fahr shards` writes "
+                             "its index there: remove it")
+        if os.path.lexists(parts) and (parts.is_symlink() or not parts.is_dir()):
+            raise InputError(f"{printable_path(parts)} is not a folder; `fahr shards` keeps its chunks there: "
+                             "remove it")
+        odd = [p for name, p in entries.items() if _FLAT_NAME.fullmatch(name)
+               and not stat.S_ISREG(os.lstat(p).st_mode)]
+        if parts.is_dir():
+            odd += [p for p in parts.iterdir() if _MARK_NAME.fullmatch(p.name) and not stat.S_ISREG(os.lstat(p).st_mode)]
+            staging = parts / STAGING
+            if os.path.lexists(staging) and (staging.is_symlink() or not staging.is_dir()):
+                odd.append(staging)
+            elif staging.is_dir():
+                odd += [p for p in staging.iterdir() if not stat.S_ISREG(os.lstat(p).st_mode)]
+        if odd:
+            raise InputError(f"{printable_path(sorted(odd)[0])} is {_kind(os.lstat(sorted(odd)[0]).st_mode)}, "
+                             f"where `fahr shards` keeps its own files ({len(odd)} such entries); remove it")
+    check_output_dir(out, "output", inputs=inputs)
+    return out
+
+
+class _Lock:
+    """An exclusive ``flock`` on the ``parts/`` folder, held while a build runs: a second ``fahr shards``
+    into the same output is refused (no lock file is left behind)."""
+
+    def __init__(self, parts: Path) -> None:
+        self.fd: int | None = os.open(parts, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return  # a file system without locks: go on unlocked
+            self.release()
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InputError(f"another `fahr shards` is writing into {printable_path(parts.parent)} (its "
+                                 "parts/ folder is locked); wait for it to finish, or choose another output") from None
+            raise
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
 
 
 # ---- pass 1: plan ---------------------------------------------------------------------------------
@@ -215,16 +443,22 @@ def _histograms(labels: dict[str, Any], counters: dict[str, Counter]) -> None:
 
 
 def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, options: BuildOptions,
-                output: str, source: str, salt: bytes | None) -> dict[str, Any]:
-    """Decode, align, de-identify and write one chunk; returns (and stores) its counts."""
+                output: str, source: str, salt: bytes | None, fingerprint: str | None = None) -> dict[str, Any]:
+    """Decode, align, de-identify and write one chunk; returns (and stores, as the chunk mark) its
+    counts, its shards (with each file's identity) and ``fingerprint``.
+
+    ``plan_`` needs only the split (and, de-identifying, the anchor) of the chunk's persons.
+    """
     from data_pipelines.deid import deidentify
     from data_pipelines.imageio import decode_photo
     from fahr.data.shard_writer import ShardWriter
 
     out = Path(output)
     chunk_dir = out / "parts" / f"c{chunk:06d}"
-    if chunk_dir.exists():  # an interrupted earlier attempt at this chunk
+    if chunk_dir.is_dir() and not chunk_dir.is_symlink():  # an interrupted earlier attempt at this chunk
         shutil.rmtree(chunk_dir)
+    elif os.path.lexists(chunk_dir):
+        chunk_dir.unlink()
     rejected: Counter = Counter()
     images, kept = [], []
     for item_id, record in records:
@@ -234,6 +468,7 @@ def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, opti
         except RejectedError as err:
             rejected[err.reason] += 1
     aligned = _aligner(options.align).align(images) if images else []
+    del images
     writers: dict[str, ShardWriter] = {}
     hist: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     written: Counter = Counter()
@@ -260,67 +495,329 @@ def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, opti
         for w in writers.values():
             w.abort()
         raise
+    shards: dict[str, list[dict[str, Any]]] = {}
+    for split, idx in indexes.items():
+        shards[split] = []
+        for s in idx["shards"]:
+            info = os.stat(chunk_dir / split / s["name"])  # the identity a rename keeps: how reruns find it
+            shards[split].append({**s, "name": f"parts/c{chunk:06d}/{split}/{s['name']}",
+                                  "ino": info.st_ino, "mtime_ns": info.st_mtime_ns})
     summary = {
+        "format": CHUNK_FORMAT, "fingerprint": fingerprint,
         "chunk": chunk, "read": len(records), "rejected": dict(rejected), "written": dict(written),
-        "shards": {split: [{**s, "name": f"parts/c{chunk:06d}/{split}/{s['name']}"} for s in idx["shards"]]
-                   for split, idx in indexes.items()},
+        "shards": shards,
         "histograms": {split: {k: dict(v) for k, v in h.items()} for split, h in hist.items()},
     }
     atomic_write_json(out / "parts" / f"c{chunk:06d}.json", summary)  # the chunk's completion mark
     return summary
 
 
+# ---- fingerprints ---------------------------------------------------------------------------------
+
+def library_versions() -> dict[str, str]:
+    """Versions of what encodes, resizes, detects and packs the crops: a part of every fingerprint."""
+    from importlib import metadata
+
+    out = {"python": "%d.%d" % sys.version_info[:2]}
+    for dist in ("pillow", "numpy", "torch", "webdataset"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
+def _canonical(value: Any) -> Any:
+    """JSON for what labels and plans hold beyond JSON types (``json.dumps(default=...)``)."""
+    if isinstance(value, dt.date):  # and datetime
+        return {"date": value.isoformat()}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot fingerprint a value of type {type(value).__name__}")
+
+
+class _Digest:
+    """SHA-256 (or, keyed, HMAC-SHA256) of a stream of length-prefixed canonical JSON values."""
+
+    def __init__(self, key: bytes | None) -> None:
+        self._h = hmac.new(key, digestmod=hashlib.sha256) if key is not None else hashlib.sha256()
+
+    def add(self, value: Any) -> None:
+        data = json.dumps(value, sort_keys=True, separators=(",", ":"), default=_canonical).encode("ascii")
+        self._h.update(b"%d:" % len(data))
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def chunk_fingerprint(chunk: int, entries: list[tuple[str, Record | None]], plan_: Plan, options: BuildOptions,
+                      source: str, salt: bytes | None, versions: dict[str, str]) -> str:
+    """The fingerprint of one chunk (see the module docstring): ``entries`` are every item of the
+    chunk's range in order, ``(item id, record)`` or ``(item id, None)`` for an item the source or
+    the plan rejected."""
+    from data_pipelines.deid import pseudonym
+
+    key = hmac.new(salt, b"fahr-chunk-fingerprint", hashlib.sha256).digest() if options.deidentify else None
+    digest = _Digest(key)
+    digest.add({"format": CHUNK_FORMAT, "versions": versions, "source": source, "chunk": chunk,
+                "align": asdict(options.align), "deidentify": options.deidentify,
+                "allowed_labels": sorted(set(options.allowed_labels)),
+                "samples_per_shard": options.samples_per_shard})
+    for item_id, record in entries:
+        if record is None:
+            digest.add({"id": item_id, "rejected": plan_.rejected[item_id]})
+            continue
+        person, source_id = record.person_id, record.source_id
+        anchor = None
+        if options.deidentify:
+            anchor = plan_.anchors.get(person)
+            person, source_id = pseudonym(person, salt), pseudonym(source_id, salt, length=24)
+        digest.add({
+            "id": item_id, "source_id": source_id, "person": person,
+            "sha256": hashlib.sha256(record.image).hexdigest(), "labels": record.labels,
+            "landmarks": None if record.landmarks is None else np.asarray(record.landmarks, np.float64).tolist(),
+            "split": plan_.split_of_person[record.person_id], "anchor": anchor,
+        })
+    return digest.hexdigest()
+
+
+# ---- chunk marks and where their shards are --------------------------------------------------------
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _mark_path(output: Path, chunk: int) -> Path:
+    return output / "parts" / f"c{chunk:06d}.json"
+
+
+def _valid_mark(mark: Any, chunk: int, splits: set[str]) -> bool:
+    """A chunk mark this module wrote for ``chunk`` (format, types, names), whatever its fingerprint."""
+    if not (isinstance(mark, dict) and mark.get("format") == CHUNK_FORMAT and mark.get("chunk") == chunk
+            and isinstance(mark.get("fingerprint"), str) and isinstance(mark.get("rejected"), dict)
+            and isinstance(mark.get("written"), dict) and isinstance(mark.get("shards"), dict)
+            and isinstance(mark.get("histograms"), dict)):
+        return False
+    if not all(isinstance(k, str) and _is_int(v) and v > 0 for k, v in mark["rejected"].items()):
+        return False
+    written, shards = mark["written"], mark["shards"]
+    if set(written) != set(shards) or not set(written) <= splits or not set(mark["histograms"]) <= set(written):
+        return False
+    for split, series in shards.items():
+        if not isinstance(series, list) or not _is_int(written[split]):
+            return False
+        for i, s in enumerate(series):
+            if not (isinstance(s, dict) and s.get("name") == f"parts/c{chunk:06d}/{split}/{split}-{i:06d}.tar"
+                    and all(_is_int(s.get(k)) and s[k] >= 0 for k in ("num_samples", "bytes"))
+                    and _is_int(s.get("ino")) and _is_int(s.get("mtime_ns"))
+                    and isinstance(s.get("sha256"), str) and _SHA256.fullmatch(s["sha256"])):
+                return False
+        if sum(s["num_samples"] for s in series) != written[split]:
+            return False
+    for h in mark["histograms"].values():
+        if not isinstance(h, dict) or not all(
+                isinstance(c, dict) and all(isinstance(k, str) and _is_int(v) for k, v in c.items()) for c in h.values()):
+            return False
+    return True
+
+
+def _load_mark(output: Path, chunk: int, fingerprint: str, splits: set[str]) -> dict[str, Any] | None:
+    """The chunk's mark if it is valid and its fingerprint is ``fingerprint``, else None (rebuild)."""
+    path = _mark_path(output, chunk)
+    if not os.path.lexists(path):
+        return None
+    try:
+        mark = read_json_file(path, "chunk mark")
+    except InputError:
+        log.warning("chunk %d: its mark is unreadable; rebuilding the chunk", chunk)
+        return None
+    if not _valid_mark(mark, chunk, splits):
+        log.info("chunk %d: its mark is from another version of fahr shards; rebuilding the chunk", chunk)
+        return None
+    if mark["fingerprint"] != fingerprint:
+        log.info("chunk %d: its input or options changed since it was written; rebuilding the chunk", chunk)
+        return None
+    return mark
+
+
+class _Inventory:
+    """Where shard files are now, taken before any work: the flat shards in the output folder and the
+    files in ``parts/staging/``, by identity (inode, mtime, size: what a rename keeps) and by size.
+
+    A chunk mark's shard is found in its chunk folder or here by the identity the mark recorded,
+    else (e.g. the output folder was copied) among the files of its size by SHA-256."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.by_identity: dict[tuple[int, int, int], Path] = {}
+        self.by_size: dict[int, list[Path]] = defaultdict(list)
+        self._sha256: dict[Path, str] = {}
+        for path in sorted(output.iterdir()):
+            if _FLAT_NAME.fullmatch(path.name):
+                self._add(path)
+        staging = output / "parts" / STAGING
+        if staging.is_dir():
+            for path in sorted(staging.iterdir()):
+                self._add(path)
+
+    @staticmethod
+    def _identity(path: Path) -> tuple[int, int, int] | None:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return None
+        return (info.st_ino, info.st_mtime_ns, info.st_size) if stat.S_ISREG(info.st_mode) else None
+
+    def _add(self, path: Path) -> None:
+        identity = self._identity(path)
+        if identity is not None:
+            self.by_identity[identity] = path
+            self.by_size[identity[2]].append(path)
+
+    def _hash(self, path: Path) -> str:
+        if path not in self._sha256:
+            self._sha256[path] = _sha256(path)
+        return self._sha256[path]
+
+    def locate(self, shard: dict[str, Any]) -> tuple[Path | None, bool]:
+        """(where the shard's bytes are, or None; whether it was found by hashing)."""
+        recorded = (shard["ino"], shard["mtime_ns"], shard["bytes"])
+        in_chunk = self.output / shard["name"]
+        identity = self._identity(in_chunk)
+        if identity == recorded:
+            return in_chunk, False
+        if recorded in self.by_identity:
+            return self.by_identity[recorded], False
+        candidates = ([in_chunk] if identity is not None and identity[2] == shard["bytes"] else [])
+        for path in candidates + self.by_size.get(shard["bytes"], []):
+            if self._hash(path) == shard["sha256"]:
+                return path, True
+        return None, False
+
+
+def _locate_chunk(inventory: _Inventory, mark: dict[str, Any]) -> tuple[dict[str, list[Path]] | None, bool]:
+    """Where every shard of a finished chunk is ({split: [path]}), or None if one is gone; and whether
+    some were found only by hashing (their identity in the mark is then refreshed after placing)."""
+    where: dict[str, list[Path]] = {}
+    rehashed = False
+    for split, series in mark["shards"].items():
+        where[split] = []
+        for shard in series:
+            path, by_hash = inventory.locate(shard)
+            if path is None:
+                log.info("chunk %d: a shard of it is gone; rebuilding the chunk", mark["chunk"])
+                return None, False
+            where[split].append(path)
+            rehashed |= by_hash
+    return where, rehashed
+
+
 # ---- driver ---------------------------------------------------------------------------------------
 
-def _chunks(items: Iterable[Record | Rejection], plan_: Plan, chunk_size: int) -> Iterator[tuple[int, list, int]]:
-    """(chunk number, [(item id, record)] to write, items in the chunk) in source order."""
-    chunk, batch, count = 0, [], 0
+def _input_changed(position: int) -> InputError:
+    return InputError(f"the input changed while `fahr shards` was reading it (its two passes differ at item "
+                      f"{position + 1}); rerun when the input is stable")
+
+
+def _chunks(items: Iterable[Record | Rejection], plan_: Plan, chunk_size: int,
+            ) -> Iterator[tuple[int, list[tuple[str, Record | None]], int]]:
+    """(chunk number, [(item id, record, or None if rejected)] for every item of its range, item count)
+    in source order. Raises InputError if the items are not those pass 1 planned."""
+    chunk, entries, position = 0, [], -1
     for position, item in enumerate(items):
         item_id = _item_id(position)
-        if not isinstance(item, Rejection) and item_id not in plan_.rejected:
-            batch.append((item_id, item))
-        count += 1
-        if count == chunk_size:
-            yield chunk, batch, count
-            chunk, batch, count = chunk + 1, [], 0
-    if count:
-        yield chunk, batch, count
+        if position >= plan_.read:
+            raise _input_changed(position)
+        if isinstance(item, Rejection) or item_id in plan_.rejected:
+            if item_id not in plan_.rejected:
+                raise _input_changed(position)
+            entries.append((item_id, None))
+        else:
+            if item.person_id not in plan_.split_of_person:
+                raise _input_changed(position)
+            entries.append((item_id, item))
+        if len(entries) == chunk_size:
+            yield chunk, entries, len(entries)
+            chunk, entries = chunk + 1, []
+    if position + 1 != plan_.read:
+        raise _input_changed(position + 1)
+    if entries:
+        yield chunk, entries, len(entries)
+
+
+def _chunk_plan(plan_: Plan, records: list[tuple[str, Record]]) -> Plan:
+    """The part of the plan a chunk's writer needs (what is sent to a worker process)."""
+    persons = {r.person_id for _, r in records}
+    return Plan(split_of_person={p: plan_.split_of_person[p] for p in persons},
+                anchors={p: plan_.anchors[p] for p in persons if p in plan_.anchors})
 
 
 def build_shards(
     source: str, make_items: Callable[[], Iterable[Record | Rejection]], output: str | Path,
     options: BuildOptions, progress: Callable[[int], None] | None = None,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
 ) -> dict[str, Any]:
     """Run both passes and write ``<output>/index.json``; returns the index.
 
     ``make_items`` must yield the same items in the same order each call (sources are deterministic).
+    ``inputs`` are the paths the source reads (the output may not be one of them, nor hold one).
+    Options, output and de-identification salt are checked before any work (:class:`InputError`).
     """
     from data_pipelines.deid import load_salt
 
-    output = Path(output)
-    (output / "parts").mkdir(parents=True, exist_ok=True)
+    check_options(options)
     salt = load_salt(options.salt_key_file) if options.deidentify else None
-    summaries: list[dict[str, Any]] = []
+    output = check_output(output, inputs)
+    (output / "parts").mkdir(exist_ok=True)
+    lock = _Lock(output / "parts")
+    try:
+        return _build(source, make_items, output, options, progress, salt)
+    finally:
+        lock.release()
 
-    def finished(summary: dict[str, Any], count: int) -> None:
+
+def _build(source: str, make_items: Callable[[], Iterable[Record | Rejection]], output: Path,
+           options: BuildOptions, progress: Callable[[int], None] | None, salt: bytes | None) -> dict[str, Any]:
+    inventory = _Inventory(output)
+    versions = library_versions()
+    splits = set(options.fractions)
+    summaries: list[dict[str, Any]] = []
+    located: dict[int, dict[str, list[Path]]] = {}
+    rehashed: list[int] = []
+
+    def finished(summary: dict[str, Any], count: int, where: dict[str, list[Path]] | None = None) -> None:
         summaries.append(summary)
+        located[summary["chunk"]] = where if where is not None else {
+            split: [output / s["name"] for s in series] for split, series in summary["shards"].items()}
         if progress:
             progress(count)
 
     # spawn, not fork: the parent may already hold torch threads
     pool = multiprocessing.get_context("spawn").Pool(options.processes) if options.processes > 1 else None
     in_flight: list[tuple[Any, int]] = []
+    n_chunks = 0
     try:
         plan_ = plan(make_items(), options, pool)
-        for chunk, records, count in _chunks(make_items(), plan_, options.chunk_size):
-            done = output / "parts" / f"c{chunk:06d}.json"
-            if done.is_file():  # finished by an earlier run
-                finished(json.loads(done.read_text()), count)
-            elif pool is None:
-                finished(write_chunk(chunk, records, plan_, options, str(output), source, salt), count)
+        for chunk, entries, count in _chunks(make_items(), plan_, options.chunk_size):
+            n_chunks += 1
+            fingerprint = chunk_fingerprint(chunk, entries, plan_, options, source, salt, versions)
+            mark = _load_mark(output, chunk, fingerprint, splits)
+            if mark is not None:
+                where, by_hash = _locate_chunk(inventory, mark)
+                if where is not None:  # finished by an earlier run, for this very input and options
+                    if by_hash:
+                        rehashed.append(chunk)
+                    finished(mark, count, where)
+                    continue
+            records = [(item_id, r) for item_id, r in entries if r is not None]
+            args = (chunk, records, _chunk_plan(plan_, records), options, str(output), source, salt, fingerprint)
+            del entries
+            if pool is None:
+                finished(write_chunk(*args), count)
             else:
-                in_flight.append((pool.apply_async(
-                    write_chunk, (chunk, records, plan_, options, str(output), source, salt)), count))
+                in_flight.append((pool.apply_async(write_chunk, args), count))
                 while len(in_flight) >= 2 * options.processes:  # bounded: chunks carry image bytes
                     job, n = in_flight.pop(0)
                     finished(job.get(), n)
@@ -330,27 +827,29 @@ def build_shards(
         if pool is not None:
             pool.close()
             pool.join()
-    moves = _flat_plan(summaries)
+    summaries.sort(key=lambda s: s["chunk"])
+    moves = _flat_plan(summaries, located)
     index = _merge(source, plan_, summaries, options, moves)  # checks the counts before anything moves
-    _move_shards(output, moves)
-    atomic_write_json(output / "index.json", index)
+    _place(output, moves, index, n_chunks)
+    by_chunk = {s["chunk"]: s for s in summaries}
+    for chunk in rehashed:  # found by hashing (a copied output folder): record the identities they have now
+        _refresh_identities(output, by_chunk[chunk], index)
     return index
 
 
 # ---- final step: one flat series of shards per split ----------------------------------------------
 
-_FLAT_NAME = re.compile(r"(.+)-\d{6}\.tar")
-
-
-def _flat_plan(summaries: list[dict[str, Any]]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
-    """split -> [(where its chunk wrote the shard, its index entry under the final name)]: chunks in
-    order, each chunk's shards in order; the k-th shard of a split becomes ``<split>-{k:06d}.tar``."""
-    moves: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for s in sorted(summaries, key=lambda s: s["chunk"]):
-        for split, shards in s["shards"].items():
+def _flat_plan(summaries: list[dict[str, Any]], located: dict[int, dict[str, list[Path]]],
+               ) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+    """split -> [(where the shard is now, its index entry under its flat name)]: chunks in order, each
+    chunk's shards in order; the k-th shard of a split becomes ``<split>-{k:06d}.tar``."""
+    moves: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for s in summaries:
+        for split in sorted(s["shards"]):
             series = moves.setdefault(split, [])
-            for shard in shards:
-                series.append((shard["name"], {**shard, "name": f"{split}-{len(series):06d}.tar"}))
+            for shard, where in zip(s["shards"][split], located[s["chunk"]][split]):
+                series.append((where, {"name": f"{split}-{len(series):06d}.tar", "num_samples": shard["num_samples"],
+                                       "bytes": shard["bytes"], "sha256": shard["sha256"]}))
     return moves
 
 
@@ -362,47 +861,67 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _move_shards(output: Path, moves: dict[str, list[tuple[str, dict[str, Any]]]]) -> None:
-    """Rename every chunk's shards to their flat names; idempotent, so a rerun finishes a crashed move.
+def _place(output: Path, moves: dict[str, list[tuple[Path, dict[str, Any]]]], index: dict[str, Any],
+           n_chunks: int) -> None:
+    """Put every shard at its flat name, remove what the new index does not list, write ``index.json``.
 
-    Per shard: source there and destination not -> move; source gone and destination there -> moved
-    by an earlier run (its size is checked; hashing every shard on every rerun would read the whole
-    data set); both there -> the destination must already hold the bytes the chunk mark records
-    (sha256), else this refuses rather than overwrite a finished shard with a different one.
+    Crash-safe by construction: ``index.json`` goes first (if anything is to change), then only
+    renames and unlinks; the marks are left as they are, so a rerun finds every needed shard again
+    (by identity) wherever a crash left it.
     """
-    emptied: set[Path] = set()
-    for split, series in moves.items():
-        for source_name, entry in series:
-            src, dst = output / source_name, output / entry["name"]
-            if src.is_file():
-                if dst.exists() and _sha256(dst) != entry["sha256"]:
-                    raise InputError(
-                        f"{dst} already holds a different shard than {src} (sha256 in the chunk mark); "
-                        "refusing to overwrite it: the output directory holds another build, use a new one")
-                os.replace(src, dst)  # same file system: atomic
-            elif not dst.is_file():
-                raise InputError(f"shard {src} (to become {dst}) is missing, and so is {dst}")
-            if dst.stat().st_size != entry["bytes"]:
-                raise InputError(f"shard {dst}: {dst.stat().st_size} bytes on disk, {entry['bytes']} in its chunk mark")
-            emptied.add(src.parent)
+    parts, staging, index_path = output / "parts", output / "parts" / STAGING, output / "index.json"
+    wanted = [(where, output / entry["name"], entry) for series in moves.values() for where, entry in series]
+    shas = [entry["sha256"] for _, _, entry in wanted]
+    if len(set(shas)) != len(shas):  # sample keys are unique, so shards are: two equal ones are a bug
+        raise AssertionError("two shards of one build have the same sha256")
+    targets = {dst.name for _, dst, _ in wanted}
+    present = {p.name for p in output.iterdir() if _FLAT_NAME.fullmatch(p.name)}
+    try:
+        current = read_json_file(index_path, "index") if os.path.lexists(index_path) else None
+    except InputError:
+        current = None
+    if any(where != dst for where, dst, _ in wanted) or present - targets or current != index:
+        index_path.unlink(missing_ok=True)  # a half-placed output has no index
+        _fsync_dir(output)
+    # 1. needed shards at another flat name move aside, so that no rename below clobbers a needed one
+    placed = []
+    for where, dst, entry in wanted:
+        if where.parent == output and where != dst:
+            staging.mkdir(exist_ok=True)
+            staged = staging / f"{entry['sha256']}.tar"
+            os.replace(where, staged)
+            where = staged
+        placed.append((where, dst))
+    # 2. every shard to its flat name (over a stale file, or none)
+    for where, dst in placed:
+        if where != dst:
+            os.replace(where, dst)  # same file system: atomic
     _fsync_dir(output)  # the renames are durable before index.json names the new files
-    for split_dir in sorted(emptied):
-        # the chunk writer's own index.json lists the shards under their old names: drop it with them
-        (split_dir / "index.json").unlink(missing_ok=True)
-    # parts/c<chunk>/<split>/, then parts/c<chunk>/; the marks parts/c<chunk>.json stay
-    for d in [*sorted(emptied), *sorted({d.parent for d in emptied})]:
-        try:
-            d.rmdir()
-        except FileNotFoundError:  # removed by an earlier run
-            pass
-        except OSError:
-            log.warning("keeping %s: it holds files this build did not write", d)
-    listed = {entry["name"] for series in moves.values() for _, entry in series}
-    stale = sorted(p.name for p in output.iterdir()
-                   if (m := _FLAT_NAME.fullmatch(p.name)) and m.group(1) in moves and p.name not in listed)
-    if stale:  # left as they are: nothing here deletes shards it did not write in this build
-        log.warning("%s holds %d shards index.json does not list (an earlier, larger build?): %s",
-                    output, len(stale), ", ".join(stale[:5]))
+    # 3. what the new index does not list: stale flat shards, chunk folders, staging, extra marks
+    for name in sorted(present - targets):
+        (output / name).unlink(missing_ok=True)
+    for path in sorted(parts.iterdir()):
+        mark = _MARK_NAME.fullmatch(path.name)
+        if _CHUNK_DIR.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif mark and int(mark.group(1)) >= n_chunks:
+            path.unlink()
+    if staging.is_dir():
+        shutil.rmtree(staging)
+    for path in output.glob(".index.json.*.tmp"):  # an atomic write killed before its rename
+        path.unlink(missing_ok=True)
+    if current != index or not index_path.is_file():
+        atomic_write_json(index_path, index)
+
+
+def _refresh_identities(output: Path, mark: dict[str, Any], index: dict[str, Any]) -> None:
+    """Rewrite a reused chunk mark with the identities its shards have now (they were found by hash)."""
+    flat = {entry["sha256"]: output / entry["name"] for e in index["splits"].values() for entry in e["shards"]}
+    for series in mark["shards"].values():
+        for shard in series:
+            info = os.stat(flat[shard["sha256"]])
+            shard["ino"], shard["mtime_ns"] = info.st_ino, info.st_mtime_ns
+    atomic_write_json(_mark_path(output, mark["chunk"]), mark)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -414,8 +933,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _merge(source: str, plan_: Plan, summaries: list[dict[str, Any]], options: BuildOptions,
-           moves: dict[str, list[tuple[str, dict[str, Any]]]]) -> dict[str, Any]:
-    summaries = sorted(summaries, key=lambda s: s["chunk"])
+           moves: dict[str, list[tuple[Path, dict[str, Any]]]]) -> dict[str, Any]:
     rejected = Counter(plan_.rejected.values())
     splits: dict[str, dict[str, Any]] = {}
     for s in summaries:

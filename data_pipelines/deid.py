@@ -18,14 +18,15 @@ import hashlib
 import hmac
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from data_pipelines.records import Record
-from fahr.boundary import InputError
+from fahr.boundary import FileRefused, InputError, printable_path, read_regular_file
 
 SALT_ENV = "FAHR_DEID_SALT"
 MIN_SALT_BYTES = 16
+#: largest key file read (bytes): a salt is a line of hex
+MAX_KEY_FILE_BYTES = 64 * 1024
 #: Labels that may pass de-identification by default (dates are converted, not passed).
 DEFAULT_ALLOWED = frozenset({"age", "sex", "race", "followup_days", "event", "diagnosis"})
 
@@ -33,11 +34,16 @@ DEFAULT_ALLOWED = frozenset({"age", "sex", "race", "followup_days", "event", "di
 def load_salt(key_file: str | os.PathLike | None = None) -> bytes:
     """The de-identification salt: the key file's content if given, else ``$FAHR_DEID_SALT``.
 
-    Raises ValueError (without echoing any of it) when it is missing or shorter than 16 bytes.
+    Raises InputError (without echoing any of it) when it is missing or shorter than 16 bytes, or
+    when the key file is not a regular file of at most :data:`MAX_KEY_FILE_BYTES` bytes.
     """
     if key_file is not None:
-        salt = Path(key_file).read_bytes().strip()
-        origin = f"key file {key_file}"
+        try:
+            salt = read_regular_file(key_file, MAX_KEY_FILE_BYTES).strip()
+        except FileRefused as refused:
+            raise InputError(f"deid.key_file {printable_path(key_file)}: {refused.detail}; expected a file "
+                             "holding the secret salt") from None
+        origin = f"key file {printable_path(key_file)}"
     else:
         salt = os.environ.get(SALT_ENV, "").encode()
         origin = f"${SALT_ENV}"

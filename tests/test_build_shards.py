@@ -18,7 +18,6 @@ from conftest import shared_data
 from data_pipelines import build as build_mod
 from data_pipelines.build import AlignOptions, BuildOptions, build_shards
 from data_pipelines.sources import get_source
-from fahr.boundary import InputError
 from fahr.data.build import resolve_train_shards
 
 
@@ -102,13 +101,15 @@ def test_rerun_after_a_crash_resumes_and_matches_a_clean_build(tmp_path, monkeyp
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The build's result: every file outside parts/ (the chunk marks there record file identities)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "parts"}
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_flat_shard_series_per_split_and_a_crash_mid_move_resumes(tmp_path, monkeypatch):
     """Shards end as <split>-000000.tar, ... (webdataset convention, brace patterns work); the move out
-    of parts/ survives a crash, and never overwrites a finished shard with a different one."""
+    of parts/ survives a crash, and a rerun repairs a finished shard that holds other bytes."""
     from fahr.data.shards import expand_shards
 
     root = _utk_subset(tmp_path, 120)
@@ -164,14 +165,13 @@ def test_flat_shard_series_per_split_and_a_crash_mid_move_resumes(tmp_path, monk
     # a chunk whose mark is lost is rewritten; its shards land on identical finished ones: fine
     (out / "parts" / "c000001.json").unlink()
     assert build(out) == clean and _tree(out) == _tree(clean_dir)
-    # ... but a finished shard holding other bytes is never overwritten
-    (out / "parts" / "c000001.json").unlink()
+    # a finished shard holding other bytes (its chunk mark lost or not) is rebuilt and replaced
     first_of_chunk_1 = out / f"train-{len(marks[0]['shards']['train']):06d}.tar"
     first_of_chunk_1.write_bytes(b"another build")
-    with pytest.raises(InputError, match="refusing to overwrite"):
-        build(out)
-    assert first_of_chunk_1.read_bytes() == b"another build"
-    assert json.loads((out / "index.json").read_text()) == clean  # the finished build's index is left alone
+    assert build(out) == clean and _tree(out) == _tree(clean_dir)
+    (out / "parts" / "c000001.json").unlink()
+    first_of_chunk_1.write_bytes(b"another build")
+    assert build(out) == clean and _tree(out) == _tree(clean_dir)
 
 
 def test_fgnet_raw_photos_detected_and_aligned(tmp_path):

@@ -12,7 +12,8 @@ Expected layout (the ``appa-real-release`` archive)::
         test/...
 
 By default every split whose ``gt_avg_<split>.csv`` exists is read (``splits=("train", ...)`` to
-choose; a requested split whose CSV is missing raises ``FileNotFoundError``). Only files named in the
+choose; a requested split whose CSV is missing, or a split name not among these three, raises
+:class:`~fahr.boundary.InputError`). Only files named in the
 CSVs are read, so the ``_face.jpg`` crops and any other file are ignored; a CSV row naming a
 ``_face.jpg`` file is skipped too (not counted).
 
@@ -22,7 +23,7 @@ file stem (``000000``; stems are unique across the three splits), so person-disj
 image-level. ``source_id`` is ``<split>/<file_name>``; records are yielded split by split (train, valid,
 test), each sorted by file name. Rejections: ``label:age`` (real age missing/out of range),
 ``label:apparent_age``, ``label:apparent_age_std``, ``label:num_ratings``, ``image:missing``,
-``image:unreadable``, ``image:path``, ``duplicate``.
+``image:not_regular``, ``image:too_large``, ``image:unreadable``, ``image:path``, ``duplicate``.
 """
 
 from __future__ import annotations
@@ -40,15 +41,23 @@ COLUMNS = ("file_name", "num_ratings", "apparent_age_avg", "apparent_age_std", "
 FACE_SUFFIX = "_face.jpg"
 
 
+def check_options(splits: Iterable[str] | None = None) -> None:
+    """The source's options, before any work (``fahr shards`` calls this with ``source_options``)."""
+    unknown = [s for s in (splits or ()) if s not in SPLITS]
+    if unknown:
+        raise InputError(f"APPA-REAL splits {unknown} are not among {list(SPLITS)}")
+
+
 def iter_records(input_dir: str | Path, splits: Iterable[str] | None = None) -> Iterator[Record | Rejection]:
     """Yield APPA-REAL records (see the module docstring)."""
+    check_options(splits)
     root = require_dir(input_dir)
     if splits is None:
         splits = [s for s in SPLITS if (root / f"gt_avg_{s}.csv").is_file()]
         if not splits:
             raise InputError(f"no gt_avg_{{train,valid,test}}.csv in {root}")
     for split in splits:
-        _, rows = read_csv(root / f"gt_avg_{split}.csv", required=COLUMNS)
+        _, rows = read_csv(root / f"gt_avg_{split}.csv", required=COLUMNS, what="APPA-REAL CSV")
         seen: set[str] = set()
         for row in sorted(rows, key=lambda r: r["file_name"]):
             name = row["file_name"]

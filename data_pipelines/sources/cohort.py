@@ -33,8 +33,13 @@ Rejections: ``label:patient_id`` (empty), ``label:photo_date`` / ``label:birth_d
 ``label:last_contact_date`` / ``label:death_date`` (unparsable, or out of order: birth after photo,
 photo after death or last contact, last contact after death), ``label:age`` (missing, NaN, negative,
 > 120), ``label:sex``, ``label:race``, ``label:followup_days`` (NaN or negative), ``label:event`` (not 0/1,
-or 0 with a death date), ``image:missing``, ``image:unreadable``, ``image:path``, ``duplicate`` (a
-second row with the same ``photo_path``).
+or 0 with a death date), ``label:<covariate>`` (a numeric cell that is NaN or infinite), ``image:missing``,
+``image:not_regular`` (a directory, FIFO or device), ``image:too_large`` (over the photo byte cap,
+not read), ``image:unreadable``, ``image:path``, ``duplicate`` (a second row with the same
+``photo_path``).
+
+The table is read through :func:`fahr.boundary.read_csv_table`; its errors name the file, line and
+column, never a cell value (cells hold identifiers).
 """
 
 from __future__ import annotations
@@ -74,12 +79,14 @@ def iter_records(input_dir: str | Path, covariates: Iterable[str] = (), table: s
     """Yield one Record or Rejection per cohort row (see the module docstring)."""
     root = require_dir(input_dir)
     covariates = list(covariates)
-    header, rows = read_csv(root / table, required=REQUIRED)
+    # messages name the file and the columns the user configured, never the header's other names or
+    # any cell: a header-less cohort table has patient data in its first line
+    header, rows = read_csv(root / table, required=REQUIRED, what="cohort CSV")
     if not any(name in header for name in AGE_COLUMNS):
-        raise InputError(f"{root / table}: needs one of the columns {list(AGE_COLUMNS)} (found {header})")
+        raise InputError(f"cohort CSV {root / table}: needs one of the columns {list(AGE_COLUMNS)}")
     missing = [name for name in covariates if name not in header]
     if missing:
-        raise InputError(f"{root / table}: covariate column(s) {missing} not found (found {header})")
+        raise InputError(f"cohort CSV {root / table}: covariate column(s) {missing} not found")
     reserved = [name for name in covariates if name in (*REQUIRED, *AGE_COLUMNS, *OPTIONAL)]
     if reserved:
         raise InputError(f"covariates {reserved} are standard cohort columns, not covariates")
@@ -151,14 +158,17 @@ def parse_row(row: dict[str, str], covariates: Iterable[str] = ()) -> dict[str, 
         "followup_days": followup, "event": event,
     }
     for name in covariates:
-        labels[name] = _covariate(row.get(name, ""))
+        labels[name] = _covariate(row.get(name, ""), name)
     return labels
 
 
-def _covariate(value: str) -> float | str | None:
+def _covariate(value: str, name: str) -> float | str | None:
     if value == "":
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         return value
+    if not math.isfinite(number):  # "nan", "inf": not a value a shard label may hold
+        raise RejectedError(f"label:{name}", "not a finite number")
+    return number

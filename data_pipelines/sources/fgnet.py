@@ -33,12 +33,15 @@ Two layouts are read.
 Labels: ``age`` (float years). ``person_id`` is the three-digit subject number (``"003"``) in both
 layouts. ``landmarks`` is a (68, 2) float array of (x, y) pixel coordinates in the raw photo.
 Records are yielded sorted by ``source_id`` (``images/<file name>``). Rejections: ``label:filename``,
-``label:age``, ``label:subject``, ``landmarks:missing``, ``landmarks:malformed``, ``image:missing``,
-``image:unreadable``, ``image:path``, ``duplicate``.
+``label:age``, ``label:subject``, ``landmarks:missing``, ``landmarks:malformed``, ``landmarks:path``
+(outside ``input_dir``), ``landmarks:not_regular`` / ``landmarks:too_large`` / ``landmarks:unreadable``
+(a FIFO, device or directory, a file over 64 kB, an I/O error: never read), ``image:missing``,
+``image:not_regular``, ``image:too_large``, ``image:unreadable``, ``image:path``, ``duplicate``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +50,7 @@ import numpy as np
 
 from data_pipelines.records import Record, RejectedError, Rejection
 from data_pipelines.sources.folder import (
+    _inside,
     is_image,
     parse_age,
     parse_int_code,
@@ -56,10 +60,12 @@ from data_pipelines.sources.folder import (
     require_dir,
     unique_manifest_rows,
 )
-from fahr.boundary import InputError
+from fahr.boundary import FileRefused, InputError, read_regular_file
 
 MANIFEST = "manifest.csv"
 NUM_POINTS = 68
+#: largest .pts file read (bytes); 68 points take about 1 kB
+MAX_PTS_BYTES = 64 * 1024
 _NAME = re.compile(r"^(\d{3})a(\d{2})([a-z]?)\.jpe?g$", re.IGNORECASE)
 
 
@@ -72,11 +78,21 @@ def parse_filename(name: str) -> tuple[str, float]:
 
 
 def read_pts(path: Path, num_points: int = NUM_POINTS) -> np.ndarray:
-    """Parse an IBUG ``.pts`` file into a (num_points, 2) float array."""
+    """Parse an IBUG ``.pts`` file into a (num_points, 2) float array.
+
+    Raises RejectedError ``landmarks:missing`` / ``landmarks:not_regular`` (a directory, FIFO or
+    device: never read, so no hang) / ``landmarks:too_large`` (over :data:`MAX_PTS_BYTES`) /
+    ``landmarks:unreadable``, or ``landmarks:malformed`` (not ASCII, not the IBUG layout, not
+    ``num_points`` finite points).
+    """
     try:
-        text = path.read_text(encoding="ascii", errors="strict")
-    except (OSError, UnicodeDecodeError) as error:
-        raise RejectedError("landmarks:malformed", f"{path.name}: {error}") from None
+        data = read_regular_file(path, MAX_PTS_BYTES)
+    except FileRefused as refused:
+        raise RejectedError(f"landmarks:{refused.reason}", refused.detail) from None
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError as error:
+        raise RejectedError("landmarks:malformed", f"not ASCII text (byte {error.start})") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     try:
         header = {}
@@ -88,7 +104,7 @@ def read_pts(path: Path, num_points: int = NUM_POINTS) -> np.ndarray:
         end = lines.index("}", index)
         points = np.array([[float(v) for v in line.split()] for line in lines[index + 1:end]], dtype=np.float64)
         declared = int(header.get("n_points", num_points))
-    except ValueError as error:
+    except (ValueError, OverflowError) as error:
         raise RejectedError("landmarks:malformed", f"{path.name}: {error}") from None
     if declared != num_points or points.shape != (num_points, 2) or not np.isfinite(points).all():
         raise RejectedError("landmarks:malformed",
@@ -106,14 +122,14 @@ def _pts_index(points_dir: Path) -> dict[str, Path]:
 def iter_records(input_dir: str | Path) -> Iterator[Record | Rejection]:
     """Yield FG-NET records (see the module docstring for the two layouts)."""
     root = require_dir(input_dir)
-    if (root / MANIFEST).is_file():
+    if os.path.lexists(root / MANIFEST):  # a FIFO or dangling link here is an error, not another layout
         yield from _from_manifest(root)
     else:
         yield from _from_original(root)
 
 
 def _from_manifest(root: Path) -> Iterator[Record | Rejection]:
-    header, rows = read_csv(root / MANIFEST, required=["file", "subject", "age"])
+    header, rows = read_csv(root / MANIFEST, required=["file", "subject", "age"], what="manifest")
     for source_id, row in unique_manifest_rows(rows):
         if row is None:
             yield Rejection(source_id, "duplicate", "file listed twice in the manifest")
@@ -125,10 +141,9 @@ def _from_manifest(root: Path) -> Iterator[Record | Rejection]:
             labels = {"age": parse_age(row["age"], required=True)}
             landmarks = None
             if row.get("landmarks"):
-                pts = root / row["landmarks"]
-                if not pts.is_file():
-                    raise RejectedError("landmarks:missing", row["landmarks"])
-                landmarks = read_pts(pts)
+                if not _inside(row["landmarks"]):
+                    raise RejectedError("landmarks:path", "outside the input directory")
+                landmarks = read_pts(root / row["landmarks"])
             image = read_image(root, source_id)
         except RejectedError as error:
             yield reject(source_id, error)

@@ -20,15 +20,20 @@ Expected layout::
 
 Rows are yielded sorted by ``file``. Rejections: ``label:age`` / ``label:sex`` / ``label:race`` for
 unparsable or out-of-range labels, ``image:missing`` for a listed file that does not exist,
+``image:not_regular`` for one that is a directory, FIFO, device or socket (never opened for
+reading: no hang), ``image:too_large`` for one over :data:`MAX_PHOTO_BYTES` (not read),
 ``image:unreadable`` for one that cannot be read, ``image:path`` for a path outside ``input_dir``,
 ``duplicate`` for a second row naming the same file.
+
+The manifest is read through :func:`fahr.boundary.read_csv_table`: a regular UTF-8 file with a
+header row; a missing, binary, non-UTF-8, header-less or ``;``-separated manifest is an
+:class:`~fahr.boundary.InputError` naming the file (and never quoting its cells).
 
 This module also holds the small parsing helpers the other sources share.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines.records import Record, RejectedError, Rejection
-from fahr.boundary import InputError
+from fahr.boundary import MAX_PHOTO_BYTES, FileRefused, InputError, read_csv_table, read_regular_file
 
 MANIFEST = "manifest.csv"
 LABEL_COLUMNS = ("age", "sex", "race")
@@ -49,43 +54,29 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 def require_dir(input_dir: str | Path) -> Path:
     path = Path(input_dir)
     if not path.is_dir():
+        if path.exists():
+            raise InputError(f"input {path} is not a directory; give the folder that holds the data set")
         raise InputError(f"input directory not found: {path}")
     return path
 
 
-def read_csv(path: Path, required: Iterable[str], allowed: Iterable[str] | None = None,
+def read_csv(path: Path, required: Iterable[str], allowed: Iterable[str] | None = None, what: str = "CSV",
              ) -> tuple[list[str], list[dict[str, str]]]:
     """Read a CSV with a header row; cells are stripped strings ('' when empty).
 
-    Raises FileNotFoundError when the file is absent, ValueError naming the required columns that are
-    missing and, when ``allowed`` is given, the columns that are neither required nor allowed.
+    Goes through :func:`fahr.boundary.read_csv_table` (a regular UTF-8 file under the CSV byte cap,
+    a header row, no duplicated column names, no row longer than the header). Raises
+    :class:`InputError` naming the file: missing or unreadable, not a CSV, the required columns
+    that are missing and, when ``allowed`` is given, the columns that are neither required nor
+    allowed. Messages name files and columns, never cell values.
     """
-    if not path.is_file():
-        raise InputError(f"CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        try:
-            header = [name.strip() for name in next(reader)]
-        except StopIteration:
-            raise InputError(f"{path}: empty CSV (no header row)") from None
-        required = list(required)
-        missing = [name for name in required if name not in header]
-        if missing:
-            raise InputError(f"{path}: missing required column(s) {missing} (found {header})")
-        if allowed is not None:
-            known = set(required) | set(allowed)
-            unknown = [name for name in header if name not in known]
-            if unknown:
-                raise InputError(f"{path}: unexpected column(s) {unknown}; allowed: {sorted(known)}")
-        duplicated = sorted({name for name in header if header.count(name) > 1})
-        if duplicated:
-            raise InputError(f"{path}: duplicated column(s) {duplicated}")
-        rows = []
-        for cells in reader:
-            if not any(cell.strip() for cell in cells):
-                continue  # blank line
-            cells = [cell.strip() for cell in cells] + [""] * (len(header) - len(cells))
-            rows.append(dict(zip(header, cells)))  # extra cells beyond the header are dropped
+    required = list(required)
+    header, rows = read_csv_table(path, what, tuple(required))
+    if allowed is not None:
+        known = set(required) | set(allowed)
+        unknown = [name for name in header if name not in known]
+        if unknown:
+            raise InputError(f"{what} {path}: unexpected column(s) {unknown}; allowed: {sorted(known)}")
     return header, rows
 
 
@@ -162,25 +153,43 @@ def unique_manifest_rows(rows: list[dict[str, str]], column: str = "file") -> It
         seen.add(source_id)
 
 
-def read_image(input_dir: Path, relative: str) -> bytes:
-    """The bytes of ``input_dir/relative`` (not decoded); RejectedError image:* when unusable."""
-    if not relative:
-        raise RejectedError("image:missing", "empty path")
-    # Lexical check (symlinked image folders are fine): no absolute paths, no escaping with "..".
+def _inside(relative: str) -> bool:
+    """Lexical check (symlinked image folders are fine): not absolute, not escaping with ".."."""
     normal = os.path.normpath(relative)
-    if os.path.isabs(relative) or normal == ".." or normal.startswith(".." + os.sep):
-        raise RejectedError("image:path", f"outside the input directory: {relative}")
-    path = input_dir / relative
-    if not path.is_file():
-        raise RejectedError("image:missing", str(relative))
+    return not (os.path.isabs(relative) or normal == ".." or normal.startswith(".." + os.sep))
+
+
+def read_input_file(input_dir: Path, relative: str, kind: str, max_bytes: int) -> bytes:
+    """The bytes of ``input_dir/relative``, a regular file of at most ``max_bytes`` bytes.
+
+    Raises RejectedError ``<kind>:path`` (outside ``input_dir``), ``<kind>:missing``,
+    ``<kind>:not_regular`` (directory, FIFO, device, socket: refused without reading, so no hang),
+    ``<kind>:too_large`` (refused before reading), ``<kind>:unreadable``. The detail names no path
+    (paths of cohort photos may hold names; the rejection's ``source_id`` says which row it is).
+    """
+    if not relative:
+        raise RejectedError(f"{kind}:missing", "empty path")
+    if not _inside(relative):
+        raise RejectedError(f"{kind}:path", "outside the input directory")
     try:
-        return path.read_bytes()
-    except OSError as error:
-        raise RejectedError("image:unreadable", f"{relative}: {error}") from None
+        return read_regular_file(input_dir / relative, max_bytes)
+    except FileRefused as refused:
+        raise RejectedError(f"{kind}:{refused.reason}", refused.detail) from None
+
+
+def read_image(input_dir: Path, relative: str) -> bytes:
+    """The bytes of ``input_dir/relative`` (not decoded); RejectedError ``image:*`` when unusable
+    (see :func:`read_input_file`; the cap is :data:`MAX_PHOTO_BYTES`, looked up at each call)."""
+    return read_input_file(input_dir, relative, "image", MAX_PHOTO_BYTES)
 
 
 def is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    """A photo by its name, in a folder listing: an image suffix, not hidden, not a directory.
+
+    Not-regular entries named like photos (a FIFO, a device, a dangling symlink) count: reading them
+    gives a counted rejection (``image:not_regular``, ``image:missing``) instead of a silent skip.
+    """
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and not path.is_dir()
 
 
 def reject(source_id: str, error: RejectedError) -> Rejection:
@@ -197,7 +206,8 @@ def iter_records(input_dir: str | Path, keep_columns: Iterable[str] = (),
     clash = [name for name in keep if name in ("file", "person_id", *LABEL_COLUMNS)]
     if clash:
         raise InputError(f"keep_columns {clash} are standard columns, not extras")
-    header, rows = read_csv(root / manifest, required=["file"], allowed=["person_id", *LABEL_COLUMNS, *keep])
+    header, rows = read_csv(root / manifest, required=["file"], allowed=["person_id", *LABEL_COLUMNS, *keep],
+                            what="manifest")
     for source_id, row in unique_manifest_rows(rows):
         if row is None:
             yield Rejection(source_id, "duplicate", "file listed twice in the manifest")

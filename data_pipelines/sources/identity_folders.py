@@ -10,7 +10,9 @@ Expected layout::
 suffix (.jpg .jpeg .png .bmp .webp .tif .tiff, any case; hidden files skipped); other files are
 ignored and not counted. An image directly in ``input_dir`` (no identity folder) is rejected as
 ``layout:no_identity``. ``source_id`` is the path relative to ``input_dir`` (``/``-separated); records
-are yielded sorted by it. Other rejections: ``image:unreadable``.
+are yielded sorted by it. Other rejections: ``image:missing`` (a dangling symlink),
+``image:not_regular`` (a FIFO or device named like a photo: never read), ``image:too_large`` (over
+the photo byte cap: never read), ``image:unreadable``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ Optional filters (off by default): ``min_face_score`` rejects ``face:score`` bel
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import date
 from pathlib import Path
@@ -41,8 +43,10 @@ import numpy as np
 
 from data_pipelines.records import Record, RejectedError, Rejection
 from data_pipelines.sources.folder import parse_age, read_image, reject, require_dir
-from fahr.boundary import InputError
+from fahr.boundary import FileRefused, InputError, read_regular_file
 
+#: largest .mat metadata file read (bytes); imdb.mat is ~60 MB
+MAX_MAT_BYTES = 1024 * 1024 * 1024
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "name", "face_score", "second_face_score")
 MATLAB_TO_PYTHON_ORDINAL = 366  # datenum(1,1,1) == 367, date(1,1,1).toordinal() == 1
 
@@ -67,12 +71,22 @@ def load_mat(path: Path) -> dict[str, list[Any]]:
         from scipy.io import loadmat
     except ImportError as error:
         raise ImportError("reading IMDB-WIKI .mat metadata needs scipy: pip install scipy") from error
-    mat = loadmat(str(path))
+    try:
+        data = read_regular_file(path, MAX_MAT_BYTES)
+    except FileRefused as refused:
+        raise InputError(f"IMDB-WIKI metadata {path}: {refused.detail}") from None
+    try:
+        mat = loadmat(io.BytesIO(data))
+    except Exception as error:  # noqa: BLE001 - scipy raises many types for a corrupt file
+        raise InputError(f"IMDB-WIKI metadata {path}: not a readable MATLAB .mat file ({type(error).__name__})") from None
     keys = [k for k in mat if not k.startswith("__")]
     if len(keys) != 1:
-        raise InputError(f"{path}: expected one struct (imdb or wiki), found {keys}")
-    struct = mat[keys[0]][0, 0]
-    names = struct.dtype.names or ()
+        raise InputError(f"{path}: expected one struct (imdb or wiki), found {len(keys)} variables")
+    try:
+        struct = mat[keys[0]][0, 0]
+        names = struct.dtype.names or ()
+    except (IndexError, TypeError, AttributeError):
+        raise InputError(f"{path}: variable {keys[0]!r} is not a 1x1 MATLAB struct") from None
     missing = [f for f in FIELDS if f not in names]
     if missing:
         raise InputError(f"{path}: struct {keys[0]!r} lacks field(s) {missing} (has {list(names)})")
@@ -97,12 +111,12 @@ def iter_records(input_dir: str | Path, mat_name: str | None = None, min_face_sc
     """Yield IMDB-WIKI records (see the module docstring)."""
     root = require_dir(input_dir)
     if mat_name is None:
-        found = [n for n in ("imdb.mat", "wiki.mat") if (root / n).is_file()]
+        found = [n for n in ("imdb.mat", "wiki.mat") if os.path.lexists(root / n)]
         if len(found) != 1:
             raise InputError(f"expected exactly one of imdb.mat / wiki.mat in {root} (found {found}); "
                                     "pass mat_name=")
         mat_name = found[0]
-    if not (root / mat_name).is_file():
+    if not os.path.lexists(root / mat_name):
         raise InputError(f"metadata not found: {root / mat_name}")
     yield from iter_records_from_meta(root, load_mat(root / mat_name), min_face_score, max_second_face_score)
 

@@ -9,7 +9,8 @@ Two layouts are read.
            <age>_<gender>_<datetime>.jpg             race missing, e.g. 39_1_20170116174525125.jpg
            (the ``.jpg.chip.jpg`` suffix of some copies is accepted)
 
-   Only image files directly in ``input_dir`` are read (sub-folders and non-image files are ignored).
+   Only image files directly in ``input_dir`` are read (sub-folders and files without an image
+   suffix are ignored).
    ``gender`` is 0 male / 1 female, ``race`` 0 White, 1 Black, 2 Asian, 3 Indian, 4 other; a name
    that does not have this form is rejected as ``label:filename``.
 
@@ -29,12 +30,14 @@ UTKFace has no person identifiers: ``person_id`` is the SHA-1 of the image bytes
 share a "person" but person-disjoint splitting is image-level for UTKFace (the same person may appear
 in train and test under different photos). Records are yielded sorted by ``source_id`` (the file
 name, or the manifest's ``file`` value). Rejections: ``label:filename``, ``label:age``, ``label:sex``,
-``label:race``, ``image:missing``, ``image:unreadable``, ``image:path``, ``image:checksum``,
-``duplicate``.
+``label:race``, ``image:missing``, ``image:not_regular`` (a FIFO, device or dangling link named like a
+photo: never read), ``image:too_large`` (over the photo byte cap: never read), ``image:unreadable``,
+``image:path``, ``image:checksum``, ``duplicate``.
 """
 
 from __future__ import annotations
 
+import os
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,14 +92,14 @@ def _labels_from_manifest(row: dict[str, str]) -> dict[str, Any]:
 def iter_records(input_dir: str | Path, verify_sha1: bool = True) -> Iterator[Record | Rejection]:
     """Yield UTKFace records (see the module docstring for the two layouts)."""
     root = require_dir(input_dir)
-    if (root / MANIFEST).is_file():
+    if os.path.lexists(root / MANIFEST):  # a FIFO or dangling link here is an error, not another layout
         yield from _from_manifest(root, verify_sha1)
     else:
         yield from _from_flat_folder(root)
 
 
 def _from_manifest(root: Path, verify_sha1: bool) -> Iterator[Record | Rejection]:
-    _, rows = read_csv(root / MANIFEST, required=["file", "age", "gender", "race"])
+    _, rows = read_csv(root / MANIFEST, required=["file", "age", "gender", "race"], what="manifest")
     for source_id, row in unique_manifest_rows(rows):
         if row is None:
             yield Rejection(source_id, "duplicate", "file listed twice in the manifest")

@@ -220,6 +220,8 @@ class PretrainConfig:
 
 @dataclass
 class ShardsSplitConfig:
+    # >= 0, sum 1; names of letters, digits, '_'. A command-line {..} is merged into this default:
+    # give every split (0 for one you do not want) or drop one with ~split.fractions.val
     fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     seed: str = "fahr"
     stratify: str = "auto"  # "age", "event", "none"; auto: event for cohorts, age otherwise
@@ -228,7 +230,7 @@ class ShardsSplitConfig:
 @dataclass
 class ShardsDedupConfig:
     enabled: bool = True
-    near_threshold: int = 6  # pHash bits out of 64
+    near_threshold: int = 6  # pHash bits out of 64, 0-7
 
 
 @dataclass
@@ -240,10 +242,10 @@ class ShardsDeidConfig:
 
 @dataclass
 class ShardsAlignConfig:
-    image_size: int = 112
-    margin: float = 0.0
+    image_size: int = 112  # 16-1024
+    margin: float = 0.0  # 0-2
     multi_face: str = "reject"  # "reject", "largest", "central"
-    min_confidence: float = 0.95
+    min_confidence: float = 0.95  # 0-1
     skip_detection: bool = False  # inputs are already aligned crops
 
 
@@ -252,10 +254,10 @@ class ShardsConfig:
     source: str = MISSING
     input: str = MISSING
     output: str = MISSING
-    source_options: dict[str, Any] = field(default_factory=dict)
-    processes: int = 1
-    chunk_size: int = 2000
-    samples_per_shard: int = 1000
+    source_options: dict[str, Any] = field(default_factory=dict)  # +source_options.<key>=... (checked per source)
+    processes: int = 1  # 1 to 4 per usable CPU
+    chunk_size: int = 2000  # 1-100000 source items per chunk
+    samples_per_shard: int = 1000  # 1-1000000
     split: ShardsSplitConfig = field(default_factory=ShardsSplitConfig)
     dedup: ShardsDedupConfig = field(default_factory=ShardsDedupConfig)
     deid: ShardsDeidConfig = field(default_factory=ShardsDeidConfig)

@@ -62,7 +62,7 @@ def cohort_to_shards(cohort_dir: Path, shards_dir: Path, key_file: Path, image_s
                            samples_per_shard=samples_per_shard,
                            align=AlignOptions(image_size=image_size, skip_detection=True))
     iter_records = get_source("cohort")
-    result = build_shards("cohort", lambda: iter_records(str(cohort_dir)), shards_dir, options)
+    result = build_shards("cohort", lambda: iter_records(str(cohort_dir)), shards_dir, options, inputs=(cohort_dir,))
     log.info("cohort %s: read %d photos, wrote %d, rejected %s", cohort_dir, result["read"], result["written"],
              result["rejected"])
     return result
