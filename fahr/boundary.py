@@ -241,9 +241,9 @@ def read_csv_table(path: str | os.PathLike, what: str, required: tuple[str, ...]
         columns = [c.strip() for c in header]
         if any(not c for c in columns):
             raise InputError(f"{where}: column {columns.index('') + 1} of the header has no name")
-        duplicated = sorted({c for c in columns if columns.count(c) > 1})
-        if duplicated:
-            raise InputError(f"{where}: column name(s) {duplicated} appear more than once in the header")
+        duplicated = [i + 1 for i, c in enumerate(columns) if c in columns[:i]]
+        if duplicated:  # positions, not names: a header-less file has data in line 1
+            raise InputError(f"{where}: header column(s) {duplicated} repeat an earlier column's name")
         missing = [c for c in required if c not in columns]
         if missing:
             hint = ("; the file looks ';'-separated: save it comma-separated"

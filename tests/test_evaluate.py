@@ -17,9 +17,8 @@ import pandas as pd
 import pytest
 from lifelines import CoxPHFitter
 from lifelines.datasets import load_rossi
-from omegaconf.errors import ConfigKeyError
-
 from conftest import REPO, compose_config
+from fahr.boundary import InputError
 from fahr.config.evaluate_schema import register_evaluate_schema
 from fahr.pipeline.evaluate import evaluate
 from fahr.stats.validation import check_survival_arrays, validate_survival_table
@@ -107,6 +106,7 @@ def test_quartiles_km_and_report(rossi_run):
     for heading in ("Hazard ratios", "Risk quartiles", "Likelihood-ratio", "C-index", "In-sample", "km_faceage.png"):
         assert heading in report
     assert json.loads((out / "summary.json").read_text())["events"] == 114 == summary["events"]
+    assert summary["flags"] == [] and "## Flags (0)" in report  # real data: nothing degenerate to flag
 
 
 def test_two_markers_per_sd_and_categorical_covariate(tmp_path):
@@ -148,7 +148,7 @@ def test_far_per_interval_bin(tmp_path, numeric_interval):
 
 
 def test_typo_override_fails_naming_the_key(tmp_path):
-    with pytest.raises(ConfigKeyError, match="covariats"):
+    with pytest.raises(InputError, match="covariats"):  # fahr.config.schema.validate reports it as bad input
         run(rossi(), tmp_path, "+covariats=[fin]")
 
 

@@ -232,7 +232,7 @@ INPUT_CASES = {
     "csv_semicolons": (lambda d: _write(d / "l.csv", "path;age\nx.png;3\n"),
                        r"missing required column\(s\) \['path'\].*looks ';'-separated"),
     "csv_duplicate_columns": (lambda d: _write(d / "l.csv", "path,path\nx,y\n"),
-                              r"column name\(s\) \['path'\] appear more than once"),
+                              r"header column\(s\) \[2\] repeat an earlier column's name"),
     "csv_unnamed_column": (lambda d: _write(d / "l.csv", "path,,age\nx,1,2\n"), r"column 2 of the header has no name"),
     "csv_too_many_cells": (lambda d: _write(d / "l.csv", "path\nx.png,surprise\n"),
                            r"line 2 has 2 cells, the header 1"),

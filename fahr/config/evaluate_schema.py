@@ -12,6 +12,8 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from fahr.config.schema import bounded
+
 
 @dataclass
 class EvaluateColumnsConfig:
@@ -31,7 +33,7 @@ class MarkerConfig:
 
     column: str = MISSING
     label: str = ""  # name in the report; defaults to the marker's key
-    per: float = 1.0  # HR per this many units of the column (or SDs when standardize)
+    per: float = bounded(1.0, above=0)  # HR per this many units of the column (or SDs when standardize)
     unit: str = ""  # e.g. "years"; "SD" is implied by standardize
     standardize: bool = False  # true: per `per` standard deviations (sample SD of the analysed rows)
 
@@ -43,7 +45,7 @@ class FarConfig:
     column: Optional[str] = None  # FAR column; null = no FAR analysis
     interval_bin: str = "interval_bin"  # bin label ("10-365"), or the interval in days (binned here)
     bins: list[str] = field(default_factory=lambda: ["10-365", "366-730", "731-1460"])  # days, inclusive
-    per: float = 1.0
+    per: float = bounded(1.0, above=0)
     standardize: bool = True  # HR per 1 SD of FAR within the bin
 
 
@@ -56,7 +58,8 @@ class EvaluateConfig:
     covariates: list[str] = field(default_factory=list)
     categorical: list[str] = field(default_factory=list)  # numeric covariates to dummy-code anyway
     far: FarConfig = field(default_factory=FarConfig)
-    min_events: int = 10  # fewer events (after dropping incomplete rows) is an error
+    min_events: int = bounded(10, lo=1)  # fewer events (after dropping incomplete rows) is an error
+    max_levels: int = bounded(20, lo=2)  # a categorical covariate with more levels (or > 1 per 2 rows) is an error
 
 
 def register_evaluate_schema() -> None:

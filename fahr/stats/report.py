@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import pandas as pd
+
+from fahr.boundary import spreadsheet_safe
+
+_HTML_START = re.compile(r"<(?=[A-Za-z/!?])")
+
+
+def markdown_text(text: Any) -> str:
+    """Text from the data or the config made inert in Markdown: one line, no table break (``|``), no
+    HTML tag, no link or image (``](``, ``][``), and no spreadsheet formula at its start (a report is
+    often pasted into a spreadsheet). Numbers such as ``-3.5`` are unchanged."""
+    text = str(spreadsheet_safe(" ".join(str(text).split())))
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("](", "]\\(").replace("][", "]\\[")
+    return _HTML_START.sub("&lt;", text)
 
 
 def fmt_p(p: Any) -> str:
@@ -41,5 +55,5 @@ def markdown_table(df: pd.DataFrame, columns: dict[str, str], formats: dict[str,
     lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
     for _, row in df.iterrows():
         cells = [fmt_ci(row) if col == "ci" else formats.get(col, fmt_num)(row.get(col)) for col in columns]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("| " + " | ".join(markdown_text(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
