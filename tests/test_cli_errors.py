@@ -34,10 +34,10 @@ def test_debug_shows_the_traceback(run_fahr, tmp_path, monkeypatch):
         raise KeyError("a bug")
 
     monkeypatch.setattr(evaluate, "evaluate", buggy)
+    monkeypatch.setenv("FAHR_DEBUG", "0")  # so the switch's FAHR_DEBUG=1 is undone after this test
     r = run_fahr("--debug", "evaluate", f"input={tmp_path}/x.csv", f"output={tmp_path}/out")
     assert r.status == 1 and "KeyError: 'a bug'" in r.err and "buggy" in r.err, r
     assert os.environ.get("FAHR_DEBUG") == "1"
-    monkeypatch.delenv("FAHR_DEBUG")
 
 
 def test_input_errors_are_one_line_with_status_2(run_fahr, tmp_path):

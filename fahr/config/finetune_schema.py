@@ -68,7 +68,7 @@ class AgeHeadConfig:
 @dataclass
 class StageConfig:
     max_steps: int = bounded(lo=0)  # 0 skips the stage
-    base_lr: float = bounded(1e-3, above=0.0, hi=1.0)  # LR = base_lr * effective_batch / 256
+    base_lr: float = bounded(1e-3, lo=0.0, hi=1.0)  # LR = base_lr * effective_batch / 256 (0 freezes the stage)
     min_lr: float = bounded(1e-6, lo=0.0, hi=1.0)
     warmup_steps: int = bounded(0, lo=0)
     weight_decay: float = bounded(0.05, lo=0.0, hi=10.0)
