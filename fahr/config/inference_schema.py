@@ -18,6 +18,8 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from fahr.config.schema import bounded
+
 
 @dataclass
 class PreprocessingOverrides:
@@ -37,6 +39,7 @@ class PredictConfig:
     output: str = MISSING  # CSV, one row per input photo
     batch_size: int = 32  # photos decoded + aligned + inferred per step
     device: str = "auto"  # auto, cpu, cuda
+    workers: Optional[int] = bounded(None, lo=0, hi=64)  # detection processes; null: 0 below 1000 photos, else 1 per CPU (<= 8)
     preprocessing: PreprocessingOverrides = field(default_factory=PreprocessingOverrides)
 
 
@@ -53,6 +56,7 @@ class FarConfig:
     photos_output: Optional[str] = None  # optional CSV of the per-photo predictions
     batch_size: int = 32
     device: str = "auto"
+    workers: Optional[int] = bounded(None, lo=0, hi=64)  # as for predict
     preprocessing: PreprocessingOverrides = field(default_factory=PreprocessingOverrides)
 
 

@@ -76,7 +76,7 @@ def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], 
     files = list(dict.fromkeys(row["file"] for row in rows))
     labels = {row["file"]: row["path"] for row in reversed(rows)}
     preds = predict_photos(model, card, [Photo(labels[f], f) for f in files], batch_size=cfg.batch_size,
-                           device=cfg.device, preprocessing=preprocessing_overrides(cfg))
+                           device=cfg.device, preprocessing=preprocessing_overrides(cfg), workers=cfg.workers)
     by_file = dict(zip(files, preds))  # one None key at most: every row with an empty path
     key = "faceage_corrected" if cfg.use_corrected and card.get("age_calibration") else "faceage"
     for row in rows:

@@ -106,7 +106,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     def rows():
         for row in iter_predictions(model, card, photos, batch_size=cfg.batch_size, device=cfg.device,
-                                    preprocessing=overrides, progress=bar.update):
+                                    preprocessing=overrides, progress=bar.update, workers=cfg.workers):
             counts[row["status"]] += 1
             yield row
 
