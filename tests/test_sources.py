@@ -423,5 +423,5 @@ def test_imdb_wiki_without_scipy_says_how_to_install(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were absent
     (tmp_path / "wiki.mat").write_bytes(b"")
-    with pytest.raises(ImportError, match="pip install scipy"):
+    with pytest.raises(InputError, match="pip install scipy"):
         list(imdb_wiki.iter_records(tmp_path))

@@ -69,8 +69,9 @@ def load_mat(path: Path) -> dict[str, list[Any]]:
     """The metadata struct of ``imdb.mat``/``wiki.mat`` as plain per-field lists (needs scipy)."""
     try:
         from scipy.io import loadmat
-    except ImportError as error:
-        raise ImportError("reading IMDB-WIKI .mat metadata needs scipy: pip install scipy") from error
+    except ImportError:
+        raise InputError("source=imdb_wiki reads its .mat metadata with scipy, which is not installed: "
+                         "pip install scipy (or fahr[pipelines])") from None
     try:
         data = read_regular_file(path, MAX_MAT_BYTES)
     except FileRefused as refused:
