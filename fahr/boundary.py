@@ -217,8 +217,8 @@ def read_csv_table(path: str | os.PathLike, what: str, required: tuple[str, ...]
     """A CSV table with a header row: (column names, rows as ``{column: stripped text}``).
 
     Column names are stripped; blank lines are skipped; a row shorter than the header has ``""`` in
-    the missing cells; one longer than the header is an error unless the extra cells are empty. Row numbers in messages are file lines (the header
-    is line 1).
+    the missing cells; one longer than the header is an error unless the extra cells are empty. Row
+    numbers in messages are file lines (the header is line 1).
 
     Raises:
         InputError: as :func:`read_text_file`; no header; duplicated or empty column names; missing

@@ -319,7 +319,8 @@ def _check_bounds(schema: type, node: Any, prefix: str) -> None:
         bounds = f.metadata.get("bounds")
         if bounds is None or value is None:
             continue
-        values = list(value) if typing.get_origin(inner) is list or isinstance(inner, type) and inner is list else [value]
+        is_list = typing.get_origin(inner) is list or inner is list
+        values = list(value) if is_list else [value]
         for v in values:
             problem = _out_of_bounds(v, **bounds)
             if problem:

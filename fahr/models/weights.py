@@ -115,8 +115,8 @@ def check_card(card: Any, path: Path) -> dict[str, Any]:
             _check_head(head, path, f"heads.{name}")
         calibration = card.get("age_calibration")
         if calibration is not None:
-            if (not isinstance(calibration, dict) or not all(_number(calibration.get(k)) for k in ("slope", "intercept"))
-                    or calibration["slope"] == 0):
+            numbers = isinstance(calibration, dict) and all(_number(calibration.get(k)) for k in ("slope", "intercept"))
+            if not numbers or calibration["slope"] == 0:
                 raise _card_error(path, "age_calibration", "null or {slope: non-zero number, intercept: number}")
         if not isinstance(card.get("flip_average", False), bool):
             raise _card_error(path, "flip_average", "true or false")
@@ -135,7 +135,8 @@ def _check_head(head: dict[str, Any], path: Path, key: str) -> None:
         raise _card_error(path, f"{key}.hidden", "a list of at most 16 layer widths in [1, 65536]")
     if "dropout" in head and not (_number(head["dropout"]) and 0.0 <= head["dropout"] < 1.0):
         raise _card_error(path, f"{key}.dropout", "a number in [0, 1)")
-    if "num_covariates" in head and not (isinstance(head["num_covariates"], int) and 0 <= head["num_covariates"] <= 10000):
+    covariates = head.get("num_covariates", 0)
+    if not (isinstance(covariates, int) and not isinstance(covariates, bool) and 0 <= covariates <= 10000):
         raise _card_error(path, f"{key}.num_covariates", "an integer in [0, 10000]")
     ages = [head.get(k) for k in ("min_age", "max_age", "bin_width") if k in head]
     if ages and not all(_number(v) for v in ages):
@@ -223,7 +224,8 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tens
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
             if keys:
-                parts.append(f"{label} {len(keys)} ({', '.join(k[:60] for k in keys[:3])}{', ...' if len(keys) > 3 else ''})")
+                shown = ", ".join(k[:60] for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+                parts.append(f"{label} {len(keys)} ({shown})")
         raise InputError(f"{printable_path(path)}: the weights do not fit the architecture in {CARD_FILE}: "
                          f"{'; '.join(parts)}")
     module.load_state_dict(state, strict=True)
