@@ -26,13 +26,16 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CsvTable",
     "InputError",
     "MAX_CSV_BYTES",
     "MAX_CSV_FIELD",
@@ -43,6 +46,8 @@ __all__ = [
     "check_regular_file",
     "check_output_file",
     "printable_path",
+    "header_hint",
+    "read_csv_lines",
     "read_csv_table",
     "read_json_file",
     "read_regular_file",
@@ -212,59 +217,105 @@ def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_JSON
         raise InputError(f"{_where(path, what)}: nested too deeply to be a fahr file") from None
 
 
-def read_csv_table(path: str | os.PathLike, what: str, required: tuple[str, ...] = (),
-                   max_bytes: int = MAX_CSV_BYTES) -> tuple[list[str], list[dict[str, str]]]:
-    """A CSV table with a header row: (column names, rows as ``{column: stripped text}``).
+@dataclass(frozen=True)
+class CsvTable:
+    """A CSV table as read by :func:`read_csv_lines`: ``columns`` (stripped names), ``rows`` (stripped
+    cells, each row as long as the header) and ``lines`` (the file line each row starts on; the header
+    is line 1), and ``hint``: what the header looks like when it does not look like column names."""
 
-    Column names are stripped; blank lines are skipped; a row shorter than the header has ``""`` in
-    the missing cells; one longer than the header is an error unless the extra cells are empty. Row
-    numbers in messages are file lines (the header is line 1).
+    columns: list[str]
+    rows: list[list[str]]
+    lines: list[int]
+    hint: str
+
+
+def header_hint(header: list[str]) -> str:
+    """A hint for a header that does not look like column names (never its content): ``;`` or tab
+    separated, or data in line 1. Empty when the header looks fine."""
+    if len(header) == 1 and ";" in header[0]:
+        return "; the file looks ';'-separated: save it comma-separated"
+    if len(header) == 1 and "\t" in header[0]:
+        return "; the file looks tab-separated: save it comma-separated"
+
+    def number(text: str) -> bool:
+        try:
+            return math.isfinite(float(text))
+        except ValueError:
+            return False
+
+    if header and all(number(c) for c in header if c.strip()):
+        return "; line 1 looks like data: the first line must hold the column names"
+    return ""
+
+
+def read_csv_lines(path: str | os.PathLike, what: str, max_bytes: int = MAX_CSV_BYTES) -> CsvTable:
+    """A CSV table with a header row, cell by cell, with the file line of every row.
+
+    Column names and cells are stripped; blank rows (every cell empty) are skipped; a row shorter than
+    the header is padded with ``""``; one longer than the header is an error unless the extra cells
+    are empty (Excel's trailing commas). Quoting is strict.
 
     Raises:
-        InputError: as :func:`read_text_file`; no header; duplicated or empty column names; missing
-            ``required`` columns (named, with a hint when the file looks ``;``-separated); a field
-            longer than :data:`MAX_CSV_FIELD`; a row with more cells than the header. The message
-            never repeats the file's content (a header-less clinical CSV has data in its first line).
+        InputError: as :func:`read_text_file`; an Excel ``sep=`` line; no header; an empty or
+            duplicated column name (by position); a row with more cells than the header; a field
+            longer than :data:`MAX_CSV_FIELD`; malformed quoting. The message names file lines and
+            column positions, never the file's content (a header-less clinical CSV has data in line 1).
     """
     text = read_text_file(path, what, max_bytes)
     where = _where(path, what)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    if text.lstrip().lower().startswith("sep="):
+        raise InputError(f"{where}: line 1 is a spreadsheet 'sep=' line: delete it (fahr reads comma-separated CSV "
+                         "with the column names in line 1)")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     limit = csv.field_size_limit()
     csv.field_size_limit(MAX_CSV_FIELD)
+    rows: list[list[str]] = []
+    lines: list[int] = []
     try:
         try:
             header = next(reader, None)
-        except csv.Error as err:
-            raise InputError(f"{where}: line 1 is not CSV ({err})") from None
-        if not header or not any(c.strip() for c in header):
-            raise InputError(f"{where}: empty, or no header row (expected column names in line 1)")
-        columns = [c.strip() for c in header]
-        if any(not c for c in columns):
-            raise InputError(f"{where}: column {columns.index('') + 1} of the header has no name")
-        duplicated = [i + 1 for i, c in enumerate(columns) if c in columns[:i]]
-        if duplicated:  # positions, not names: a header-less file has data in line 1
-            raise InputError(f"{where}: header column(s) {duplicated} repeat an earlier column's name")
-        missing = [c for c in required if c not in columns]
-        if missing:
-            hint = ("; the file looks ';'-separated: save it comma-separated"
-                    if len(columns) == 1 and ";" in header[0] else "")
-            raise InputError(f"{where}: missing required column(s) {missing} (the header has {len(columns)} "
-                             f"column(s)){hint}")
-        rows: list[dict[str, str]] = []
-        try:
+            if not header or not any(c.strip() for c in header):
+                raise InputError(f"{where}: empty, or no header row (expected column names in line 1)")
+            columns = [c.strip() for c in header]
+            if "" in columns:
+                raise InputError(f"{where}: column {columns.index('') + 1} of the header (line 1) has no name (a row "
+                                 "index exported with the table?): name it or delete it")
+            for i, name in enumerate(columns):
+                if columns.index(name) != i:  # positions, not names: a header-less file has data in line 1
+                    raise InputError(f"{where}: columns {columns.index(name) + 1} and {i + 1} of the header have the "
+                                     "same name: every column needs its own name")
+            width = len(columns)
             for cells in reader:
                 if not any(cell.strip() for cell in cells):
                     continue
-                if len(cells) > len(columns) and any(c.strip() for c in cells[len(columns):]):
-                    raise InputError(f"{where}: line {reader.line_num} has {len(cells)} cells, the header "
-                                     f"{len(columns)} (an unquoted comma?)")
-                cells = [cell.strip() for cell in cells[: len(columns)]] + [""] * (len(columns) - len(cells))
-                rows.append(dict(zip(columns, cells)))
+                if len(cells) > width and any(c.strip() for c in cells[width:]):
+                    raise InputError(f"{where}: line {reader.line_num} has {len(cells)} cells, the header {width} "
+                                     "(an unquoted comma?)")
+                rows.append([c.strip() for c in cells[:width]] + [""] * (width - len(cells)))
+                lines.append(reader.line_num)
         except csv.Error as err:
-            raise InputError(f"{where}: line {reader.line_num} is not valid CSV ({err})") from None
+            problem = "a field is too long" if "field larger" in str(err) else "malformed quoting"
+            raise InputError(f"{where}: line {reader.line_num} is not valid CSV ({problem})") from None
     finally:
         csv.field_size_limit(limit)
-    return columns, rows
+    return CsvTable(columns, rows, lines, header_hint(header))
+
+
+def read_csv_table(path: str | os.PathLike, what: str, required: tuple[str, ...] = (),
+                   max_bytes: int = MAX_CSV_BYTES) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV table with a header row (:func:`read_csv_lines`) as (column names, rows as
+    ``{column: stripped text}``), after checking the ``required`` columns are there.
+
+    Raises:
+        InputError: as :func:`read_csv_lines`, or missing ``required`` columns (named, with the
+            header's column count and a :func:`header_hint`, never its names).
+    """
+    table = read_csv_lines(path, what, max_bytes)
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise InputError(f"{_where(path, what)}: missing required column(s) {missing} (the header has "
+                         f"{len(table.columns)} column(s)){table.hint}")
+    return table.columns, [dict(zip(table.columns, row)) for row in table.rows]
 
 
 # ---- outputs --------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_bad_fgnet_landmark_files_are_counted(tmp_path, run_fahr):
     (b"file;age\np000.jpg;3\n", r"manifest .*manifest\.csv: missing required column\(s\) \['file'\].*';'-separated"),
     (b"", r"manifest .*manifest\.csv: empty, or no header row"),
     (b"file,age\np000.jpg,3,x,y\n", r"manifest .*manifest\.csv: line 2 has 4 cells"),
-    (b"file,age,file\np000.jpg,3,p000.jpg\n", r"manifest .*manifest\.csv: header column\(s\) \[3\] repeat an earlier column's name"),
+    (b"file,age,file\np000.jpg,3,p000.jpg\n", r"manifest .*manifest\.csv: columns 1 and 3 of the header have the same name"),
     (b"file,age,patient_name\np000.jpg,3,Jane\n", r"manifest .*manifest\.csv: unexpected column\(s\) \['patient_name'\]"),
 ])
 def test_bad_manifest_is_one_line_naming_the_file(tmp_path, run_fahr, content, expected):

@@ -24,8 +24,6 @@ name the file, the option key, the configured column and counts or file lines.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -38,15 +36,31 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from fahr.boundary import (MAX_CSV_BYTES, MAX_CSV_FIELD, InputError, check_output_dir, printable_path,
-                           read_text_file, spreadsheet_safe)
+from fahr.boundary import (
+    MAX_CSV_BYTES,
+    InputError,
+    check_output_dir,
+    printable_path,
+    read_csv_lines,
+    spreadsheet_safe,
+)
 from fahr.config.evaluate_schema import EvaluateConfig
 from fahr.config.schema import validate
 from fahr.stats import clinical as cl
-from fahr.stats.design import Coding, collinear_column, covariate_design, is_categorical, marker_scale
+from fahr.stats.design import (
+    Coding,
+    collinear_column,
+    covariate_design,
+    is_categorical,
+    marker_scale,
+)
 from fahr.stats.km import plot_km_by_group
 from fahr.stats.report import markdown_table, markdown_text
-from fahr.stats.validation import duplicate_patient_count, first_at, validate_survival_table
+from fahr.stats.validation import (
+    duplicate_patient_count,
+    first_at,
+    validate_survival_table,
+)
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("fahr.evaluate")
@@ -220,63 +234,22 @@ def check_output(cfg: DictConfig) -> Path:
 
 
 def read_table(path: str) -> pd.DataFrame:
-    """The input CSV through the boundary, as a typed table indexed by file line (header = line 1).
+    """The input CSV through the boundary (:func:`fahr.boundary.read_csv_lines`), as a typed table
+    indexed by file line (header = line 1).
 
     Cells are trimmed; :data:`NA_CODES` are missing; a column whose present cells are all numbers is
     numeric, all true/false boolean, otherwise text. Blank rows (every cell empty) are skipped.
 
     Raises:
-        InputError: the file (not a regular file, too large, binary, not UTF-8), no header, an empty
-            or duplicated column name (positions only), an Excel ``sep=`` line, a row with more cells
-            than the header, malformed quoting, no data rows. Never the file's content.
+        InputError: every refusal of ``read_csv_lines`` (file, header, cells, quoting), or no data
+            rows. Never the file's content.
     """
-    text = read_text_file(path, "input", MAX_INPUT_BYTES)
-    where = f"input {printable_path(path)}"
-    if text.lstrip().lower().startswith("sep="):
-        raise InputError(f"{where}: line 1 is a spreadsheet 'sep=' line: delete it (fahr reads comma-separated CSV "
-                         "with the column names in line 1)")
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    limit = csv.field_size_limit()
-    csv.field_size_limit(MAX_CSV_FIELD)
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    try:
-        try:
-            header = next(reader, None)
-        except csv.Error:
-            raise InputError(f"{where}: line 1 is not valid CSV (a stray quote?)") from None
-        if not header or not any(c.strip() for c in header):
-            raise InputError(f"{where}: empty, or no header row (expected column names in line 1)")
-        columns = [c.strip() for c in header]
-        if any(not c for c in columns):
-            raise InputError(f"{where}: column {columns.index('') + 1} of the header (line 1) has no name (a row "
-                             "index exported with the table?): name it or delete it")
-        for i, name in enumerate(columns):
-            if columns.index(name) != i:
-                raise InputError(f"{where}: columns {columns.index(name) + 1} and {i + 1} of the header have the "
-                                 "same name: every column needs its own name")
-        width = len(columns)
-        try:
-            for cells in reader:
-                if not any(cell.strip() for cell in cells):
-                    continue
-                if len(cells) > width:
-                    if any(c.strip() for c in cells[width:]):
-                        raise InputError(f"{where}: line {reader.line_num} has {len(cells)} cells, the header "
-                                         f"{width} (an unquoted comma?)")
-                    cells = cells[:width]
-                rows.append([c.strip() for c in cells] + [""] * (width - len(cells)))
-                lines.append(reader.line_num)
-        except csv.Error as err:
-            problem = "a field is too long" if "field larger" in str(err) else "malformed quoting"
-            raise InputError(f"{where}: line {reader.line_num} is not valid CSV ({problem})") from None
-    finally:
-        csv.field_size_limit(limit)
-    if not rows:
-        raise InputError(f"{where}: has a header but no data rows")
-    raw = pd.DataFrame(rows, columns=columns, index=pd.Index(lines, name="line"), dtype=object)
-    df = pd.DataFrame({name: _typed(raw[name]) for name in columns}, index=raw.index)
-    df.attrs["hint"] = _header_hint(header)
+    table = read_csv_lines(path, "input", MAX_INPUT_BYTES)
+    if not table.rows:
+        raise InputError(f"input {printable_path(path)}: has a header but no data rows")
+    raw = pd.DataFrame(table.rows, columns=table.columns, index=pd.Index(table.lines, name="line"), dtype=object)
+    df = pd.DataFrame({name: _typed(raw[name]) for name in table.columns}, index=raw.index)
+    df.attrs["hint"] = table.hint
     return df
 
 
@@ -311,24 +284,6 @@ def _numbers(present: pd.Series) -> pd.Series | None:
         numbers = numbers.astype(float)
         numbers[failed] = rest.map(float)
     return numbers
-
-
-def _header_hint(header: list[str]) -> str:
-    """A hint for a header that does not look like column names (never its content)."""
-    if len(header) == 1 and ";" in header[0]:
-        return "; the file looks ';'-separated: save it comma-separated"
-    if len(header) == 1 and "\t" in header[0]:
-        return "; the file looks tab-separated: save it comma-separated"
-    if all(_is_number(c) for c in header if c.strip()):
-        return "; line 1 looks like data: the first line must hold the column names"
-    return ""
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
 
 
 def _lines(df: pd.DataFrame) -> np.ndarray:
