@@ -199,3 +199,21 @@ def test_far_end_to_end_on_fgnet(tmp_path):
     corrected = {t["person"]: t for t in read_rows(out_corrected)}
     for s in subjects:
         assert float(corrected[s]["far"]) == pytest.approx(float(by_person[s]["far"]) / calibration["slope"], rel=1e-3)
+
+
+def test_far_uses_the_faceage_the_card_found_better():
+    from fahr.boundary import InputError
+    from fahr.pipeline.far import corrected_faceage
+
+    cal = {"slope": 0.8, "intercept": 5.0}
+    kept = {"age_calibration": cal, "age_calibration_decision": {"kept": True}}
+    assert corrected_faceage(kept, None) is True
+    assert corrected_faceage(kept, False) is False
+    # not kept: the fine-tune wrote no calibration; asking for it is an error, not a silent fallback
+    rejected = {"age_calibration_decision": {"kept": False}}
+    assert corrected_faceage(rejected, None) is False
+    with pytest.raises(InputError, match="use_corrected=true but the model card has no age_calibration"):
+        corrected_faceage(rejected, True)
+    # a card from before the decision: as predicted unless asked
+    assert corrected_faceage({"age_calibration": cal}, None) is False
+    assert corrected_faceage({"age_calibration": cal}, True) is True

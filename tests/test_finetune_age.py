@@ -144,7 +144,7 @@ def test_two_stages_from_the_real_config_stage2_starts_from_stage1(tmp_path):
     balance = json.loads((run / "age_balance.json").read_text())
     assert abs(sum(balance["effective_histogram"].values()) - 1) < 1e-9
     model, card = load_face_model(result.export_dir)
-    assert card["task"] == "faceage" and card["preprocessing"]["detect"] is False
+    assert card["task"] == "faceage" and card["preprocessing"]["detect"] is False and card["preprocessing"]["crops"] == "external"
     size = card["preprocessing"]["image_size"]
     assert size == cfg.data.image_size == 64  # the demo fine-tunes at 64 px
     out = model(torch.zeros(2, 3, size, size, dtype=torch.uint8))
@@ -199,3 +199,54 @@ def test_demo_runs_all_five_steps_shrunk(tmp_path, capsys):
     report = summary["report"].read_text()
     assert "FAHR-FaceAge" in report and "FAHR-FaceSurvival" in report
     assert "fahr demo finished" in capsys.readouterr().out
+
+
+def test_card_records_how_the_training_crops_were_made(tmp_path):
+    """The card's preprocessing comes from the training shards' index.json: detection crops are
+    fahr's (predict redoes them), a dataset's own crops are external, no index is unknown."""
+    from fahr.pipeline.finetune_age import preprocessing_of
+    from fahr.inference.predict import training_crops
+
+    def index(folder: str, **options):
+        d = tmp_path / folder
+        d.mkdir()
+        align = {"image_size": 112, "margin": 0.2, "multi_face": "largest", "min_confidence": 0.9}
+        (d / "index.json").write_text(json.dumps({"format": "fahr-shards-splits/1", "source": "utkface",
+                                                  "image_size": 112, "options": {**options, "align": align}}))
+        return d / "index.json"
+
+    detected = preprocessing_of(f"{index('detected', skip_detection=False)}#train", 64)
+    assert {k: detected[k] for k in ("crops", "detect", "image_size", "margin", "multi_face", "min_confidence")} == {
+        "crops": "fahr", "detect": True, "image_size": 112, "margin": 0.2, "multi_face": "largest",
+        "min_confidence": 0.9}
+    assert training_crops({"preprocessing": detected}) == "fahr"
+    own = preprocessing_of(str(index("own", skip_detection=True).parent), 64)
+    assert own["crops"] == "external" and own["detect"] is False and "skip_detection" in own["source"]
+    tars = preprocessing_of([str(tmp_path / "own" / "train-000000.tar"), str(tmp_path / "own" / "val-000000.tar")], 64)
+    assert tars["crops"] == "external"  # the index beside the tar files says how they were made
+    loose = preprocessing_of([str(tmp_path / "a" / "x.tar"), str(tmp_path / "b" / "y.tar")], 64)
+    assert loose["crops"] == "unknown" and loose["image_size"] == 64
+    assert preprocessing_of("pipe:cat x.tar", 64)["crops"] == "unknown"
+
+
+def test_bias_correction_is_kept_only_where_it_lowers_the_held_out_error():
+    from fahr.metrics.age import apply_bias_correction, decide_bias_correction
+
+    rng = np.random.default_rng(0)
+    true = rng.uniform(20, 60, 2000)
+    # a model that compresses ages but ranks them well: the correction helps, held out as well
+    squeezed = 0.5 * true + 20 + rng.normal(0, 1, true.size)
+    correction, decision = decide_bias_correction(squeezed, true)
+    assert decision["kept"] and correction == {"slope": decision["slope"], "intercept": decision["intercept"]}
+    assert abs(correction["slope"] - 0.5) < 0.02 and decision["val_mae_corrected_heldout"] < 2.0 < decision["val_mae"]
+    # a noisy model: dividing by the slope amplifies the noise more than it removes bias
+    noisy = 0.7 * true + 10 + rng.normal(0, 8, true.size)
+    correction, decision = decide_bias_correction(noisy, true)
+    assert correction is None and not decision["kept"]
+    assert decision["val_mae_corrected_heldout"] > decision["val_mae"]
+    # too little to decide on: no correction, and the reason
+    correction, decision = decide_bias_correction(true[:5], true[:5])
+    assert correction is None and "fewer than 10" in decision["reason"]
+    # never an age below 0
+    assert apply_bias_correction(np.array([1.0, 30.0]), {"slope": 0.7, "intercept": 9.0}).tolist() == [
+        0.0, pytest.approx(30.0)]

@@ -29,6 +29,10 @@ from tests.test_predict import make_export, read_rows
 # ---------------------------------------------------------------- fixtures
 
 
+#: the crop model's inputs are crops: said on every run, as its card (crops made outside fahr) demands
+CROPS = "preprocessing.detect=false"
+
+
 @pytest.fixture(scope="module")
 def crop_export(tmp_path_factory) -> Path:
     """A FaceAge + risk model whose card says the photos are aligned crops (no detection): fast."""
@@ -165,7 +169,7 @@ def test_tampered_model_is_refused_in_one_line(case, crop_export, crops, tmp_pat
     edits, message = MODEL_CASES[case]
     model = tampered(crop_export, tmp_path / "model", **edits)
     out = tmp_path / "out.csv"
-    r = run_fahr("predict", f"model={model}", f"input={crops}", f"output={out}", "device=cpu")
+    r = run_fahr("predict", f"model={model}", f"input={crops}", f"output={out}", "device=cpu", CROPS)
     assert r.status == 2, r
     assert r.error_line.startswith("fahr predict: error: "), r
     assert __import__("re").search(message, r.error_line), r.error_line
@@ -177,7 +181,7 @@ def test_pickled_weights_are_never_unpickled(crop_export, crops, tmp_path, run_f
     _Evil.marker = str(marker)
     model = tampered(crop_export, tmp_path / "model",
                      edit_weights=lambda p: torch.save({"x": _Evil()}, p))  # a pickle named .safetensors
-    r = run_fahr("predict", f"model={model}", f"input={crops}", f"output={tmp_path / 'o.csv'}", "device=cpu")
+    r = run_fahr("predict", f"model={model}", f"input={crops}", f"output={tmp_path / 'o.csv'}", "device=cpu", CROPS)
     assert r.status == 2 and "not a valid safetensors file" in r.error_line, r
     assert not marker.exists()
 
@@ -207,7 +211,7 @@ def test_model_without_a_faceage_head_cannot_give_far(tmp_path, run_fahr, crops)
                                                              [0.25] * 3), {"preprocessing": {"detect": False}})
     table = tmp_path / "people.csv"
     table.write_text(f"person,path,age_at_photo\na,{crops}/face0.png,30\na,{crops}/face1.png,32\n")
-    r = run_fahr("far", f"model={risk_only}", f"input={table}", f"output={tmp_path / 'far.csv'}", "device=cpu")
+    r = run_fahr("far", f"model={risk_only}", f"input={table}", f"output={tmp_path / 'far.csv'}", "device=cpu", CROPS)
     assert r.status == 2 and "has no FaceAge head" in r.error_line, r
 
 
@@ -247,7 +251,7 @@ INPUT_CASES = {
 def test_bad_input_list_is_one_line(case, crop_export, tmp_path, run_fahr):
     make, message = INPUT_CASES[case]
     inp = make(tmp_path)
-    r = run_fahr("predict", f"model={crop_export}", f"input={inp}", f"output={tmp_path / 'o.csv'}", "device=cpu")
+    r = run_fahr("predict", f"model={crop_export}", f"input={inp}", f"output={tmp_path / 'o.csv'}", "device=cpu", CROPS)
     assert r.status == 2, r
     assert __import__("re").search(message, r.error_line), r.error_line
 
@@ -290,7 +294,7 @@ def test_every_bad_row_gets_a_status_and_the_run_finishes(crop_export, tmp_path,
             "truncated.jpg", "bomb.png", "big.png", "one_pixel.png", "strip.png", "good.png"]
     _write(d / "list.csv", "path,note\n" + "\n".join(f'"{r}",row {i}' for i, r in enumerate(rows)) + "\n")
     out = tmp_path / "out.csv"
-    r = run_fahr("predict", f"model={crop_export}", f"input={d / 'list.csv'}", f"output={out}", "device=cpu",
+    r = run_fahr("predict", f"model={crop_export}", f"input={d / 'list.csv'}", f"output={out}", "device=cpu", CROPS,
                  "batch_size=5")
     assert r.status == 0, r
     got = [(row["path"], row["status"]) for row in read_rows(out)]
@@ -313,7 +317,7 @@ def test_image_formats_decode_to_the_same_prediction(crop_export, tmp_path, run_
     Image.fromarray(grey).save(d / "e_gif.gif")
     Image.fromarray(grey).convert("CMYK").save(d / "f_cmyk.jpg", quality=100)
     out = tmp_path / "o.csv"
-    r = run_fahr("predict", f"model={crop_export}", f"input={d}", f"output={out}", "device=cpu")
+    r = run_fahr("predict", f"model={crop_export}", f"input={d}", f"output={out}", "device=cpu", CROPS)
     assert r.status == 0, r
     rows = {Path(row["path"]).name: row for row in read_rows(out)}
     assert all(row["status"] == "ok" for row in rows.values())
@@ -334,7 +338,7 @@ def test_file_names_that_are_not_utf8_or_look_like_formulas(crop_export, tmp_pat
     Image.fromarray(face).save(d / "quote\",comma.png")
     Image.fromarray(face).save(d / "new\nline.png")
     out = tmp_path / "o.csv"
-    r = run_fahr("predict", f"model={crop_export}", f"input={d}", f"output={out}", "device=cpu")
+    r = run_fahr("predict", f"model={crop_export}", f"input={d}", f"output={out}", "device=cpu", CROPS)
     assert r.status == 0, r
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -344,14 +348,14 @@ def test_file_names_that_are_not_utf8_or_look_like_formulas(crop_export, tmp_pat
     assert formula == [f"{d}/=HYPERLINK(1).png"]  # starts with the folder: not a formula
     # a CSV list whose path cell starts with '=' is written back neutralised
     _write(d / "list.csv", "path\n=HYPERLINK(1).png\n")
-    r = run_fahr("predict", f"model={crop_export}", f"input={d / 'list.csv'}", f"output={out}", "device=cpu")
+    r = run_fahr("predict", f"model={crop_export}", f"input={d / 'list.csv'}", f"output={out}", "device=cpu", CROPS)
     assert r.status == 0 and read_rows(out)[0]["path"] == "'=HYPERLINK(1).png", r
     assert len({row["faceage"] for row in rows}) == 1  # same pixels, same FaceAge
 
 
 def test_a_single_photo_is_an_input_too(crop_export, crops, tmp_path, run_fahr):
     out = tmp_path / "o.csv"
-    r = run_fahr("predict", f"model={crop_export}", f"input={crops / 'face0.png'}", f"output={out}", "device=cpu")
+    r = run_fahr("predict", f"model={crop_export}", f"input={crops / 'face0.png'}", f"output={out}", "device=cpu", CROPS)
     assert r.status == 0, r
     assert [(Path(x["path"]).name, x["status"]) for x in read_rows(out)] == [("face0.png", "ok")]
 
@@ -382,7 +386,7 @@ def test_bad_option_is_refused_before_work(case, crop_export, crops, tmp_path, r
         pytest.skip("a GPU is visible")
     option, message = OPTION_CASES[case]
     out = tmp_path / "o.csv"
-    r = run_fahr("predict", f"model={crop_export}", f"input={crops}", f"output={out}", option)
+    r = run_fahr("predict", f"model={crop_export}", f"input={crops}", f"output={out}", option, CROPS)
     assert r.status == 2, r
     assert __import__("re").search(message, r.err), r.err
     assert "internal error" not in r.err and "Traceback" not in r.err
@@ -406,12 +410,12 @@ def test_outputs_are_checked_before_any_work(crop_export, crops, tmp_path, run_f
         " ": r"output: empty path",
     }
     for output, message in cases.items():
-        r = run_fahr("predict", f"model={crop_export}", f"input={listing}", f"output={output}", "device=cpu")
+        r = run_fahr("predict", f"model={crop_export}", f"input={listing}", f"output={output}", "device=cpu", CROPS)
         assert r.status == 2, (output, r)
         assert __import__("re").search(message, r.error_line), (output, r.error_line)
     assert listing.read_bytes() == before
     nested = tmp_path / "new" / "dir" / "o.csv"  # a missing folder is created
-    r = run_fahr("predict", f"model={crop_export}", f"input={listing}", f"output={nested}", "device=cpu")
+    r = run_fahr("predict", f"model={crop_export}", f"input={listing}", f"output={nested}", "device=cpu", CROPS)
     assert r.status == 0 and len(read_rows(nested)) == 1, r
 
 
@@ -472,7 +476,7 @@ def _far_csv(path: Path, rows: list[dict[str, str]], columns=("person", "path", 
 
 def _run_far(run_fahr, export, table, tmp_path, *extra):
     out = tmp_path / "far.csv"
-    r = run_fahr("far", f"model={export}", f"input={table}", f"output={out}", "device=cpu", *extra)
+    r = run_fahr("far", f"model={export}", f"input={table}", f"output={out}", "device=cpu", CROPS, *extra)
     return r, ({row["person"]: row for row in read_rows(out)} if out.exists() else None)
 
 

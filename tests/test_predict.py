@@ -103,15 +103,53 @@ def test_status_vocabulary():
     assert set(STATUSES) == {"ok", "no_face", "multiple_faces", "low_confidence", "unreadable"}
 
 
-def test_preprocessing_defaults_to_card_and_overrides():
-    card = {"preprocessing": {"detect": False, "image_size": 96, "margin": 0.1, "multi_face": "largest",
-                              "min_confidence": 0.9, "template": "descriptive only"}}
-    assert resolve_preprocessing(card) == {"detect": False, "image_size": 96, "margin": 0.1,
+FAHR_CROPS = {"crops": "fahr", "detect": True, "image_size": 96, "margin": 0.1, "multi_face": "largest",
+              "min_confidence": 0.9, "template": "descriptive only"}
+
+
+def test_fahr_crops_model_redoes_its_training_crops():
+    """Trained on fahr's crops: raw photos get exactly those crops; detect=false states the inputs
+    are such crops; which faces to keep may change, how they are cropped may not."""
+    card = {"preprocessing": FAHR_CROPS}
+    assert resolve_preprocessing(card) == {"detect": True, "image_size": 96, "margin": 0.1,
                                            "multi_face": "largest", "min_confidence": 0.9}
-    prep = resolve_preprocessing(card, {"detect": True, "margin": None})
-    assert prep["detect"] is True and prep["margin"] == 0.1
-    with pytest.raises(ValueError, match="unknown preprocessing"):
+    assert resolve_preprocessing(card, {"detect": False, "margin": None})["detect"] is False
+    assert resolve_preprocessing(card, {"multi_face": "reject", "min_confidence": 0.5})["multi_face"] == "reject"
+    assert resolve_preprocessing(card, {"margin": 0.1, "image_size": 96})["margin"] == 0.1  # the same values
+    with pytest.raises(InputError, match=r"^preprocessing\.margin=0\.25 differs from the crops this model was "
+                                         r"trained on \(margin 0\.1\)"):
+        resolve_preprocessing(card, {"margin": 0.25})
+    with pytest.raises(InputError, match=r"^preprocessing\.image_size=112 differs"):
+        resolve_preprocessing(card, {"image_size": 112})
+    with pytest.raises(InputError, match="unknown preprocessing"):
         resolve_preprocessing(card, {"marign": 0.2})
+
+
+@pytest.mark.parametrize("prep", [
+    {"crops": "external", "detect": False, "image_size": 64, "source": "utkface photos taken as crops"},
+    {"detect": False, "image_size": 64},  # a card from before the `crops` key: detect=false meant the same
+])
+def test_external_crops_model_needs_crops_and_says_so(prep):
+    card = {"preprocessing": prep}
+    with pytest.raises(InputError, match=r"^this model was trained on .*not on crops made by fahr's face detector "
+                                         r"and template.*say preprocessing\.detect=false"):
+        resolve_preprocessing(card)
+    with pytest.raises(InputError, match=r"^preprocessing\.detect=true: fahr's detector and template make crops "
+                                         r"this model never saw"):
+        resolve_preprocessing(card, {"detect": True})
+    assert resolve_preprocessing(card, {"detect": False}) == {
+        "detect": False, "image_size": 64, "margin": 0.0, "multi_face": "reject", "min_confidence": 0.95}
+    if "source" in prep:
+        with pytest.raises(InputError, match="trained on utkface photos taken as crops"):
+            resolve_preprocessing(card)
+
+
+def test_unknown_crops_take_the_callers_word_either_way():
+    card = {"preprocessing": {"crops": "unknown", "detect": False, "image_size": 64}}
+    with pytest.raises(InputError, match="crops of unrecorded origin"):
+        resolve_preprocessing(card)
+    assert resolve_preprocessing(card, {"detect": True})["detect"] is True
+    assert resolve_preprocessing(card, {"detect": False})["detect"] is False
 
 
 @pytest.mark.real_data
@@ -177,21 +215,22 @@ def test_predict_photos_api_with_csv_input(export, photo_dir, tmp_path):
     assert plain[0]["path"] == str(photos[0].path) and plain[0]["faceage"] == pytest.approx(rows[0]["faceage"], abs=1e-4)
 
 
-def test_card_without_detection_only_resizes(tmp_path):
-    """preprocessing.detect=false: a 112 px aligned crop (here: noise, which has no face) is only
+def test_crops_are_only_resized(tmp_path):
+    """A model trained on crops made elsewhere, told the inputs are such crops: a 112 px crop (here: noise, which has no face) is only
     resized to the model's 64 px input, and the prediction equals the model on that crop."""
     export = make_export(tmp_path / "export", preprocessing={"detect": False, "image_size": 112}, calibration=False)
     model, card = load_face_model(export)
     crop = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
     Image.fromarray(crop).save(tmp_path / "aligned.png")
-    rows = predict_photos(model, card, [tmp_path / "aligned.png"], device="cpu")
+    rows = predict_photos(model, card, [tmp_path / "aligned.png"], device="cpu", preprocessing={"detect": False})
     assert rows[0]["status"] == "ok" and "faceage_corrected" not in rows[0]
     expected = run_model(model, torch.from_numpy(crop).permute(2, 0, 1)[None].contiguous(), 1, torch.device("cpu"))
     assert rows[0]["faceage"] == pytest.approx(float(expected["age"][0]), abs=1e-5)
     assert rows[0]["risk"] == pytest.approx(float(expected["risk"][0]), abs=1e-5)
-    # the config can still switch detection back on: noise then has no face
-    again = predict_photos(model, card, [tmp_path / "aligned.png"], device="cpu", preprocessing={"detect": True})
-    assert again[0]["status"] in ("no_face", "low_confidence")
+    # without the statement, or with detection asked for, a model of external crops refuses raw photos
+    for prep in (None, {"detect": True}):
+        with pytest.raises(InputError, match="preprocessing.detect"):
+            predict_photos(model, card, [tmp_path / "aligned.png"], device="cpu", preprocessing=prep)
 
 
 @pytest.mark.real_data
@@ -243,3 +282,29 @@ def test_missing_model_or_photos_is_a_clear_error(export, tmp_path):
     with pytest.raises(ValueError, match="no photos"):
         predict(cfg)
     assert not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.real_data
+def test_raw_photos_and_their_own_crops_give_the_same_faceage(export, photo_dir, tmp_path):
+    """One preprocessing: a raw photo through detection + alignment, and the crop that alignment
+    made, saved losslessly and given with preprocessing.detect=false, give the same FaceAge."""
+    from fahr.inference.photos import load_photo
+    from fahr.inference.predict import make_aligner
+
+    model, card = load_face_model(export)
+    raws = sorted(photo_dir.glob("*.JPG"))
+    from_raw = predict_photos(model, card, raws, device="cpu")
+    aligner = make_aligner(resolve_preprocessing(card))
+    crops, expected = [], []
+    for path, row in zip(raws, from_raw):
+        if row["status"] != "ok":
+            continue
+        (aligned,) = aligner.align([load_photo(path)])
+        crops.append(tmp_path / f"{path.stem}.png")
+        Image.fromarray(aligned.crop).save(crops[-1])
+        expected.append(row["faceage"])
+    assert len(crops) >= N_FGNET - 1  # FG-NET faces are found
+    from_crops = predict_photos(model, card, crops, device="cpu", preprocessing={"detect": False})
+    assert [r["status"] for r in from_crops] == ["ok"] * len(crops)
+    assert np.std(expected) > 0.1  # distinct faces, distinct ages: the comparison can fail
+    np.testing.assert_allclose([r["faceage"] for r in from_crops], expected, atol=1e-3)

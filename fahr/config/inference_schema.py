@@ -49,10 +49,10 @@ class FarConfig:
     input: str = MISSING  # CSV: person, path, and date (ISO) or age_at_photo (years)
     output: str = MISSING  # CSV, one row per person
     method: str = "pair"  # "pair" (widest gap, as in the FAR study) or "slope" (least squares)
-    # FAR is a ratio of FaceAge changes; the val-fitted calibration (faceage - b) / a divides every change
-    # by the slope a (0.70 for the benchmark's model: FAR x 1.43, noise included). The FAR study used
-    # FaceAge as predicted, so that is the default; true uses faceage_corrected when the card has one.
-    use_corrected: bool = False
+    # null: FaceAge corrected when the card keeps an age_calibration (a fine-tune keeps one only where it
+    # lowered the held-out error: age_calibration_decision), else as predicted; true / false force it
+    # (true needs a card with a calibration). The correction divides every change by its slope.
+    use_corrected: Optional[bool] = None
     photos_output: Optional[str] = None  # optional CSV of the per-photo predictions
     batch_size: int = 32
     device: str = "auto"

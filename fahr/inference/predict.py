@@ -6,8 +6,9 @@ photos never sit in memory; :func:`time_photos_per_second` measures throughput w
 detection.
 
 Every output row has ``path``, ``status`` (see :data:`fahr.inference.photos.STATUSES`) and ``faceage``
-(years; empty unless ok), plus ``faceage_corrected`` when the card has an ``age_calibration``
-``{"slope", "intercept"}`` (corrected = (faceage - intercept) / slope, years) and ``risk``
+(years, never below 0; empty unless ok), plus ``faceage_corrected`` when the card has an
+``age_calibration`` ``{"slope", "intercept"}`` (corrected = max(0, (faceage - intercept) / slope),
+years; a fine-tune keeps one only where it lowered the held-out error) and ``risk``
 (log-hazard) when the model has an image-only risk head.
 """
 
@@ -27,6 +28,7 @@ import torch
 from data_pipelines.records import RejectedError
 from fahr.boundary import InputError
 from fahr.inference.photos import Photo, load_photo, status_of
+from fahr.metrics.age import apply_bias_correction
 from fahr.models.face_model import DEFAULT_PREPROCESSING, FaceModel
 
 #: preprocessing keys a caller may override (anything else in the card is descriptive)
@@ -36,8 +38,9 @@ PREPROCESSING_KEYS = ("detect", "image_size", "margin", "multi_face", "min_confi
 # ---------------------------------------------------------------- set-up
 
 
-def resolve_preprocessing(card: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The card's ``preprocessing`` (defaults for keys it lacks) with non-None ``overrides`` applied."""
+def card_preprocessing(card: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card's ``preprocessing`` (defaults for keys it lacks) with non-None ``overrides`` applied,
+    each value checked; no judgement of whether the result matches the training crops."""
     prep = {k: DEFAULT_PREPROCESSING[k] for k in PREPROCESSING_KEYS}
     prep.update({k: v for k, v in card.get("preprocessing", {}).items() if k in PREPROCESSING_KEYS})
     unknown = set(overrides or {}) - set(PREPROCESSING_KEYS)
@@ -47,6 +50,56 @@ def resolve_preprocessing(card: dict[str, Any], overrides: dict[str, Any] | None
     from fahr.models.weights import check_preprocessing
 
     check_preprocessing(prep, "preprocessing")
+    return prep
+
+
+def training_crops(card: dict[str, Any]) -> str:
+    """How the model's training crops were made: ``"fahr"`` (fahr's detector + template, so raw
+    photos can be aligned the same way), ``"external"`` (crops made elsewhere, e.g. a dataset's own
+    crops built with ``align.skip_detection=true``, or synthetic faces) or ``"unknown"``. Cards
+    written before the ``crops`` key existed are read from their ``detect`` flag."""
+    prep = card.get("preprocessing", {})
+    if prep.get("crops") is not None:
+        return prep["crops"]
+    return "fahr" if prep.get("detect", True) else "external"
+
+
+def resolve_preprocessing(card: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What to do to each input photo: :func:`card_preprocessing`, once the request is known to give
+    the model crops like its training crops (the model is only valid on those).
+
+    - trained on fahr's crops: raw photos are detected and aligned as in training; ``detect=False``
+      states that the inputs are such crops already; a ``margin`` or ``image_size`` other than the
+      training crops' is refused;
+    - trained on crops made elsewhere (``external``) or on crops of unrecorded origin (``unknown``):
+      fahr cannot remake them from raw photos, so the caller must say ``detect=False`` (the inputs
+      are crops made the same way as the training crops); for ``unknown`` crops ``detect=True`` is
+      accepted as the caller's statement that the training crops were fahr's.
+
+    Raises:
+        InputError: a mismatch, naming the option and how the training crops were made.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    prep = card_preprocessing(card, overrides)
+    trained = card.get("preprocessing", {})
+    crops = training_crops(card)
+    if crops == "fahr":
+        for key in ("margin", "image_size"):
+            if key in overrides and key in trained and overrides[key] != trained[key]:
+                raise InputError(f"preprocessing.{key}={overrides[key]} differs from the crops this model was trained on "
+                                 f"({key} {trained[key]}): its FaceAge on crops made differently is not valid; "
+                                 f"leave preprocessing.{key} unset")
+        return prep
+    made = trained.get("source") or ("crops of unrecorded origin" if crops == "unknown" else "crops made outside fahr")
+    if "detect" not in overrides:
+        raise InputError(f"this model was trained on {made}, not on crops made by fahr's face detector and template, "
+                         "so fahr cannot prepare raw photos for it: if the photos are already crops made the same way, "
+                         "say preprocessing.detect=false; for raw photos use a model fine-tuned on shards built with "
+                         "detection (`fahr shards` without align.skip_detection)")
+    if overrides["detect"] and crops == "external":
+        raise InputError(f"preprocessing.detect=true: fahr's detector and template make crops this model never saw (it "
+                         f"was trained on {made}); use a model fine-tuned on shards built with detection, or give "
+                         "crops made like its training crops with preprocessing.detect=false")
     return prep
 
 
@@ -206,12 +259,14 @@ def _rows_for_chunk(photos: Sequence[Photo], aligned: list[np.ndarray | str], mo
             raise InputError(f"the model gave a non-finite {name} for {int((~np.isfinite(values)).sum())} photo(s): "
                              "its weights or normalisation are broken; re-export it")
     cal = card.get("age_calibration")
+    if "age" in preds:
+        ages = np.maximum(preds["age"], 0.0)  # a regression head can go below 0; an age cannot
+        corrected = apply_bias_correction(ages, cal) if cal else None
     for k, j in enumerate(ok):
         if "age" in preds:
-            age = float(preds["age"][k])
-            rows[j]["faceage"] = age
-            if cal:
-                rows[j]["faceage_corrected"] = (age - float(cal["intercept"])) / float(cal["slope"])
+            rows[j]["faceage"] = float(ages[k])
+            if corrected is not None:
+                rows[j]["faceage_corrected"] = float(corrected[k])
         if "risk" in preds:
             rows[j]["risk"] = float(preds["risk"][k])
     return rows
@@ -237,6 +292,7 @@ def iter_predictions(model: FaceModel, card: dict[str, Any], paths: Iterable[str
         preprocessing: overrides of the card's preprocessing (``detect``, ``image_size``, ``margin``,
             ``multi_face``, ``min_confidence``; ``None`` values keep the card's).
         aligner: a ready ``FaceAligner`` (else built from the resolved preprocessing); in-process only.
+            The caller answers for its crops matching the training crops: no check is made.
         progress: called with the number of photos done after each step.
         workers: processes that decode and align photos while this one runs the model (0: all in
             this process; None: :func:`resolve_workers` decides). The rows do not depend on it.
@@ -245,7 +301,8 @@ def iter_predictions(model: FaceModel, card: dict[str, Any], paths: Iterable[str
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    prep = resolve_preprocessing(card, preprocessing)
+    # a caller-made aligner vouches for its own crops (time_photos_per_second times both ways)
+    prep = resolve_preprocessing(card, preprocessing) if aligner is None else card_preprocessing(card, preprocessing)
     columns = output_columns(model, card)
     photos = _as_photos(paths)
     n_workers = 0 if aligner is not None else resolve_workers(workers, len(photos))
@@ -285,7 +342,7 @@ def time_photos_per_second(model: FaceModel, card: dict[str, Any], paths: Sequen
 
     The first ``warmup`` photos are run once first (detector and model warm-up, not timed).
     """
-    prep = resolve_preprocessing(card)
+    prep = card_preprocessing(card)  # both ways on purpose: this times the stages, it predicts nothing
     result: dict[str, float] = {"photos": float(len(paths))}
     for name, detect in (("with_detection", True), ("without_detection", False)):
         aligner = make_aligner({**prep, "detect": detect})

@@ -69,5 +69,33 @@ def fit_bias_correction(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
 
 
 def apply_bias_correction(pred: np.ndarray, correction: dict[str, float]) -> np.ndarray:
-    """(pred - intercept) / slope, years."""
-    return (np.asarray(pred, np.float64) - correction["intercept"]) / correction["slope"]
+    """max(0, (pred - intercept) / slope), years: an age is never below 0 (dividing by a slope < 1
+    stretches an infant's small FaceAge below zero otherwise)."""
+    return np.maximum((np.asarray(pred, np.float64) - correction["intercept"]) / correction["slope"], 0.0)
+
+
+def decide_bias_correction(pred: np.ndarray, true: np.ndarray, seed: int = 0) -> tuple[dict[str, float] | None, dict]:
+    """The bias correction fitted on all validation predictions, kept only if it lowers held-out error.
+
+    Held out = 2-fold cross-fitting on the validation set: photos are split in two halves (a fixed
+    permutation from ``seed``), the correction is fitted on each half and applied to the other, and the
+    MAE of those out-of-fold corrected ages is compared with the MAE as predicted. The test set is
+    never looked at. Returns ``(correction or None, decision)``; ``decision`` holds ``kept``,
+    ``val_mae``, ``val_mae_corrected_heldout``, the full-val ``slope``/``intercept`` (or ``reason``).
+    """
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    decision: dict = {"kept": False, "method": "2-fold cross-fitting on val", "val_mae": _mae(pred, true)}
+    if len(pred) < 10 or np.ptp(true) == 0:
+        return None, {**decision, "reason": "fewer than 10 validation photos, or all of one age"}
+    try:
+        correction = fit_bias_correction(pred, true)
+        order = np.random.default_rng(seed).permutation(len(pred))
+        halves = (order[: len(pred) // 2], order[len(pred) // 2:])
+        corrected = np.empty_like(pred)
+        for fit_on, apply_to in (halves, halves[::-1]):
+            corrected[apply_to] = apply_bias_correction(pred[apply_to], fit_bias_correction(pred[fit_on], true[fit_on]))
+    except (ValueError, np.linalg.LinAlgError, TypeError) as err:
+        return None, {**decision, "reason": str(err).splitlines()[0] if str(err) else type(err).__name__}
+    decision.update(correction, val_mae_corrected_heldout=_mae(corrected, true))
+    decision["kept"] = decision["val_mae_corrected_heldout"] < decision["val_mae"]
+    return (correction if decision["kept"] else None), decision

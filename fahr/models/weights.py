@@ -118,6 +118,9 @@ def check_card(card: Any, path: Path) -> dict[str, Any]:
             numbers = isinstance(calibration, dict) and all(_number(calibration.get(k)) for k in ("slope", "intercept"))
             if not numbers or calibration["slope"] == 0:
                 raise _card_error(path, "age_calibration", "null or {slope: non-zero number, intercept: number}")
+        decision = card.get("age_calibration_decision")
+        if decision is not None and not (isinstance(decision, dict) and isinstance(decision.get("kept"), bool)):
+            raise _card_error(path, "age_calibration_decision", "null or an object with kept: true or false")
         if not isinstance(card.get("flip_average", False), bool):
             raise _card_error(path, "flip_average", "true or false")
         prep = card.get("preprocessing", {})
@@ -149,7 +152,8 @@ def _check_head(head: dict[str, Any], path: Path, key: str) -> None:
 
 def check_preprocessing(prep: dict[str, Any], where: str) -> None:
     """Check the preprocessing keys fahr applies (``detect``, ``image_size``, ``margin``,
-    ``multi_face``, ``min_confidence``) that ``prep`` sets; ``where`` prefixes the message."""
+    ``multi_face``, ``min_confidence``) and the training-crop record (``crops``, ``source``) that
+    ``prep`` sets; ``where`` prefixes the message."""
     lo, hi = IMAGE_SIZE_RANGE
     checks = {
         "detect": (lambda v: isinstance(v, bool), "true or false"),
@@ -158,6 +162,8 @@ def check_preprocessing(prep: dict[str, Any], where: str) -> None:
         "margin": (lambda v: _number(v) and 0.0 <= v <= 2.0, "a number in [0, 2] (0.25 = 25% more context)"),
         "multi_face": (lambda v: v in ("reject", "largest", "central"), "reject, largest or central"),
         "min_confidence": (lambda v: _number(v) and 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+        "crops": (lambda v: v in ("fahr", "external", "unknown"), "fahr, external or unknown (how the training crops were made)"),
+        "source": (lambda v: isinstance(v, str) and len(v) <= 300 and v.isprintable(), "a line of at most 300 printable characters"),
     }
     for key, (ok, expected) in checks.items():
         if key in prep and prep[key] is not None and not ok(prep[key]):

@@ -66,7 +66,8 @@ def heldout_predictions(export_dir: Path, out_dir: Path, n: int = 48, seed: int 
         paths.append(path)
         ages.append(float(labels["age"]))
     model, card = load_face_model(export_dir)
-    rows = predict_photos(model, card, paths)
+    # the demo model was trained on synthetic crops: the held-back faces are such crops, as predict is told
+    rows = predict_photos(model, card, paths, preprocessing={"detect": False})
     pred = np.array([r["faceage"] for r in rows], dtype=np.float64)
     true = np.array(ages)
     lines = ["path,status,age,faceage"] + [f"{r['path']},{r['status']},{a:.2f},{r['faceage']:.2f}"
@@ -157,7 +158,8 @@ def demo(cfg: DictConfig, faceage_overrides: list[str] = (), survival_overrides:
         f"  4 FaceSurvival {surv.run_dir}  (test C-index {sm.get('test_c_index', float('nan')):.3f})",
         f"  5 evaluate     {report_dir / 'report.md'}  (Cox HRs adjusted for age and sex, KM by quartile)",
         f"  time           {summary['minutes']:.1f} min  " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()),
-        "  load           fahr.models.load_face_model(EXPORT_DIR)   or   fahr predict model=EXPORT_DIR input=DIR output=out.csv",
+        "  load           fahr.models.load_face_model(EXPORT_DIR)   or   fahr predict model=EXPORT_DIR input=DIR "
+        "output=out.csv preprocessing.detect=false   (trained on synthetic crops: give crops, not raw photos)",
     ]
     print("\n".join(lines))
     return summary

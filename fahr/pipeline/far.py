@@ -67,6 +67,19 @@ def input_problems(rows: list[dict[str, Any]]) -> Counter:
     return problems
 
 
+def corrected_faceage(card: dict[str, Any], use_corrected: bool | None) -> bool:
+    """Whether FAR uses the card's bias-corrected FaceAge: as asked, or (None) when the fine-tune kept
+    the correction because it lowered the held-out error. Cards from before that decision existed
+    default to FaceAge as predicted."""
+    has = bool(card.get("age_calibration"))
+    if use_corrected is None:
+        return has and bool((card.get("age_calibration_decision") or {}).get("kept"))
+    if use_corrected and not has:
+        raise InputError("use_corrected=true but the model card has no age_calibration (its fine-tune found the "
+                         "correction did not lower the held-out error, or it was trained without one)")
+    return bool(use_corrected)
+
+
 def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], cfg: DictConfig) -> list[dict[str, Any]]:
     """Predict each distinct photo once; set ``status`` and ``faceage`` (corrected if configured) on
     every row. Returns the per-photo predictions, in input order of first appearance."""
@@ -78,7 +91,7 @@ def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], 
     preds = predict_photos(model, card, [Photo(labels[f], f) for f in files], batch_size=cfg.batch_size,
                            device=cfg.device, preprocessing=preprocessing_overrides(cfg), workers=cfg.workers)
     by_file = dict(zip(files, preds))  # one None key at most: every row with an empty path
-    key = "faceage_corrected" if cfg.use_corrected and card.get("age_calibration") else "faceage"
+    key = "faceage_corrected" if corrected_faceage(card, cfg.use_corrected) else "faceage"
     for row in rows:
         pred = by_file[row["file"]]
         row["status"], row["faceage"] = pred["status"], pred.get(key)

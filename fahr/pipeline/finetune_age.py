@@ -30,12 +30,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from fahr.boundary import InputError, check_output_dir
+from fahr.boundary import InputError, check_output_dir, read_json_file
 from fahr.config.finetune_schema import FinetuneAgeConfig
 from fahr.config.schema import validate
 from fahr.data.build import resolve_train_shards
 from fahr.data.labelled import LabelledFaces, balancing_weights, effective_histogram, load_labelled_faces
-from fahr.metrics.age import age_metrics, apply_bias_correction, fit_bias_correction
+from fahr.metrics.age import age_metrics, apply_bias_correction, decide_bias_correction
 from fahr.models.backbone import create_backbone
 from fahr.models.face_model import DEFAULT_PREPROCESSING, FaceModel, save_face_model
 from fahr.models.heads import AgeHead
@@ -120,20 +120,50 @@ def eval_loader(ds: LabelledFaces, cfg: DictConfig) -> DataLoader:
     return DataLoader(ds, batch_size=cfg.data.eval_batch_size, num_workers=min(cfg.data.num_workers, 1), shuffle=False)
 
 
-def preprocessing_of(spec: Any) -> dict[str, Any]:
-    """How the training photos were prepared, from a ``fahr shards`` index.json (else the defaults)."""
+def _index_path_of(spec: Any) -> Path | None:
+    """The local ``index.json`` a training-shards spec names (``DIR/index.json[#split]``, ``DIR``)
+    or sits beside (tar paths or brace patterns in one folder); None when there is none."""
+    specs = [spec] if isinstance(spec, str) else list(spec) if spec is not None else []
+    candidates = set()
+    for item in specs:
+        if not isinstance(item, str) or "://" in item or item.startswith("pipe:"):
+            return None
+        path = Path(item.split("#")[0])
+        candidates.add(path if path.name == "index.json" else path / "index.json" if path.is_dir()
+                       else path.parent / "index.json")
+    if len(candidates) != 1:
+        return None
+    (path,) = candidates
+    return path if path.is_file() else None
+
+
+def preprocessing_of(spec: Any, image_size: int) -> dict[str, Any]:
+    """How the training crops were made, for the model card's ``preprocessing`` (``fahr predict``
+    reads it: see :func:`fahr.inference.predict.resolve_preprocessing`), from the ``index.json`` of
+    the training shards ``spec`` names:
+
+    - built by ``fahr shards`` with detection: ``crops: fahr`` + the detector, template, size,
+      margin, multi-face policy and confidence, which predict redoes on raw photos;
+    - built from a dataset's own crops (``align.skip_detection=true``) or synthetic faces:
+      ``crops: external`` and a ``source`` line saying which;
+    - no index (shards given as tar paths elsewhere): ``crops: unknown``.
+    """
+    path = _index_path_of(spec)
+    if path is None:
+        return {"crops": "unknown", "detect": False, "image_size": image_size,
+                "source": "shards without an index.json, so the cropping is not recorded"}
+    index = read_json_file(path, "shard index", 256 * 1024 * 1024)
+    name = str(index.get("source", "unnamed"))[:40]
+    if index.get("synthetic") or index.get("source") == "synthetic":
+        return {"crops": "external", "detect": False, "image_size": image_size,
+                "source": "synthetic faces, generated already centred"}
+    opts = index.get("options", {}) if isinstance(index.get("options"), dict) else {}
+    if opts.get("skip_detection", False) or "align" not in opts:
+        return {"crops": "external", "detect": False, "image_size": image_size,
+                "source": f"{name} photos taken as crops and resized (fahr shards align.skip_detection=true)"}
     prep = dict(DEFAULT_PREPROCESSING)
-    if isinstance(spec, str) and "index.json" in spec and "://" not in spec:
-        path = Path(spec.split("#")[0])
-        if path.is_file():
-            index = json.loads(path.read_text())
-            opts = index.get("options", {})
-            prep.update({k: v for k, v in opts.get("align", {}).items() if k != "skip_detection"})
-            if "skip_detection" in opts:
-                prep["detect"] = not opts["skip_detection"]
-            if index.get("synthetic") or index.get("source") == "synthetic":
-                prep.update(detect=False, template="synthetic faces, already centred")
-            prep["image_size"] = index.get("image_size", prep["image_size"])
+    prep.update({k: v for k, v in opts["align"].items() if k in ("margin", "multi_face", "min_confidence")})
+    prep.update(crops="fahr", detect=True, image_size=int(index.get("image_size", opts["align"].get("image_size", image_size))))
     return prep
 
 
@@ -236,25 +266,32 @@ def _predict(model: FaceModel, loader: DataLoader) -> tuple[np.ndarray, np.ndarr
 
 
 def evaluate(model: FaceModel, cfg: DictConfig, val: LabelledFaces, test: LabelledFaces | None,
-             run_dir: Path) -> tuple[dict[str, Any], dict[str, float] | None]:
-    """Metrics on val and test, raw and bias-corrected; figures; test predictions CSV."""
+             run_dir: Path) -> tuple[dict[str, Any], dict[str, float] | None, dict[str, Any] | None]:
+    """Metrics on val and test, raw and bias-corrected; figures; test predictions CSV. Returns
+    (metrics, the bias correction if kept, the decision: see :func:`decide_bias_correction`)."""
     from fahr.utils.plots import age_error_by_decade_png, age_scatter_png
 
     metrics: dict[str, Any] = {}
     vp, vt, vl = _predict(model, eval_loader(val, cfg))
     metrics.update({f"val/{k}": v for k, v in age_metrics(vp, vt, {k: vl[k] for k in ("sex", "race") if k in vl}).items()})
-    correction = None
+    correction, decision = None, None
     if cfg.task.bias_correction:
-        try:
-            correction = fit_bias_correction(vp, vt)
-        except ValueError as err:
-            log.warning("no bias correction: %s", err)
+        correction, decision = decide_bias_correction(vp, vt)
+        if "reason" in decision:
+            log.warning("no bias correction: %s", decision["reason"])
+        else:
+            log.info("bias correction %s: val MAE %.3f as predicted, %.3f corrected (held out by cross-fitting)",
+                     "kept" if decision["kept"] else "not kept", decision["val_mae"],
+                     decision["val_mae_corrected_heldout"])
+            metrics["val/mae_corrected_heldout"] = decision["val_mae_corrected_heldout"]
     if test is None:
-        return metrics, correction
+        return metrics, correction, decision
     tp, tt, tl = _predict(model, eval_loader(test, cfg))
     groups = {k: tl[k] for k in ("sex", "race") if k in tl}
     metrics.update({f"test/{k}": v for k, v in age_metrics(tp, tt, groups).items()})
-    corrected = apply_bias_correction(tp, correction) if correction else None
+    # reported even when not kept, so the decision can be checked against the test set afterwards
+    fitted = {k: decision[k] for k in ("slope", "intercept")} if decision and "slope" in decision else None
+    corrected = apply_bias_correction(tp, fitted) if fitted else None
     if corrected is not None:
         metrics.update({f"test_corrected/{k}": v for k, v in age_metrics(corrected, tt, groups).items()})
     figures = run_dir / "figures"
@@ -267,7 +304,7 @@ def evaluate(model: FaceModel, cfg: DictConfig, val: LabelledFaces, test: Labell
         row = [test.keys[int(tl["index"][i])], f"{tt[i]:.3f}", f"{tp[i]:.3f}"]
         w.writerow(row + ([f"{corrected[i]:.3f}"] if corrected is not None else []))
     atomic_write_text(run_dir / "predictions_test.csv", buf.getvalue())
-    return metrics, correction
+    return metrics, correction, decision
 
 
 def _log_figures(loggers: list, run_dir: Path) -> None:
@@ -306,7 +343,7 @@ def finetune_age(cfg: DictConfig) -> FinetuneResult:
         stages = {}
         for stage in (1, 2):
             stages[f"stage{stage}"] = run_stage(stage, cfg, model, (loader, eval_loader(val, cfg)), run_dir, loggers)
-        metrics, correction = evaluate(model, cfg, val, test, run_dir)
+        metrics, correction, calibration_decision = evaluate(model, cfg, val, test, run_dir)
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if "/" in k and k.count("/") == 1}, step=0)
         _log_figures(loggers, run_dir)
@@ -318,7 +355,7 @@ def finetune_age(cfg: DictConfig) -> FinetuneResult:
     export_dir = Path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
     card: dict[str, Any] = {
         "task": "faceage",
-        "preprocessing": preprocessing_of(cfg.data.train),
+        "preprocessing": preprocessing_of(cfg.data.train, cfg.data.image_size),
         "init": init,
         "training_data": {"name": cfg.data.name, "photos": summary["photos"], "synthetic": bool(cfg.data.synthetic)},
         "metrics": {k: v for k, v in metrics.items() if k.count("/") == 1},
@@ -326,6 +363,8 @@ def finetune_age(cfg: DictConfig) -> FinetuneResult:
     }
     if correction:
         card["age_calibration"] = correction
+    if calibration_decision:
+        card["age_calibration_decision"] = calibration_decision
     save_face_model(export_dir, model, card)
     log.info("exported FaceAge model to %s (test MAE %s)", export_dir, _fmt(metrics.get("test/mae")))
     return FinetuneResult(run_dir=run_dir, export_dir=export_dir, metrics=summary)

@@ -484,7 +484,7 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
     if cfg.data.mode == "images":
         from fahr.pipeline.finetune_age import preprocessing_of
 
-        save_face_model(export_dir, model, {**card, "preprocessing": preprocessing_of(cfg.data.train)})
+        save_face_model(export_dir, model, {**card, "preprocessing": preprocessing_of(cfg.data.train, cfg.data.image_size)})
     else:
         save_table_model(export_dir, model, card)
     log.info("test C-index %s; exported to %s", f"{metrics['test_c_index']:.4f}" if "test_c_index" in metrics else "-", export_dir)
