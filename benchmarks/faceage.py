@@ -1,27 +1,26 @@
-"""Benchmark `faceage` (issue 4): FAHR-FaceAge on real data, MAE-pretrained vs from scratch, on 2 CPU cores.
+"""Benchmark `faceage` (issues 4, 15): FAHR-FaceAge on real data, on 2 CPU cores, judged on photos it never saw.
 
-One command (``make bench-faceage``) runs the real commands as subprocesses and leaves the best model in
-``runs/bench-faceage/export/`` (usable by ``fahr predict`` / ``fahr far``):
+One command (``make bench-faceage``) runs the real commands as subprocesses and leaves the recipe's model
+in ``runs/bench-faceage/export/`` (a model ``fahr predict`` / ``fahr far`` run on raw photos):
 
-1. shards (reused when ``index.json`` exists), 64 px crops:
-   ``fahr shards source=utkface ... align.skip_detection=true`` (UTKFace is already aligned; person id =
-   the photo's sha1, splits 0.8/0.1/0.1 by its hash) and ``fahr shards source=folder`` over CACD with
-   detection + alignment (CACD-VS frames are loose, ~40% face: aligned to the template they match
-   UTKFace's tight crops and what ``fahr predict`` does to raw photos);
-2. ``fahr pretrain experiment=bench_faceage_pretrain`` on UTKFace-train + CACD (never UTKFace
-   val/test), then ``fahr export``;
-3. ``fahr finetune-age experiment=bench_faceage`` twice, same step budget: ``backbone=<MAE export>``
-   and ``backbone=null`` (scratch, ``task.stage2.layer_decay=1.0``);
-4. baselines on the same split: the training median, and ridge regression on 32x32 grey pixels
-   (alpha chosen on val);
-5. FG-NET (61 raw photos, 5 people): ``fahr far`` with detection (FaceAge per photo, FAR per person,
-   widest-gap pair) and the Spearman correlation of change in FaceAge vs change in true age over all
-   within-person photo pairs;
-6. ``fahr predict`` photos/s on CPU with and without detection (FG-NET photos).
+1. shards (reused when ``index.json`` exists), 112 px crops made **exactly as ``fahr predict`` makes
+   them from raw photos** (fahr's detector + 5-point template; no ``skip_detection``):
+   ``fahr shards source=utkface`` (person id = the photo's sha1, splits 0.8/0.1/0.1 by its hash) and
+   ``fahr shards source=folder`` over CACD (unlabelled, for pretraining only);
+2. the recipe, timed, both cores: ``fahr pretrain experiment=bench_faceage_pretrain`` on UTKFace-train
+   + CACD (never UTKFace val/test), ``fahr export``, ``fahr finetune-age experiment=bench_faceage``;
+3. a compute-matched baseline: a timm ResNet-18 from scratch on the same shards for the recipe's
+   minutes (``benchmarks/_cnn_baseline.py``); optionally (``--vit-scratch``) the ViT from scratch;
+4. the training median and ridge on 32x32 grey pixels;
+5. held-out numbers for the recipe and the ResNet, through raw-photo preprocessing: UTKFace test photos
+   from their original files (``fahr predict``), FG-NET (61 raw photos, 5 people: ``fahr far``): photo
+   MAE and the rank correlation of change in FaceAge vs change in age over within-person pairs;
+6. ``fahr predict`` photos/s on CPU with and without detection.
 
-Targets (2 CPU cores, <= 60 min for pretraining + fine-tunes + baselines): test MAE <= 5.5 years and
-pretrained beating scratch by >= 10% MAE. Prints a table and writes benchmarks/results/faceage.json.
-``--quick`` runs a few steps of everything into runs/bench-faceage-quick (no result file).
+Targets (benchmark, not tests): UTKFace test MAE <= 5.5 years through raw-photo preprocessing; no worse
+than the ResNet-18 (aim 10% better); FG-NET within-person rank correlation >= 0.7 and photo MAE <= 10;
+recipe <= 60 min. Prints tables and writes benchmarks/results/faceage.json. ``--quick`` runs a few steps
+of everything into runs/bench-faceage-quick (no result file).
 """
 
 from __future__ import annotations
@@ -47,12 +46,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 DATA = ROOT / "data" / "faceage_bench"
 FAHR = [sys.executable, "-m", "fahr.cli.main"]
-IMAGE_SIZE = 64
-# One compute thread (+ one loader worker = the 2 cores): on the shared 2-core machine two OpenMP
-# threads under load ran >10x slower than one (spin-waiting), see docs/benchmarks.md.
-THREADS = int(os.environ.get("FAHR_BENCH_THREADS", "1"))
+CROP_SIZE = 112  # the shards' crops: fahr's template at its native size (the model may read them smaller)
+UTK, CACD = f"utkface{CROP_SIZE}", f"cacd{CROP_SIZE}"
+# Both cores for one job at a time (the recipe, then each baseline). FAHR_BENCH_THREADS=1 for a shared
+# machine: two OpenMP threads under load once ran >10x slower than one (spin-waiting).
+THREADS = int(os.environ.get("FAHR_BENCH_THREADS", "2"))
 THREADS_ENV = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-TARGET_MAE, TARGET_GAIN, TARGET_MINUTES = 5.5, 0.10, 60.0
+TARGET_MAE, TARGET_VS_CNN, TARGET_MINUTES = 5.5, 0.0, 60.0
+TARGET_FGNET_RHO, TARGET_FGNET_MAE = 0.7, 10.0
 
 QUICK_PRETRAIN = ["trainer.max_steps=6", "task.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=6",
                   "data.samples_per_epoch=512", "trainer.log_every_n_steps=1"]
@@ -106,18 +107,19 @@ def cacd_source() -> Path:
 
 
 def build_shards(logs: Path) -> dict[str, Any]:
+    """UTKFace and CACD shards, detected and aligned as ``fahr predict`` does (reused when built)."""
     out: dict[str, Any] = {}
     jobs = {
-        "utkface": ["shards", "source=utkface", f"input={SHARED / 'utkface'}", f"output={DATA / 'utkface64'}",
-                    "align.skip_detection=true", f"align.image_size={IMAGE_SIZE}", "processes=2"],
-        "cacd": ["shards", "source=folder", f"input={DATA / 'cacd_src'}", f"output={DATA / 'cacd64'}",
-                 f"align.image_size={IMAGE_SIZE}", "processes=2"],
+        UTK: ["shards", "source=utkface", f"input={SHARED / 'utkface'}", f"output={DATA / UTK}",
+              f"align.image_size={CROP_SIZE}", "processes=2"],
+        CACD: ["shards", "source=folder", f"input={DATA / 'cacd_src'}", f"output={DATA / CACD}",
+               f"align.image_size={CROP_SIZE}", "processes=2"],
     }
     for name, args in jobs.items():
-        index = DATA / f"{name}64" / "index.json"
+        index = DATA / name / "index.json"
         seconds = None
         if not index.is_file():
-            if name == "cacd":
+            if name == CACD:
                 cacd_source()
             seconds = run(FAHR + args, logs / f"shards_{name}.log")
         idx = json.loads(index.read_text())
@@ -131,14 +133,14 @@ def pretrain_shard_list() -> list[str]:
     """UTKFace train shards + every CACD shard (CACD is unlabelled and unrelated to UTKFace val/test)."""
     from fahr.data.build import shard_list_from_split_index
 
-    shards = shard_list_from_split_index(DATA / "utkface64" / "index.json", "train")
-    cacd = json.loads((DATA / "cacd64" / "index.json").read_text())["splits"]
+    shards = shard_list_from_split_index(DATA / UTK / "index.json", "train")
+    cacd = json.loads((DATA / CACD / "index.json").read_text())["splits"]
     for split in sorted(cacd):
-        shards += shard_list_from_split_index(DATA / "cacd64" / "index.json", split)
+        shards += shard_list_from_split_index(DATA / CACD / "index.json", split)
     return [os.path.relpath(s, ROOT) for s in shards]
 
 
-# ---- 2-3. pretraining and fine-tunes ----------------------------------------------------------------
+# ---- 2-3. the recipe and the scratch runs -----------------------------------------------------------
 
 
 def logged_images_per_s(metrics_csv: Path) -> float | None:
@@ -163,7 +165,36 @@ def finish_finetune(job: Job, export_dir: Path, runs_dir: Path) -> dict[str, Any
     return {"seconds": seconds, "export_dir": str(export_dir.relative_to(ROOT)),
             "run_dir": str(run_dir.relative_to(ROOT)), "metrics": metrics,
             "steps": {k: v.get("steps") for k, v in metrics["stages"].items()},
-            "steps_per_s_wall": sum(v.get("steps") or 0 for v in metrics["stages"].values()) / seconds}
+            "steps_per_s_wall": sum(v.get("steps") or 0 for v in metrics["stages"].values()) / seconds,
+            "age_calibration_decision": card.get("age_calibration_decision"),
+            "preprocessing": card.get("preprocessing")}
+
+
+def val_curve(run_dir: Path) -> list[dict[str, float]]:
+    """Stage-2 validation MAE by step, from the run's metrics.csv."""
+    path = ROOT / run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    return [{"step": int(float(r["step"])), "val_mae": float(r["stage2/val/mae"])}
+            for r in csv.DictReader(open(path)) if r.get("stage2/val/mae")]
+
+
+def resnet_baseline(minutes: float, runs_dir: Path, quick: bool) -> dict[str, Any]:
+    """ResNet-18 from scratch on the same shards, the recipe's minutes, both cores."""
+    import torch
+
+    from _cnn_baseline import evaluate_on_shards, load_resnet18, train_resnet18
+
+    out_dir = runs_dir / "resnet18"
+    index = DATA / UTK / "index.json"
+    t0 = time.perf_counter()
+    info = train_resnet18(f"{index}#train", f"{index}#val", image_size=CROP_SIZE, minutes=minutes,
+                          threads=THREADS, out_dir=out_dir)
+    torch.set_num_threads(THREADS)
+    predict_fn = load_resnet18(out_dir)
+    info["test"] = evaluate_on_shards(predict_fn, f"{index}#test", CROP_SIZE)
+    info["seconds_total"] = time.perf_counter() - t0
+    return info
 
 
 # ---- 4. baselines -----------------------------------------------------------------------------------
@@ -171,7 +202,6 @@ def finish_finetune(job: Job, export_dir: Path, runs_dir: Path) -> dict[str, Any
 
 def grey_pixels(faces, size: int = 32) -> np.ndarray:
     """(N, size*size) float32 grey levels in [0, 1] of a LabelledFaces set."""
-    import torch
     from torchvision.transforms.v2 import functional as tvf
 
     out = np.empty((len(faces), size * size), np.float32)
@@ -190,8 +220,8 @@ def baselines() -> dict[str, Any]:
     from fahr.metrics.age import age_metrics
 
     t0 = time.perf_counter()
-    index = DATA / "utkface64" / "index.json"
-    sets = {s: load_labelled_faces(resolve_train_shards(f"{index}#{s}"), required=["age"], image_size=IMAGE_SIZE)
+    index = DATA / UTK / "index.json"
+    sets = {s: load_labelled_faces(resolve_train_shards(f"{index}#{s}"), required=["age"], image_size=64)
             for s in ("train", "val", "test")}
     ages = {s: d.labels["age"] for s, d in sets.items()}
     median = float(np.median(ages["train"]))
@@ -214,61 +244,111 @@ def baselines() -> dict[str, Any]:
     return out
 
 
-# ---- 5-6. FG-NET and predict speed ------------------------------------------------------------------
+# ---- 5. held-out photos through raw-photo preprocessing --------------------------------------------
 
 
-def fgnet(export_dir: Path, runs_dir: Path, logs: Path) -> dict[str, Any]:
+def utkface_test_photos() -> list[tuple[str, float]]:
+    """(original file, age) of every UTKFace photo in the test split, from the split's sample keys
+    (``sha256("utkface\\0" + file)[:24]``, as ``fahr shards`` names them)."""
+    import hashlib
+
+    from fahr.data.build import resolve_train_shards
+    from fahr.data.labelled import load_labelled_faces
+
+    test = load_labelled_faces(resolve_train_shards(f"{DATA / UTK / 'index.json'}#test"), required=["age"],
+                               image_size=CROP_SIZE)
+    keys = set(test.keys)
+    rows = csv.DictReader(open(SHARED / "utkface" / "manifest.csv"))
+    by_key = {hashlib.sha256(f"utkface\x00{r['file']}".encode()).hexdigest()[:24]: r for r in rows}
+    missing = keys - set(by_key)
+    if missing:
+        raise RuntimeError(f"{len(missing)} test keys match no manifest row: the key scheme changed")
+    return sorted((str((SHARED / "utkface" / by_key[k]["file"]).resolve()), float(by_key[k]["age"])) for k in keys)
+
+
+def fgnet_photos() -> list[tuple[str, str, float]]:
+    """(file, person, age) of the FG-NET photos."""
+    root = SHARED / "fgnet"
+    return [(str((root / r["file"]).resolve()), r["subject"], float(r["age"]))
+            for r in csv.DictReader(open(root / "manifest.csv"))]
+
+
+def heldout_metrics(pred: dict[str, float | None], utk: list[tuple[str, float]],
+                    fgnet: list[tuple[str, str, float]]) -> dict[str, Any]:
+    """Raw-photo metrics from per-photo FaceAge (None where no face was found): UTKFace test MAE, FG-NET
+    photo MAE, and two within-person rank correlations on FG-NET: Spearman of change in FaceAge vs
+    change in age over all within-person photo pairs (the target), and the mean over people of
+    Spearman(FaceAge, age) across their photos."""
     from scipy.stats import spearmanr
 
-    root = SHARED / "fgnet"
-    if not (root / "manifest.csv").is_file():
-        return {"skipped": f"{root} not found"}
-    rows = list(csv.DictReader(open(root / "manifest.csv")))
-    far_in = runs_dir / "fgnet_far_input.csv"
-    with open(far_in, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["person", "path", "age_at_photo"])
-        for r in rows:
-            w.writerow([r["subject"], str((root / r["file"]).resolve()), r["age"]])
-    far_out, photos_out = runs_dir / "fgnet_far.csv", runs_dir / "fgnet_photos.csv"
-    # The card says detect=false (UTKFace shards were already aligned); FG-NET photos are raw.
-    seconds = run(FAHR + ["far", f"model={export_dir}", f"input={far_in}", f"output={far_out}",
-                          f"photos_output={photos_out}", "preprocessing.detect=true"], logs / "far_fgnet.log")
-    preds = {r["path"]: r for r in csv.DictReader(open(photos_out))}
-    # FaceAge as predicted, as in the UTKFace table and `fahr far`'s default; the val-fitted
-    # correction is a positive linear map, so it leaves the rank correlation unchanged
-    key = "faceage"
+    from fahr.metrics.age import age_metrics
+
+    found = [(pred[f], a) for f, a in utk if pred.get(f) is not None]
+    utk_m = age_metrics(np.array([p for p, _ in found]), np.array([a for _, a in found])) if found else {}
     people: dict[str, list[tuple[float, float]]] = {}
-    corrected_errors: list[float] = []
-    failed = 0
-    for r in rows:
-        p = preds.get(str((root / r["file"]).resolve()))
-        if p is None or p["status"] != "ok" or not p.get(key):
-            failed += 1
-            continue
-        people.setdefault(r["subject"], []).append((float(r["age"]), float(p[key])))
-        if p.get("faceage_corrected"):
-            corrected_errors.append(abs(float(p["faceage_corrected"]) - float(r["age"])))
-    d_true, d_face = [], []
+    for f, person, age in fgnet:
+        if pred.get(f) is not None:
+            people.setdefault(person, []).append((age, pred[f]))
+    d_true, d_face, per_person = [], [], []
     for photos in people.values():
         for (a0, f0), (a1, f1) in itertools.combinations(sorted(photos), 2):
             if a1 != a0:
                 d_true.append(a1 - a0)
                 d_face.append(f1 - f0)
-    rho = spearmanr(d_true, d_face)
-    all_true = np.array([a for ph in people.values() for a, _ in ph])
-    all_face = np.array([f for ph in people.values() for _, f in ph])
-    far_rows = list(csv.DictReader(open(far_out)))
+        if len(photos) >= 3:
+            per_person.append(float(spearmanr([a for a, _ in photos], [f for _, f in photos]).statistic))
+    errors = [abs(f - a) for ph in people.values() for a, f in ph]
     return {
-        "photos": len(rows), "photos_with_face": len(rows) - failed, "faceage_column": key, "seconds": seconds,
-        "spearman_delta_faceage_vs_delta_age": float(rho.statistic), "spearman_p": float(rho.pvalue),
-        "within_person_pairs": len(d_true),
-        "photo_mae": float(np.mean(np.abs(all_face - all_true))) if len(all_true) else None,
-        "photo_mae_corrected": float(np.mean(corrected_errors)) if corrected_errors else None,
-        "far": [{k: r[k] for k in ("person", "n_used", "interval_days", "faceage_first", "faceage_last", "far", "status")}
-                for r in far_rows],
-        "files": {"far": str(far_out.relative_to(ROOT)), "photos": str(photos_out.relative_to(ROOT))},
+        "utkface_raw": {"photos": len(utk), "with_face": len(found), "mae": utk_m.get("mae"), "cs5": utk_m.get("cs5"),
+                        "pearson_r": utk_m.get("pearson_r"),
+                        "per_decade_mae": {k.rsplit("/", 1)[1]: v for k, v in utk_m.items() if k.startswith("mae/decade/")}},
+        "fgnet": {"photos": len(fgnet), "with_face": sum(len(v) for v in people.values()),
+                  "photo_mae": float(np.mean(errors)) if errors else None,
+                  "pair_spearman": float(spearmanr(d_true, d_face).statistic) if len(d_true) > 2 else None,
+                  "pairs": len(d_true),
+                  "mean_person_spearman": float(np.mean(per_person)) if per_person else None,
+                  "per_person": {p: {"photos": len(v), "ages": [a for a, _ in sorted(v)],
+                                     "faceage": [round(f, 2) for _, f in sorted(v)]} for p, v in sorted(people.items())}},
     }
+
+
+def recipe_heldout(export_dir: Path, runs_dir: Path, logs: Path, utk, fgnet) -> dict[str, Any]:
+    """The recipe's export through the shipped commands, with the card's preprocessing (no overrides)."""
+    listing = runs_dir / "utkface_test_raw.csv"
+    with open(listing, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path"])
+        w.writerows([p] for p, _ in utk)
+    out = runs_dir / "utkface_test_raw_pred.csv"
+    seconds = run(FAHR + ["predict", f"model={export_dir}", f"input={listing}", f"output={out}"], logs / "predict_utk.log")
+    pred = {r["path"]: float(r["faceage"]) if r["status"] == "ok" else None for r in csv.DictReader(open(out))}
+    far_in, far_out, photos_out = runs_dir / "fgnet_far_input.csv", runs_dir / "fgnet_far.csv", runs_dir / "fgnet_photos.csv"
+    with open(far_in, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["person", "path", "age_at_photo"])
+        w.writerows([person, path, age] for path, person, age in fgnet)
+    seconds += run(FAHR + ["far", f"model={export_dir}", f"input={far_in}", f"output={far_out}",
+                           f"photos_output={photos_out}", "use_corrected=false"], logs / "far_fgnet.log")
+    pred.update({r["path"]: float(r["faceage"]) if r["status"] == "ok" else None for r in csv.DictReader(open(photos_out))})
+    result = heldout_metrics(pred, utk, fgnet)
+    result["fgnet"]["far"] = [{k: r[k] for k in ("person", "n_used", "interval_days", "faceage_first", "faceage_last",
+                                                 "far", "status")} for r in csv.DictReader(open(far_out))]
+    result["seconds"] = seconds
+    return result
+
+
+def resnet_heldout(runs_dir: Path, prep: dict[str, Any], utk, fgnet) -> dict[str, Any]:
+    """The ResNet through the same aligner (the recipe card's preprocessing)."""
+    from _cnn_baseline import load_resnet18, predict_raw_photos
+
+    fn = load_resnet18(runs_dir / "resnet18")
+    paths = [p for p, _ in utk] + [p for p, _, _ in fgnet]
+    rows = predict_raw_photos(fn, paths, prep)
+    pred = {r["path"]: r["faceage"] if r["status"] == "ok" else None for r in rows}
+    return heldout_metrics(pred, utk, fgnet)
+
+
+# ---- 6. predict speed -------------------------------------------------------------------------------
 
 
 def predict_speed(export_dir: Path) -> dict[str, Any]:
@@ -303,16 +383,21 @@ def decades(m: dict[str, float], prefix: str = "") -> str:
     return " ".join(f"{k.rsplit('/', 1)[1].split('-')[0]}s:{m[k]:.1f}" for k in keys)
 
 
+def fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (development)")
+    parser.add_argument("--vit-scratch", action="store_true", help="also fine-tune the ViT from scratch (same steps)")
     args = parser.parse_args()
-    if not (SHARED / "utkface" / "manifest.csv").is_file():
+    if not (SHARED / "utkface" / "manifest.csv").is_file() or not (SHARED / "fgnet" / "manifest.csv").is_file():
         print(f"skipped: {SHARED} not found (the real data sets are needed)")
         return
     runs_dir = ROOT / "runs" / ("bench-faceage-quick" if args.quick else "bench-faceage")
     logs = runs_dir / "logs"
-    previous = [name for name in ("bench_faceage_pretrain", "bench_faceage") if (runs_dir / name).exists()]
+    previous = [name for name in ("bench_faceage_pretrain", "bench_faceage", "resnet18") if (runs_dir / name).exists()]
     if previous and args.quick:
         shutil.rmtree(runs_dir)
     elif previous:
@@ -326,9 +411,9 @@ def main() -> None:
     pre_args = ["experiment=bench_faceage_pretrain", f"paths.runs_dir={runs_dir}",
                 f"data.train_shards=[{','.join(shard_list)}]", *(QUICK_PRETRAIN if args.quick else [])]
     quick = QUICK_FINETUNE if args.quick else []
-    t_budget = time.perf_counter()
-    # The scratch fine-tune needs no pretraining: it runs beside it (one compute thread each = 2 cores).
-    scratch = start_finetune("scratch", ["backbone=null", "task.stage2.layer_decay=1.0", *quick], runs_dir, logs)
+
+    # ---- the recipe, timed: pretraining + export + both fine-tune stages, both cores
+    t_recipe = time.perf_counter()
     pre_s = run(FAHR + ["pretrain", *pre_args], logs / "pretrain.log")
     mae_export = runs_dir / "mae_export"
     exp_s = run(FAHR + ["export", *pre_args, f"export.output_dir={mae_export}"], logs / "export.log")
@@ -336,75 +421,99 @@ def main() -> None:
     pre_run = runs_dir / "bench_faceage_pretrain" / mae_card["run_id"]
     pre_info = {"seconds": pre_s, "export_seconds": exp_s, "steps": mae_card["global_step"],
                 "steps_per_s_wall": mae_card["global_step"] / pre_s,
-                "steps_per_s_logged": (logged_images_per_s(pre_run / "metrics.csv") or float("nan")) / 64,
+                "images_per_s_logged": logged_images_per_s(pre_run / "metrics.csv"),
                 "run_dir": str(pre_run.relative_to(ROOT)), "shards": len(shard_list),
                 "export_dir": str(mae_export.relative_to(ROOT))}
-    pretrained = start_finetune("pretrained", [f"backbone={mae_export}", *quick], runs_dir, logs)
-    fts = {"scratch": finish_finetune(*scratch, runs_dir), "pretrained": finish_finetune(*pretrained, runs_dir)}
-    base = baselines()
-    budget_s = time.perf_counter() - t_budget
-
-    best = min(fts, key=lambda k: fts[k]["metrics"]["test/mae"])
+    recipe = finish_finetune(*start_finetune("pretrained", [f"backbone={mae_export}", *quick], runs_dir, logs), runs_dir)
+    recipe_s = time.perf_counter() - t_recipe
+    recipe["val_curve"] = val_curve(Path(recipe["run_dir"]))
     final = runs_dir / "export"
     tmp = runs_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ROOT / fts[best]["export_dir"], tmp)
+    shutil.copytree(ROOT / recipe["export_dir"], tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    print(f"best: {best} (test MAE {fts[best]['metrics']['test/mae']:.2f}) -> {final.relative_to(ROOT)}", flush=True)
+    card = json.loads((final / "model_card.json").read_text())
+    print(f"recipe: {recipe_s / 60:.1f} min, test MAE {recipe['metrics']['test/mae']:.2f} -> {final.relative_to(ROOT)}", flush=True)
 
-    fg = fgnet(final, runs_dir, logs)
+    # ---- baselines, each with its own budget after the recipe
+    cnn = resnet_baseline(0.5 if args.quick else recipe_s / 60, runs_dir, args.quick)
+    scratch = None
+    if args.vit_scratch:
+        scratch = finish_finetune(*start_finetune("scratch", ["backbone=null", "task.stage2.layer_decay=1.0", *quick],
+                                                  runs_dir, logs), runs_dir)
+    base = baselines()
+
+    # ---- held-out photos through raw-photo preprocessing
+    utk = utkface_test_photos()[: 120 if args.quick else None]
+    fg = fgnet_photos()
+    held = {"recipe": recipe_heldout(final, runs_dir, logs, utk, fg),
+            "resnet18": resnet_heldout(runs_dir, card["preprocessing"], utk, fg)}
     speed = predict_speed(final)
 
-    rows, methods = [], {}
-    m_pre, m_scr = fts["pretrained"]["metrics"], fts["scratch"]["metrics"]
+    m = recipe["metrics"]
     entries = [
-        ("FaceAge, MAE-pretrained (vit_tiny/16@64)", m_pre, pre_s + exp_s + fts["pretrained"]["seconds"],
-         f"pretrain {pre_s / 60:.1f} + fine-tune {fts['pretrained']['seconds'] / 60:.1f} min"),
-        ("FaceAge, from scratch (same steps)", m_scr, fts["scratch"]["seconds"], "fine-tune only"),
-        ("ridge, 32x32 grey pixels", base["ridge"]["metrics"], base["ridge"]["seconds"], f"alpha {base['ridge']['alpha']:g} (val)"),
-        ("training median", base["median"]["metrics"], base["median"]["seconds"], f"{base['median']['value']:g} years (incl. reading shards)"),
+        (f"FaceAge recipe ({card['arch']}, MAE-pretrained)", m["test/mae"], m["test/cs5"], held["recipe"], recipe_s,
+         f"pretrain {pre_s / 60:.1f} + export {exp_s / 60:.1f} + fine-tune {recipe['seconds'] / 60:.1f} min"),
+        ("ResNet-18 from scratch (timm)", cnn["test"]["mae"], cnn["test"]["cs5"], held["resnet18"], cnn["seconds_total"],
+         f"{cnn['steps']} steps, same shards, the recipe's minutes"),
     ]
-    for name, m, sec, note in entries:
-        methods[name] = {"test_mae": m["test/mae"] if "test/mae" in m else m["mae"], "seconds": sec, "note": note}
-        mm = {k[len("test/"):]: v for k, v in m.items() if k.startswith("test/")} or m
-        methods[name].update(cs5=mm["cs5"], per_decade_mae={k.rsplit("/", 1)[1]: v for k, v in mm.items() if k.startswith("mae/decade/")},
-                             n_per_decade={k.rsplit("/", 1)[1]: v for k, v in mm.items() if k.startswith("n/decade/")})
-        rows.append((name, f"{mm['mae']:.2f}", f"{mm['cs5']:.1%}", decades(mm), f"{sec / 60:.1f} min", note))
-    gain = 1 - m_pre["test/mae"] / m_scr["test/mae"]
-    best_mae = fts[best]["metrics"]["test/mae"]
-    total_min = budget_s / 60
-    passed = {"mae_le_5.5": best_mae <= TARGET_MAE, "pretrained_gain_ge_10pct": gain >= TARGET_GAIN,
-              "budget_le_60_min": total_min <= TARGET_MINUTES}
-    table = print_table("faceage benchmark: UTKFace test (person-disjoint by sha1), 2 CPU cores", rows,
-                        header=("method", "test MAE", "CS@5", "MAE per decade (years)", "wall", "note"))
-    print(f"\npretrained vs scratch: {gain:+.1%} MAE (target >= {TARGET_GAIN:.0%}: {'yes' if passed['pretrained_gain_ge_10pct'] else 'NO'});"
-          f" best test MAE {best_mae:.2f} (target <= {TARGET_MAE}: {'yes' if passed['mae_le_5.5'] else 'NO'});"
-          f" budget {total_min:.1f} min (target <= {TARGET_MINUTES:.0f}: {'yes' if passed['budget_le_60_min'] else 'NO'})")
-    if "skipped" not in fg:
-        print(f"FG-NET: {fg['photos_with_face']}/{fg['photos']} photos with a face, photo MAE {fg['photo_mae']:.1f} years,"
-              f" Spearman(delta FaceAge, delta age) = {fg['spearman_delta_faceage_vs_delta_age']:.3f}"
-              f" over {fg['within_person_pairs']} within-person pairs")
-        print_table("FG-NET FAR (widest-gap pair per person)", [
-            (r["person"], r["n_used"], f"{float(r['interval_days']) / 365.25:.0f} y" if r["interval_days"] else "-",
-             f"{float(r['faceage_first']):.1f}" if r["faceage_first"] else "-",
-             f"{float(r['faceage_last']):.1f}" if r["faceage_last"] else "-",
-             f"{float(r['far']):.3f}" if r["far"] else "-", r["status"]) for r in fg["far"]],
-            header=("person", "photos", "interval", "FaceAge first", "FaceAge last", "FAR", "status"))
-    print(f"fahr predict (CPU, {THREADS} thread(s), {int(speed['photos'])} FG-NET photos): with detection {speed['with_detection']:.1f}"
-          f" photos/s, without {speed['without_detection']:.1f}, model only {speed['model_only']:.0f}")
+    if scratch:
+        entries.append(("FaceAge ViT from scratch (same steps)", scratch["metrics"]["test/mae"], scratch["metrics"]["test/cs5"],
+                        None, scratch["seconds"], "fine-tune only"))
+    entries += [("ridge, 32x32 grey pixels", base["ridge"]["metrics"]["mae"], base["ridge"]["metrics"]["cs5"], None,
+                 base["ridge"]["seconds"], f"alpha {base['ridge']['alpha']:g} (val)"),
+                ("training median", base["median"]["metrics"]["mae"], base["median"]["metrics"]["cs5"], None,
+                 base["median"]["seconds"], f"{base['median']['value']:g} years")]
+    rows, methods = [], {}
+    for name, mae, cs5, h, sec, note in entries:
+        methods[name] = {"test_mae_shards": mae, "cs5": cs5, "seconds": sec, "note": note, "heldout": h}
+        rows.append((name, f"{mae:.2f}", f"{cs5:.1%}",
+                     fmt(h and h["utkface_raw"]["mae"]) + (f" ({h['utkface_raw']['with_face']}/{h['utkface_raw']['photos']})" if h else ""),
+                     fmt(h and h["fgnet"]["photo_mae"]), fmt(h and h["fgnet"]["pair_spearman"], ".3f"),
+                     fmt(h and h["fgnet"]["mean_person_spearman"], ".3f"), f"{sec / 60:.1f} min", note))
+    table = print_table("faceage benchmark: UTKFace test (person-disjoint), FG-NET (5 people), 2 CPU cores", rows,
+                        header=("method", "UTKFace test MAE (shards)", "CS@5", "UTKFace test MAE, raw photos (found)",
+                                "FG-NET photo MAE", "FG-NET pair Spearman", "FG-NET per-person Spearman", "wall", "note"))
+    r_raw, c_raw = held["recipe"]["utkface_raw"]["mae"], held["resnet18"]["utkface_raw"]["mae"]
+    vs_cnn = 1 - r_raw / c_raw
+    fg_r = held["recipe"]["fgnet"]
+    passed = {"utkface_raw_mae_le_5.5": r_raw <= TARGET_MAE, "not_worse_than_resnet18": vs_cnn >= TARGET_VS_CNN,
+              "fgnet_pair_spearman_ge_0.7": (fg_r["pair_spearman"] or -1) >= TARGET_FGNET_RHO,
+              "fgnet_photo_mae_le_10": (fg_r["photo_mae"] or 1e9) <= TARGET_FGNET_MAE,
+              "recipe_le_60_min": recipe_s / 60 <= TARGET_MINUTES}
+    decision = card.get("age_calibration_decision") or {}
+    print(f"\nrecipe vs ResNet-18 on raw UTKFace test photos: {vs_cnn:+.1%} MAE; targets: " +
+          ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in passed.items()))
+    print(f"bias correction: {'kept' if decision.get('kept') else 'not kept'} (val MAE {fmt(decision.get('val_mae'))} "
+          f"as predicted, {fmt(decision.get('val_mae_corrected_heldout'))} corrected, held out); test MAE corrected "
+          f"{fmt(m.get('test_corrected/mae'))}")
+    print("recipe stage-2 validation MAE by step: " + ", ".join(f"{c['step']}: {c['val_mae']:.2f}" for c in recipe["val_curve"]))
+    print("ResNet-18 validation MAE by minute: " + ", ".join(f"{c[1]:.0f}: {c[2]:.2f}" for c in cnn.get("val_curve", [])))
+    print_table("FG-NET FAR with the recipe (widest-gap pair per person)", [
+        (r["person"], r["n_used"], f"{float(r['interval_days']) / 365.25:.0f} y" if r["interval_days"] else "-",
+         fmt(float(r["faceage_first"]) if r["faceage_first"] else None, ".1f"),
+         fmt(float(r["faceage_last"]) if r["faceage_last"] else None, ".1f"),
+         fmt(float(r["far"]) if r["far"] else None, ".3f"), r["status"]) for r in fg_r["far"]],
+        header=("person", "photos", "interval", "FaceAge first", "FaceAge last", "FAR", "status"))
+    print(f"fahr predict (CPU, {THREADS} thread(s), {int(speed['photos'])} FG-NET photos): with detection "
+          f"{speed['with_detection']:.1f} photos/s, without {speed['without_detection']:.1f}, model only {speed['model_only']:.0f}")
     result = {
-        "config": {"model": "vit_tiny/16@64", "quick": args.quick, "pretrain_overrides": [a for a in pre_args if not a.startswith("data.train_shards")],
-                   "finetune_experiment": "bench_faceage", "scratch_overrides": ["backbone=null", "task.stage2.layer_decay=1.0"],
-                   "torch_threads": THREADS, "loader_workers": 1},
+        "config": {"model": card["arch"], "image_size": card.get("image_size"), "crop_size": CROP_SIZE, "quick": args.quick,
+                   "pretrain_overrides": [a for a in pre_args if not a.startswith("data.train_shards")],
+                   "finetune_experiment": "bench_faceage", "torch_threads": THREADS, "loader_workers": 1},
         "shards": shards, "pretrain": pre_info,
-        "finetune": {k: {kk: vv for kk, vv in v.items() if kk != "metrics"} | {
-            "test": {kk: vv for kk, vv in v["metrics"].items() if kk.startswith(("test/", "test_corrected/"))},
-            "val_mae": v["metrics"].get("val/mae")} for k, v in fts.items()},
-        "baselines": base, "methods": methods, "best": best, "export_dir": str(final.relative_to(ROOT)),
-        "pretrained_gain": gain, "budget_minutes": total_min, "total_minutes": (time.perf_counter() - t_all) / 60,
-        "fgnet": fg, "predict_photos_per_s": speed, "table": table,
-        "targets": {"test_mae": f"<= {TARGET_MAE}", "pretrained_gain": f">= {TARGET_GAIN}", "budget_minutes": f"<= {TARGET_MINUTES}"},
+        "recipe": {k: v for k, v in recipe.items() if k != "metrics"} | {
+            "test": {k: v for k, v in m.items() if k.startswith(("test/", "test_corrected/"))},
+            "val_mae": m.get("val/mae"), "minutes": recipe_s / 60},
+        "resnet18": cnn, "vit_scratch": scratch and {k: v for k, v in scratch.items() if k != "metrics"} | {
+            "test_mae": scratch["metrics"]["test/mae"]},
+        "baselines": base, "heldout": held, "methods": methods, "export_dir": str(final.relative_to(ROOT)),
+        "recipe_vs_resnet18_raw": vs_cnn, "recipe_minutes": recipe_s / 60,
+        "total_minutes": (time.perf_counter() - t_all) / 60, "predict_photos_per_s": speed, "table": table,
+        "targets": {"utkface_raw_mae": f"<= {TARGET_MAE}", "vs_resnet18": ">= 0 (aim 0.10)",
+                    "fgnet_pair_spearman": f">= {TARGET_FGNET_RHO}", "fgnet_photo_mae": f"<= {TARGET_FGNET_MAE}",
+                    "recipe_minutes": f"<= {TARGET_MINUTES}"},
         "pass": passed,
     }
     if args.quick:
