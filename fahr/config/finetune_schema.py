@@ -78,6 +78,24 @@ class StageConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Photometric training augmentation (fahr.data.augment), per sample, training only. Every
+    probability defaults to 0 (off); the magnitudes are used only when their probability is above 0."""
+    greyscale_p: float = bounded(0.0, lo=0.0, hi=1.0)  # greyscale (ITU-R 601), kept 3-channel: old scans
+    lighting_p: float = bounded(0.0, lo=0.0, hi=1.0)  # brightness + contrast + gamma + colour temperature together
+    brightness: float = bounded(0.3, lo=0.0, hi=0.9)  # factor uniform in [1 - b, 1 + b]
+    contrast: float = bounded(0.3, lo=0.0, hi=0.9)  # factor uniform in [1 - c, 1 + c]
+    gamma: float = bounded(0.3, lo=0.0, hi=1.0)  # gamma = exp(u), |u| <= this
+    colour_temperature: float = bounded(0.1, lo=0.0, hi=0.5)  # red gain 1 + t, blue gain 1 - t, |t| <= this
+    blur_p: float = bounded(0.0, lo=0.0, hi=1.0)
+    blur_sigma: float = bounded(1.5, lo=0.1, hi=10.0)  # pixels: sigma uniform in [0.1, this]
+    jpeg_p: float = bounded(0.0, lo=0.0, hi=1.0)
+    jpeg_quality: list[int] = bounded(lo=1, hi=100, factory=lambda: [30, 90])  # [lo, hi], quality uniform in it
+    noise_p: float = bounded(0.0, lo=0.0, hi=1.0)
+    noise_std: float = bounded(5.0, lo=0.0, hi=64.0)  # Gaussian sensor noise, 0-255 units
+
+
+@dataclass
 class AgeTaskConfig:
     loss: str = bounded("distribution", choices=("distribution", "l1"))  # softmax over bins (expectation), or L1
     label_sigma: float = bounded(2.0, lo=0.0, hi=50.0)  # years: Gaussian label distribution around the true age (0 = one-hot)
@@ -89,6 +107,7 @@ class AgeTaskConfig:
     hflip: bool = True
     flip_average: bool = True  # validate, test and predict on the mean of photo + mirror features
     bias_correction: bool = True  # also report metrics after a linear correction fitted on val
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # photometric, training only (after hflip)
 
 
 @dataclass
@@ -156,6 +175,7 @@ class SurvivalTaskConfig:
     person_aggregation: str = bounded("mean", choices=("mean", "first"))  # per person: mean risk over photos, or the first photo's
     horizons_days: list[float] = bounded(above=0.0, factory=lambda: [365.0, 730.0, 1825.0])
     hflip: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # images mode: photometric, training only
 
 
 @dataclass

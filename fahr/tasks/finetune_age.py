@@ -15,6 +15,7 @@ import torch
 from timm.optim import param_groups_layer_decay
 
 from fahr.boundary import InputError
+from fahr.data.augment import augment_settings, photometric_augment
 from fahr.losses.age import l1_age_loss, label_distribution_loss
 from fahr.models.face_model import FaceModel
 from fahr.tasks.schedules import warmup_cosine
@@ -23,7 +24,7 @@ from fahr.tasks.schedules import warmup_cosine
 class AgeTask(L.LightningModule):
     """Args:
         model: the :class:`FaceModel` (backbone + ``heads["age"]``).
-        task: the ``task`` config as a dict (loss, label_sigma, hflip, ...).
+        task: the ``task`` config as a dict (loss, label_sigma, hflip, augment, ...).
         stage: 1 or 2; ``stage_cfg`` is that stage's config dict (max_steps, base_lr, ...).
         effective_batch: samples per optimiser step over all devices (for the LR scaling).
         metric_prefix: prefix of logged names (``"stage1/"``), so both stages share one logger.
@@ -41,6 +42,7 @@ class AgeTask(L.LightningModule):
         self.effective_batch = effective_batch
         self.prefix = metric_prefix
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        augment_settings(task.get("augment"))  # a bad task.augment fails here, before training
         self.model.backbone.requires_grad_(stage == 2)
         self._set_modes()
 
@@ -65,6 +67,7 @@ class AgeTask(L.LightningModule):
         if self.cfg.get("hflip", True):
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        images = photometric_augment(images, self.cfg.get("augment"))  # all probabilities 0: images itself
         out = self._age_outputs(images)
         target = batch["age"]
         weight = batch.get("weight")

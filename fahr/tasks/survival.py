@@ -21,6 +21,7 @@ import torch
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from fahr.data.augment import augment_settings, is_active, photometric_augment
 from fahr.losses.cox import CoxPHLoss, cox_ph_loss
 from fahr.models.heads import RiskHead
 from fahr.tasks.schedules import warmup_cosine
@@ -47,7 +48,7 @@ def batch_risk(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 class SurvivalTask(L.LightningModule):
     """Args:
         model: a FaceModel with a ``risk`` head, or a :class:`TableRiskModel`.
-        task: the ``task`` config dict (ties, LRs, freeze_backbone, hflip, ...).
+        task: the ``task`` config dict (ties, LRs, freeze_backbone, hflip, augment, ...).
         lr: the peak learning rate (already scaled for the batch).
     """
 
@@ -58,6 +59,7 @@ class SurvivalTask(L.LightningModule):
         self.lr = lr
         self.loss = CoxPHLoss(ties=task["ties"], reduction="mean", sync_dist=True)
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        augment_settings(task.get("augment"))  # a bad task.augment fails here, before training
         self.backbone = getattr(model, "backbone", None)
         if self.backbone is not None and task["freeze_backbone"]:
             self.backbone.requires_grad_(False)
@@ -78,6 +80,8 @@ class SurvivalTask(L.LightningModule):
             images = batch["image"]
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             batch = {**batch, "image": torch.where(flip[:, None, None, None], images.flip(-1), images)}
+        if "image" in batch and is_active(self.cfg.get("augment")):  # photometric, after the flip
+            batch = {**batch, "image": photometric_augment(batch["image"], self.cfg.get("augment"))}
         risk = batch_risk(self.model, batch)
         loss = self.loss(risk, batch["time"], batch["event"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(risk))
