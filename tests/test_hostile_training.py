@@ -249,6 +249,8 @@ SURVIVAL_OPTION_CASES = {
     "aggregation_typo": ("task.person_aggregation=median", r"task\.person_aggregation must be one of mean, first"),
     "mode_typo": ("data.mode=tabular", r"data\.mode must be one of images, table, got 'tabular'"),
     "seed_negative": ("seed=-3", r"seed must be in \[0, 4294967295\], got -3"),
+    "jpeg_quality_reversed": ("task.augment.jpeg_quality=[90,30]",
+                              r"task\.augment\.jpeg_quality must be \[lo, hi\] with 1 <= lo <= hi <= 100"),
 }
 
 

@@ -320,6 +320,9 @@ def _log_figures(loggers: list, run_dir: Path) -> None:
 def finetune_age(cfg: DictConfig) -> FinetuneResult:
     """Run (or resume) both stages of the FaceAge fine-tune ``cfg`` describes, evaluate, export."""
     validate(cfg, FinetuneAgeConfig)
+    from fahr.data.augment import augment_settings
+
+    augment_settings(OmegaConf.to_container(cfg.task.augment))  # the rules a schema cannot say, before any work
     L.seed_everything(cfg.seed, workers=True)
     ensure_synthetic_splits(cfg.data)
     run_dir = run_dir_for(cfg)

@@ -441,6 +441,9 @@ def survival_metrics(train: tuple[np.ndarray, np.ndarray, np.ndarray], test: tup
 def finetune_survival(cfg: DictConfig) -> SurvivalResult:
     """Train (or resume) the survival model ``cfg`` describes, evaluate per person, export."""
     validate(cfg, FinetuneSurvivalConfig)
+    from fahr.data.augment import augment_settings
+
+    augment_settings(OmegaConf.to_container(cfg.task.augment))  # the rules a schema cannot say, before any work
     L.seed_everything(cfg.seed, workers=True)
     ensure_cohort(cfg)
     run_dir = run_dir_for(cfg)
