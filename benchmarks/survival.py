@@ -353,7 +353,7 @@ def image_benchmark(data_dir: Path, runs_dir: Path, model: str, steps: int, n_pa
 
 
 FACEAGE_EXPORT = REPO / "runs" / "bench-faceage" / "export"  # written by `make bench-faceage`
-FACEAGE_SHARDS = REPO / "data" / "faceage_bench" / "utkface64" / "index.json"
+FACEAGE_SHARDS = REPO / "data" / "faceage_bench" / "utkface112" / "index.json"
 
 
 def heldout_sha1(index: Path, splits: tuple[str, ...] = ("val", "test")) -> set[str]:
@@ -391,7 +391,10 @@ def faces_benchmark(export: Path, index: Path, root: Path, seeds: list[int], ste
         cohort = root / f"faces_cohort_s{seed}"
         info = write_cohort(cohort / "cohort", "utkface", n_patients=300 if quick else None, seed=seed,
                             utkface_dir=SHARED_UTKFACE, only_sha1=only)
-        built = cohort_to_shards(cohort / "cohort", cohort / "shards", root / "faces_deid.key", image_size=64)
+        # the cohort's faces are cropped as the FaceAge export's training faces were (its card says how)
+        fahr_crops = card.get("preprocessing", {}).get("crops") == "fahr"
+        built = cohort_to_shards(cohort / "cohort", cohort / "shards", root / "faces_deid.key",
+                                 image_size=card.get("preprocessing", {}).get("image_size", 64), detect=fahr_crops)
         build_s = time.perf_counter() - t0
         overrides = [f"backbone={export}", f"data.root={cohort / 'shards'}", "data.name=utkface_cohort", "trainer=cpu",
                      f"data.image_size={card['backbone']['img_size']}", "data.batch_size=64", "data.num_workers=1",

@@ -43,11 +43,12 @@ def ensure_cohort_shards(out_dir: str, n_patients: int = 600, seed: int = 0, pho
 
 
 def cohort_to_shards(cohort_dir: Path, shards_dir: Path, key_file: Path, image_size: int,
-                     samples_per_shard: int = 256, dedup: bool = True) -> dict[str, Any]:
+                     samples_per_shard: int = 256, dedup: bool = True, detect: bool = False) -> dict[str, Any]:
     """``fahr shards source=cohort`` on a written cohort, keyed by ``key_file`` (made if absent).
 
-    The photos are taken as already aligned (synthetic faces, UTKFace crops): no detection, a
-    resize to ``image_size``. Split by patient, stratified by event; returns the build summary.
+    By default the photos are taken as already aligned (synthetic faces): no detection, a resize to
+    ``image_size``; ``detect=True`` detects and aligns them as ``fahr predict`` does raw photos (for a
+    backbone trained on such crops). Split by patient, stratified by event; returns the build summary.
     """
     from data_pipelines.build import AlignOptions, BuildOptions, build_shards
     from data_pipelines.sources import get_source
@@ -60,7 +61,7 @@ def cohort_to_shards(cohort_dir: Path, shards_dir: Path, key_file: Path, image_s
             pass
     options = BuildOptions(stratify="event", deidentify=True, dedup=dedup, salt_key_file=str(key_file),
                            samples_per_shard=samples_per_shard,
-                           align=AlignOptions(image_size=image_size, skip_detection=True))
+                           align=AlignOptions(image_size=image_size, skip_detection=not detect))
     iter_records = get_source("cohort")
     result = build_shards("cohort", lambda: iter_records(str(cohort_dir)), shards_dir, options, inputs=(cohort_dir,))
     log.info("cohort %s: read %d photos, wrote %d, rejected %s", cohort_dir, result["read"], result["written"],
