@@ -383,6 +383,10 @@ def decades(m: dict[str, float], prefix: str = "") -> str:
     return " ".join(f"{k.rsplit('/', 1)[1].split('-')[0]}s:{m[k]:.1f}" for k in keys)
 
 
+def quick_finetune(args: argparse.Namespace) -> list[str]:
+    return QUICK_FINETUNE if args.quick else []
+
+
 def fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -391,42 +395,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (development)")
     parser.add_argument("--vit-scratch", action="store_true", help="also fine-tune the ViT from scratch (same steps)")
+    parser.add_argument("--reuse-recipe", action="store_true",
+                        help="take the finished recipe of an earlier run (its recipe.json) and run only what follows")
+    parser.add_argument("--cnn-minutes", type=float, default=None,
+                        help="the ResNet-18's budget (default: the recipe's wall minutes); say why in the results")
     args = parser.parse_args()
     if not (SHARED / "utkface" / "manifest.csv").is_file() or not (SHARED / "fgnet" / "manifest.csv").is_file():
         print(f"skipped: {SHARED} not found (the real data sets are needed)")
         return
     runs_dir = ROOT / "runs" / ("bench-faceage-quick" if args.quick else "bench-faceage")
     logs = runs_dir / "logs"
-    previous = [name for name in ("bench_faceage_pretrain", "bench_faceage", "resnet18") if (runs_dir / name).exists()]
-    if previous and args.quick:
-        shutil.rmtree(runs_dir)
-    elif previous:
-        # fahr resumes a finished run in no time: the budget would count it as zero minutes
-        sys.exit(f"{runs_dir} holds a previous benchmark run ({', '.join(previous)}): move it away first")
-    runs_dir.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+    if args.reuse_recipe:
+        saved = json.loads((runs_dir / "recipe.json").read_text())
+        shards, pre_info, recipe, recipe_s = saved["shards"], saved["pretrain"], saved["recipe"], saved["recipe_seconds"]
+        pre_s, exp_s = pre_info["seconds"], pre_info["export_seconds"]
+        pre_args = saved["pretrain_args"]
+        for stale in ("resnet18", "finetune_scratch"):
+            shutil.rmtree(runs_dir / stale, ignore_errors=True)
+    else:
+        previous = [name for name in ("bench_faceage_pretrain", "bench_faceage", "resnet18") if (runs_dir / name).exists()]
+        if previous and args.quick:
+            shutil.rmtree(runs_dir)
+        elif previous:
+            # fahr resumes a finished run in no time: the budget would count it as zero minutes
+            sys.exit(f"{runs_dir} holds a previous benchmark run ({', '.join(previous)}): move it away first")
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        shards = build_shards(logs)
+        shard_list = pretrain_shard_list()
+        pre_args = ["experiment=bench_faceage_pretrain", f"paths.runs_dir={runs_dir}",
+                    f"data.train_shards=[{','.join(shard_list)}]", *(QUICK_PRETRAIN if args.quick else [])]
 
-    shards = build_shards(logs)
-    shard_list = pretrain_shard_list()
-    pre_args = ["experiment=bench_faceage_pretrain", f"paths.runs_dir={runs_dir}",
-                f"data.train_shards=[{','.join(shard_list)}]", *(QUICK_PRETRAIN if args.quick else [])]
-    quick = QUICK_FINETUNE if args.quick else []
-
-    # ---- the recipe, timed: pretraining + export + both fine-tune stages, both cores
-    t_recipe = time.perf_counter()
-    pre_s = run(FAHR + ["pretrain", *pre_args], logs / "pretrain.log")
-    mae_export = runs_dir / "mae_export"
-    exp_s = run(FAHR + ["export", *pre_args, f"export.output_dir={mae_export}"], logs / "export.log")
-    mae_card = json.loads((mae_export / "model_card.json").read_text())
-    pre_run = runs_dir / "bench_faceage_pretrain" / mae_card["run_id"]
-    pre_info = {"seconds": pre_s, "export_seconds": exp_s, "steps": mae_card["global_step"],
-                "steps_per_s_wall": mae_card["global_step"] / pre_s,
-                "images_per_s_logged": logged_images_per_s(pre_run / "metrics.csv"),
-                "run_dir": str(pre_run.relative_to(ROOT)), "shards": len(shard_list),
-                "export_dir": str(mae_export.relative_to(ROOT))}
-    recipe = finish_finetune(*start_finetune("pretrained", [f"backbone={mae_export}", *quick], runs_dir, logs), runs_dir)
-    recipe_s = time.perf_counter() - t_recipe
-    recipe["val_curve"] = val_curve(Path(recipe["run_dir"]))
+        # ---- the recipe, timed: pretraining + export + both fine-tune stages, both cores
+        t_recipe = time.perf_counter()
+        pre_s = run(FAHR + ["pretrain", *pre_args], logs / "pretrain.log")
+        mae_export = runs_dir / "mae_export"
+        exp_s = run(FAHR + ["export", *pre_args, f"export.output_dir={mae_export}"], logs / "export.log")
+        mae_card = json.loads((mae_export / "model_card.json").read_text())
+        pre_run = runs_dir / "bench_faceage_pretrain" / mae_card["run_id"]
+        pre_info = {"seconds": pre_s, "export_seconds": exp_s, "steps": mae_card["global_step"],
+                    "steps_per_s_wall": mae_card["global_step"] / pre_s,
+                    "images_per_s_logged": logged_images_per_s(pre_run / "metrics.csv"),
+                    "run_dir": str(pre_run.relative_to(ROOT)), "shards": len(shard_list),
+                    "export_dir": str(mae_export.relative_to(ROOT))}
+        recipe = finish_finetune(*start_finetune("pretrained", [f"backbone={mae_export}", *quick_finetune(args)],
+                                                 runs_dir, logs), runs_dir)
+        recipe_s = time.perf_counter() - t_recipe
+        recipe["val_curve"] = val_curve(Path(recipe["run_dir"]))
+        (runs_dir / "recipe.json").write_text(json.dumps(finite(
+            {"shards": shards, "pretrain": pre_info, "recipe": recipe, "recipe_seconds": recipe_s,
+             "pretrain_args": [a for a in pre_args if not a.startswith("data.train_shards")]}), indent=1, default=str))
+    quick = quick_finetune(args)
     final = runs_dir / "export"
     tmp = runs_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -437,7 +456,8 @@ def main() -> None:
     print(f"recipe: {recipe_s / 60:.1f} min, test MAE {recipe['metrics']['test/mae']:.2f} -> {final.relative_to(ROOT)}", flush=True)
 
     # ---- baselines, each with its own budget after the recipe
-    cnn = resnet_baseline(0.5 if args.quick else recipe_s / 60, runs_dir, args.quick)
+    cnn_minutes = 0.5 if args.quick else args.cnn_minutes or recipe_s / 60
+    cnn = resnet_baseline(cnn_minutes, runs_dir, args.quick)
     scratch = None
     if args.vit_scratch:
         scratch = finish_finetune(*start_finetune("scratch", ["backbone=null", "task.stage2.layer_decay=1.0", *quick],
@@ -456,7 +476,8 @@ def main() -> None:
         (f"FaceAge recipe ({card['arch']}, MAE-pretrained)", m["test/mae"], m["test/cs5"], held["recipe"], recipe_s,
          f"pretrain {pre_s / 60:.1f} + export {exp_s / 60:.1f} + fine-tune {recipe['seconds'] / 60:.1f} min"),
         ("ResNet-18 from scratch (timm)", cnn["test"]["mae"], cnn["test"]["cs5"], held["resnet18"], cnn["seconds_total"],
-         f"{cnn['steps']} steps, same shards, the recipe's minutes"),
+         f"{cnn['steps']} steps, same shards, {cnn_minutes:.0f} min budget"
+         + ("" if args.cnn_minutes is None else " (set by --cnn-minutes)")),
     ]
     if scratch:
         entries.append(("FaceAge ViT from scratch (same steps)", scratch["metrics"]["test/mae"], scratch["metrics"]["test/cs5"],
@@ -501,7 +522,8 @@ def main() -> None:
     result = {
         "config": {"model": card["arch"], "image_size": card.get("image_size"), "crop_size": CROP_SIZE, "quick": args.quick,
                    "pretrain_overrides": [a for a in pre_args if not a.startswith("data.train_shards")],
-                   "finetune_experiment": "bench_faceage", "torch_threads": THREADS, "loader_workers": 1},
+                   "finetune_experiment": "bench_faceage", "torch_threads": THREADS, "loader_workers": 1,
+                   "reuse_recipe": args.reuse_recipe, "cnn_minutes": cnn_minutes},
         "shards": shards, "pretrain": pre_info,
         "recipe": {k: v for k, v in recipe.items() if k != "metrics"} | {
             "test": {k: v for k, v in m.items() if k.startswith(("test/", "test_corrected/"))},

@@ -550,3 +550,19 @@ def test_far_fifo_input_does_not_hang(crop_export, tmp_path, run_fahr):
     os.mkfifo(tmp_path / "people.csv")  # opening it for reading used to wait for a writer forever
     r, _ = _run_far(run_fahr, crop_export, tmp_path / "people.csv", tmp_path)
     assert r.status == 2 and "FIFO" in r.error_line, r
+
+
+def test_raw_photos_for_a_model_of_external_crops_are_refused(crop_export, crops, tmp_path, run_fahr):
+    """The card says the training crops were made outside fahr: without the statement that the inputs
+    are such crops, or with detection asked for, predict and far stop before any work."""
+    out = tmp_path / "o.csv"
+    r = run_fahr("predict", f"model={crop_export}", f"input={crops}", f"output={out}", "device=cpu")
+    assert r.status == 2 and "say preprocessing.detect=false" in r.error_line, r
+    r = run_fahr("predict", f"model={crop_export}", f"input={crops}", f"output={out}", "device=cpu",
+                 "preprocessing.detect=true")
+    assert r.status == 2 and "make crops this model never saw" in r.error_line, r
+    table = tmp_path / "people.csv"
+    table.write_text(f"person,path,age_at_photo\na,{crops}/face0.png,30\na,{crops}/face1.png,32\n")
+    r = run_fahr("far", f"model={crop_export}", f"input={table}", f"output={out}", "device=cpu")
+    assert r.status == 2 and "say preprocessing.detect=false" in r.error_line, r
+    assert not out.exists()
