@@ -24,7 +24,7 @@ Training choices (documented here because the result file only records the numbe
 - schedule: the first :data:`TIMING_STEPS` steps ramp the LR linearly (towards ``lr`` over a
   provisional :data:`PROVISIONAL_WARMUP` steps, so half of ``lr`` by their end) while steps
   ``TIMING_SKIP..TIMING_STEPS`` are timed (the first ones include loader start-up). Then
-  ``total_steps = steps done + remaining budget / (step time + validation time per step)``, the
+  ``total_steps = steps done + (remaining budget - 10 validations) / step time``, the
   validation time estimated from one timed forward pass of a validation batch; the warmup continues
   linearly to ``lr`` at ``max(PROVISIONAL_WARMUP, 5% of total_steps)`` (~70 steps for 45 minutes),
   then cosine to 0 at ``total_steps``. Training stops at ``total_steps`` or
@@ -230,8 +230,10 @@ def train_resnet18(train_index: str, val_index: str, image_size: int, minutes: f
         if step == TIMING_STEPS and total is None:
             step_seconds = (now - timing_t0) / (TIMING_STEPS - TIMING_SKIP)
             remaining = deadline - now - val_seconds  # the final validation
-            per_planned_step = step_seconds + val_seconds * VAL_FRACTION  # ~10 validations over the run
-            total = step + max(0, int(remaining / per_planned_step))
+            # ~1 / VAL_FRACTION validations over the whole run (not one per 1 / VAL_FRACTION steps: that
+            # planned 847 steps, 18 minutes, for a 35-minute budget in the 2026-12-04 run)
+            validations = round(1 / VAL_FRACTION)
+            total = step + max(0, int((remaining - validations * val_seconds) / step_seconds))
             warmup = min(max(PROVISIONAL_WARMUP, round(WARMUP_FRACTION * total)), total)
             val_every = max(1, round(VAL_FRACTION * total))
             log(f"resnet18: {step_seconds:.2f} s/step ({batch_size / step_seconds:.0f} images/s), validation "
