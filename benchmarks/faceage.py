@@ -179,21 +179,26 @@ def val_curve(run_dir: Path) -> list[dict[str, float]]:
             for r in csv.DictReader(open(path)) if r.get("stage2/val/mae")]
 
 
-def resnet_baseline(minutes: float, runs_dir: Path, quick: bool) -> dict[str, Any]:
-    """ResNet-18 from scratch on the same shards, the recipe's minutes, both cores."""
+def resnet_baseline(minutes: float, runs_dir: Path, reuse: bool = False) -> dict[str, Any]:
+    """ResNet-18 from scratch on the same shards, the recipe's minutes, both cores (``reuse``: the one
+    an earlier run of this benchmark trained, as its ``resnet18.json`` records it)."""
     import torch
 
-    from _cnn_baseline import evaluate_on_shards, load_resnet18, train_resnet18
+    from _cnn_baseline import CONFIG_FILE, evaluate_on_shards, load_resnet18, train_resnet18
 
     out_dir = runs_dir / "resnet18"
     index = DATA / UTK / "index.json"
     t0 = time.perf_counter()
-    info = train_resnet18(f"{index}#train", f"{index}#val", image_size=CROP_SIZE, minutes=minutes,
-                          threads=THREADS, out_dir=out_dir)
+    if reuse:
+        info = json.loads((out_dir / CONFIG_FILE).read_text())
+        info["seconds"] = info["minutes"] * 60
+    else:
+        info = train_resnet18(f"{index}#train", f"{index}#val", image_size=CROP_SIZE, minutes=minutes,
+                              threads=THREADS, out_dir=out_dir)
     torch.set_num_threads(THREADS)
     predict_fn = load_resnet18(out_dir)
     info["test"] = evaluate_on_shards(predict_fn, f"{index}#test", CROP_SIZE)
-    info["seconds_total"] = time.perf_counter() - t0
+    info["seconds_total"] = info["seconds"] if reuse else time.perf_counter() - t0
     return info
 
 
@@ -397,6 +402,7 @@ def main() -> None:
     parser.add_argument("--vit-scratch", action="store_true", help="also fine-tune the ViT from scratch (same steps)")
     parser.add_argument("--reuse-recipe", action="store_true",
                         help="take the finished recipe of an earlier run (its recipe.json) and run only what follows")
+    parser.add_argument("--reuse-cnn", action="store_true", help="with --reuse-recipe: also take the trained ResNet-18")
     parser.add_argument("--cnn-minutes", type=float, default=None,
                         help="the ResNet-18's budget (default: the recipe's wall minutes); say why in the results")
     args = parser.parse_args()
@@ -411,7 +417,7 @@ def main() -> None:
         shards, pre_info, recipe, recipe_s = saved["shards"], saved["pretrain"], saved["recipe"], saved["recipe_seconds"]
         pre_s, exp_s = pre_info["seconds"], pre_info["export_seconds"]
         pre_args = saved["pretrain_args"]
-        for stale in ("resnet18", "finetune_scratch"):
+        for stale in ("finetune_scratch",) if args.reuse_cnn else ("resnet18", "finetune_scratch"):
             shutil.rmtree(runs_dir / stale, ignore_errors=True)
     else:
         previous = [name for name in ("bench_faceage_pretrain", "bench_faceage", "resnet18") if (runs_dir / name).exists()]
@@ -457,7 +463,7 @@ def main() -> None:
 
     # ---- baselines, each with its own budget after the recipe
     cnn_minutes = 0.5 if args.quick else args.cnn_minutes or recipe_s / 60
-    cnn = resnet_baseline(cnn_minutes, runs_dir, args.quick)
+    cnn = resnet_baseline(cnn_minutes, runs_dir, reuse=args.reuse_cnn)
     scratch = None
     if args.vit_scratch:
         scratch = finish_finetune(*start_finetune("scratch", ["backbone=null", "task.stage2.layer_decay=1.0", *quick],
@@ -473,7 +479,7 @@ def main() -> None:
 
     m = recipe["metrics"]
     entries = [
-        (f"FaceAge recipe ({card['arch']}, MAE-pretrained)", m["test/mae"], m["test/cs5"], held["recipe"], recipe_s,
+        (f"FaceAge recipe ({card['backbone']['arch']}, MAE-pretrained)", m["test/mae"], m["test/cs5"], held["recipe"], recipe_s,
          f"pretrain {pre_s / 60:.1f} + export {exp_s / 60:.1f} + fine-tune {recipe['seconds'] / 60:.1f} min"),
         ("ResNet-18 from scratch (timm)", cnn["test"]["mae"], cnn["test"]["cs5"], held["resnet18"], cnn["seconds_total"],
          f"{cnn['steps']} steps, same shards, {cnn_minutes:.0f} min budget"
@@ -520,7 +526,7 @@ def main() -> None:
     print(f"fahr predict (CPU, {THREADS} thread(s), {int(speed['photos'])} FG-NET photos): with detection "
           f"{speed['with_detection']:.1f} photos/s, without {speed['without_detection']:.1f}, model only {speed['model_only']:.0f}")
     result = {
-        "config": {"model": card["arch"], "image_size": card.get("image_size"), "crop_size": CROP_SIZE, "quick": args.quick,
+        "config": {"model": card["backbone"]["arch"], "image_size": card["backbone"]["img_size"], "crop_size": CROP_SIZE, "quick": args.quick,
                    "pretrain_overrides": [a for a in pre_args if not a.startswith("data.train_shards")],
                    "finetune_experiment": "bench_faceage", "torch_threads": THREADS, "loader_workers": 1,
                    "reuse_recipe": args.reuse_recipe, "cnn_minutes": cnn_minutes},
