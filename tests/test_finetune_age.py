@@ -250,3 +250,15 @@ def test_bias_correction_is_kept_only_where_it_lowers_the_held_out_error():
     # never an age below 0
     assert apply_bias_correction(np.array([1.0, 30.0]), {"slope": 0.7, "intercept": 9.0}).tolist() == [
         0.0, pytest.approx(30.0)]
+
+
+def test_an_index_with_bad_crop_options_is_refused_in_one_line(tmp_path):
+    from fahr.boundary import InputError
+    from fahr.pipeline.finetune_age import preprocessing_of
+
+    (tmp_path / "index.json").write_text(json.dumps({"source": "utkface", "image_size": 112, "options": {
+        "skip_detection": False, "align": {"margin": "wide", "multi_face": "reject", "min_confidence": 0.9}}}))
+    with pytest.raises(InputError, match=r"index\.json: options\.align\.margin must be a number in \[0, 2\]"):
+        preprocessing_of(str(tmp_path / "index.json"), 64)
+    (tmp_path / "index.json").write_text(json.dumps({"source": "utkface", "options": {"align": "none"}}))
+    assert preprocessing_of(str(tmp_path / "index.json"), 64)["crops"] == "external"

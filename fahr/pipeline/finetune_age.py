@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from fahr.boundary import InputError, check_output_dir, read_json_file
+from fahr.boundary import InputError, check_output_dir, printable_path, read_json_file
 from fahr.config.finetune_schema import FinetuneAgeConfig
 from fahr.config.schema import validate
 from fahr.data.build import resolve_train_shards
@@ -158,12 +158,15 @@ def preprocessing_of(spec: Any, image_size: int) -> dict[str, Any]:
         return {"crops": "external", "detect": False, "image_size": image_size,
                 "source": "synthetic faces, generated already centred"}
     opts = index.get("options", {}) if isinstance(index.get("options"), dict) else {}
-    if opts.get("skip_detection", False) or "align" not in opts:
+    if opts.get("skip_detection", False) is not False or not isinstance(opts.get("align"), dict):
         return {"crops": "external", "detect": False, "image_size": image_size,
                 "source": f"{name} photos taken as crops and resized (fahr shards align.skip_detection=true)"}
     prep = dict(DEFAULT_PREPROCESSING)
     prep.update({k: v for k, v in opts["align"].items() if k in ("margin", "multi_face", "min_confidence")})
-    prep.update(crops="fahr", detect=True, image_size=int(index.get("image_size", opts["align"].get("image_size", image_size))))
+    prep.update(crops="fahr", detect=True, image_size=index.get("image_size", opts["align"].get("image_size", image_size)))
+    from fahr.models.weights import check_preprocessing
+
+    check_preprocessing(prep, f"{printable_path(path)}: options.align")  # a card predict could not load: refused now
     return prep
 
 
