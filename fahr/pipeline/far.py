@@ -86,12 +86,12 @@ def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], 
     from fahr.inference.photos import Photo
     from fahr.inference.predict import predict_photos
 
+    key = "faceage_corrected" if corrected_faceage(card, cfg.use_corrected) else "faceage"  # before any work
     files = list(dict.fromkeys(row["file"] for row in rows))
     labels = {row["file"]: row["path"] for row in reversed(rows)}
     preds = predict_photos(model, card, [Photo(labels[f], f) for f in files], batch_size=cfg.batch_size,
                            device=cfg.device, preprocessing=preprocessing_overrides(cfg), workers=cfg.workers)
     by_file = dict(zip(files, preds))  # one None key at most: every row with an empty path
-    key = "faceage_corrected" if corrected_faceage(card, cfg.use_corrected) else "faceage"
     for row in rows:
         pred = by_file[row["file"]]
         row["status"], row["faceage"] = pred["status"], pred.get(key)
