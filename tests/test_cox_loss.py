@@ -232,6 +232,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 loss.backward()
                 results.append((loss.detach(), [p.grad.clone() for p in model.module.parameters()]))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Without it the rank that ends first tears gloo down while the other still talks to it:
+        # "terminate called without an active exception" (SIGABRT), seen in CI.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
