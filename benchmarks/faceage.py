@@ -170,6 +170,28 @@ def finish_finetune(job: Job, export_dir: Path, runs_dir: Path) -> dict[str, Any
             "preprocessing": card.get("preprocessing")}
 
 
+def run_recipe_finetune(mae_export: Path, overrides: list[str], args, runs_dir: Path, logs: Path) -> dict[str, Any]:
+    """The recipe's fine-tune from ``mae_export`` with the lever ``overrides``; refuses to count a fine-tune
+    that had already run with these settings (fahr resumes a finished run in no time)."""
+    before = {p.name for p in (runs_dir / "bench_faceage").glob("*")}
+    shutil.rmtree(runs_dir / "finetune_pretrained", ignore_errors=True)
+    recipe = finish_finetune(*start_finetune("pretrained", [f"backbone={mae_export}", *overrides, *quick_finetune(args)],
+                                             runs_dir, logs), runs_dir)
+    if Path(recipe["run_dir"]).name in before:
+        sys.exit(f"{recipe['run_dir']} had already run with these settings: move it away and run again")
+    recipe["val_curve"] = val_curve(Path(recipe["run_dir"]))
+    return recipe
+
+
+def save_recipe(runs_dir: Path, shards, pre_info, recipe, recipe_s: float, pre_args: list[str],
+                finetune_overrides: list[str]) -> None:
+    """recipe.json: what ``--reuse-recipe`` / ``--reuse-pretrain`` take up."""
+    (runs_dir / "recipe.json").write_text(json.dumps(finite(
+        {"shards": shards, "pretrain": pre_info, "recipe": recipe, "recipe_seconds": recipe_s,
+         "pretrain_args": [a for a in pre_args if not a.startswith("data.train_shards")],
+         "finetune_overrides": finetune_overrides}), indent=1, default=str))
+
+
 def val_curve(run_dir: Path) -> list[dict[str, float]]:
     """Stage-2 validation MAE by step, from the run's metrics.csv."""
     path = ROOT / run_dir / "metrics.csv"
@@ -405,20 +427,44 @@ def main() -> None:
     parser.add_argument("--reuse-cnn", action="store_true", help="with --reuse-recipe: also take the trained ResNet-18")
     parser.add_argument("--cnn-minutes", type=float, default=None,
                         help="the ResNet-18's budget (default: the recipe's wall minutes); say why in the results")
+    parser.add_argument("--reuse-pretrain", action="store_true",
+                        help="take the MAE export of an earlier run (its recipe.json) and fine-tune anew: a lever of "
+                             "the fine-tune alone costs the fine-tune alone (the recipe's minutes still count the pretraining)")
+    parser.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of the recipe's fine-tune (repeatable), e.g. task.augment.greyscale_p=0.2")
+    parser.add_argument("--pretrain", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of the recipe's MAE pretraining (repeatable), e.g. data.image_size=64")
+    parser.add_argument("--tag", default=None,
+                        help="write benchmarks/results/faceage_TAG.json (one lever's run) instead of faceage.json")
     args = parser.parse_args()
+    if args.reuse_recipe and (args.reuse_pretrain or args.finetune):
+        parser.error("--reuse-recipe takes a finished fine-tune: it cannot be combined with --reuse-pretrain or --finetune")
+    if args.pretrain and (args.reuse_recipe or args.reuse_pretrain):
+        parser.error("--pretrain changes the pretraining: it cannot be combined with --reuse-recipe or --reuse-pretrain")
+    if args.reuse_cnn and not (args.reuse_recipe or args.reuse_pretrain):
+        parser.error("--reuse-cnn needs --reuse-recipe or --reuse-pretrain (an earlier run to take it from)")
+    if args.tag is not None and not args.tag.replace("-", "").replace("_", "").isalnum():
+        parser.error("--tag: letters, digits, '-' and '_' only")
     if not (SHARED / "utkface" / "manifest.csv").is_file() or not (SHARED / "fgnet" / "manifest.csv").is_file():
         print(f"skipped: {SHARED} not found (the real data sets are needed)")
         return
     runs_dir = ROOT / "runs" / ("bench-faceage-quick" if args.quick else "bench-faceage")
     logs = runs_dir / "logs"
     t_all = time.perf_counter()
-    if args.reuse_recipe:
+    if args.reuse_recipe or args.reuse_pretrain:
         saved = json.loads((runs_dir / "recipe.json").read_text())
-        shards, pre_info, recipe, recipe_s = saved["shards"], saved["pretrain"], saved["recipe"], saved["recipe_seconds"]
+        shards, pre_info, pre_args = saved["shards"], saved["pretrain"], saved["pretrain_args"]
         pre_s, exp_s = pre_info["seconds"], pre_info["export_seconds"]
-        pre_args = saved["pretrain_args"]
         for stale in ("finetune_scratch",) if args.reuse_cnn else ("resnet18", "finetune_scratch"):
             shutil.rmtree(runs_dir / stale, ignore_errors=True)
+    if args.reuse_recipe:
+        recipe, recipe_s = saved["recipe"], saved["recipe_seconds"]
+        finetune_overrides = saved.get("finetune_overrides", [])
+    elif args.reuse_pretrain:
+        finetune_overrides = args.finetune
+        recipe = run_recipe_finetune(ROOT / pre_info["export_dir"], finetune_overrides, args, runs_dir, logs)
+        recipe_s = pre_s + exp_s + recipe["seconds"]
+        save_recipe(runs_dir, shards, pre_info, recipe, recipe_s, pre_args, finetune_overrides)
     else:
         previous = [name for name in ("bench_faceage_pretrain", "bench_faceage", "resnet18") if (runs_dir / name).exists()]
         if previous and args.quick:
@@ -430,7 +476,7 @@ def main() -> None:
         shards = build_shards(logs)
         shard_list = pretrain_shard_list()
         pre_args = ["experiment=bench_faceage_pretrain", f"paths.runs_dir={runs_dir}",
-                    f"data.train_shards=[{','.join(shard_list)}]", *(QUICK_PRETRAIN if args.quick else [])]
+                    f"data.train_shards=[{','.join(shard_list)}]", *args.pretrain, *(QUICK_PRETRAIN if args.quick else [])]
 
         # ---- the recipe, timed: pretraining + export + both fine-tune stages, both cores
         t_recipe = time.perf_counter()
@@ -444,13 +490,10 @@ def main() -> None:
                     "images_per_s_logged": logged_images_per_s(pre_run / "metrics.csv"),
                     "run_dir": str(pre_run.relative_to(ROOT)), "shards": len(shard_list),
                     "export_dir": str(mae_export.relative_to(ROOT))}
-        recipe = finish_finetune(*start_finetune("pretrained", [f"backbone={mae_export}", *quick_finetune(args)],
-                                                 runs_dir, logs), runs_dir)
+        finetune_overrides = args.finetune
+        recipe = run_recipe_finetune(mae_export, finetune_overrides, args, runs_dir, logs)
         recipe_s = time.perf_counter() - t_recipe
-        recipe["val_curve"] = val_curve(Path(recipe["run_dir"]))
-        (runs_dir / "recipe.json").write_text(json.dumps(finite(
-            {"shards": shards, "pretrain": pre_info, "recipe": recipe, "recipe_seconds": recipe_s,
-             "pretrain_args": [a for a in pre_args if not a.startswith("data.train_shards")]}), indent=1, default=str))
+        save_recipe(runs_dir, shards, pre_info, recipe, recipe_s, pre_args, finetune_overrides)
     quick = quick_finetune(args)
     final = runs_dir / "export"
     tmp = runs_dir / ".export.tmp"
@@ -528,8 +571,9 @@ def main() -> None:
     result = {
         "config": {"model": card["backbone"]["arch"], "image_size": card["backbone"]["img_size"], "crop_size": CROP_SIZE, "quick": args.quick,
                    "pretrain_overrides": [a for a in pre_args if not a.startswith("data.train_shards")],
-                   "finetune_experiment": "bench_faceage", "torch_threads": THREADS, "loader_workers": 1,
-                   "reuse_recipe": args.reuse_recipe, "cnn_minutes": cnn_minutes},
+                   "finetune_experiment": "bench_faceage", "finetune_overrides": finetune_overrides,
+                   "torch_threads": THREADS, "loader_workers": 1, "reuse_recipe": args.reuse_recipe,
+                   "reuse_pretrain": args.reuse_pretrain, "tag": args.tag, "cnn_minutes": cnn_minutes},
         "shards": shards, "pretrain": pre_info,
         "recipe": {k: v for k, v in recipe.items() if k != "metrics"} | {
             "test": {k: v for k, v in m.items() if k.startswith(("test/", "test_corrected/"))},
@@ -549,7 +593,7 @@ def main() -> None:
         path.write_text(json.dumps(finite(result), indent=1, default=str))
         print(f"\n(--quick: results in {path.relative_to(ROOT)}, benchmarks/results untouched)")
     else:
-        print(f"\nwrote {write_result('faceage', finite(result))}")
+        print(f"\nwrote {write_result('faceage' if args.tag is None else f'faceage_{args.tag}', finite(result))}")
 
 
 if __name__ == "__main__":
