@@ -424,7 +424,8 @@ def main() -> None:
     parser.add_argument("--vit-scratch", action="store_true", help="also fine-tune the ViT from scratch (same steps)")
     parser.add_argument("--reuse-recipe", action="store_true",
                         help="take the finished recipe of an earlier run (its recipe.json) and run only what follows")
-    parser.add_argument("--reuse-cnn", action="store_true", help="with --reuse-recipe: also take the trained ResNet-18")
+    parser.add_argument("--reuse-cnn", action="store_true",
+                        help="take the ResNet-18 an earlier run left in runs/bench-faceage/resnet18 instead of training one")
     parser.add_argument("--cnn-minutes", type=float, default=None,
                         help="the ResNet-18's budget (default: the recipe's wall minutes); say why in the results")
     parser.add_argument("--reuse-pretrain", action="store_true",
@@ -441,14 +442,14 @@ def main() -> None:
         parser.error("--reuse-recipe takes a finished fine-tune: it cannot be combined with --reuse-pretrain or --finetune")
     if args.pretrain and (args.reuse_recipe or args.reuse_pretrain):
         parser.error("--pretrain changes the pretraining: it cannot be combined with --reuse-recipe or --reuse-pretrain")
-    if args.reuse_cnn and not (args.reuse_recipe or args.reuse_pretrain):
-        parser.error("--reuse-cnn needs --reuse-recipe or --reuse-pretrain (an earlier run to take it from)")
     if args.tag is not None and not args.tag.replace("-", "").replace("_", "").isalnum():
         parser.error("--tag: letters, digits, '-' and '_' only")
     if not (SHARED / "utkface" / "manifest.csv").is_file() or not (SHARED / "fgnet" / "manifest.csv").is_file():
         print(f"skipped: {SHARED} not found (the real data sets are needed)")
         return
     runs_dir = ROOT / "runs" / ("bench-faceage-quick" if args.quick else "bench-faceage")
+    if args.reuse_cnn and not (runs_dir / "resnet18" / "resnet18.json").is_file():
+        parser.error(f"--reuse-cnn: no trained ResNet-18 in {runs_dir / 'resnet18'}")
     logs = runs_dir / "logs"
     t_all = time.perf_counter()
     if args.reuse_recipe or args.reuse_pretrain:
@@ -466,7 +467,8 @@ def main() -> None:
         recipe_s = pre_s + exp_s + recipe["seconds"]
         save_recipe(runs_dir, shards, pre_info, recipe, recipe_s, pre_args, finetune_overrides)
     else:
-        previous = [name for name in ("bench_faceage_pretrain", "bench_faceage", "resnet18") if (runs_dir / name).exists()]
+        previous = [name for name in ("bench_faceage_pretrain", "bench_faceage", *(() if args.reuse_cnn else ("resnet18",)))
+                    if (runs_dir / name).exists()]
         if previous and args.quick:
             shutil.rmtree(runs_dir)
         elif previous:
