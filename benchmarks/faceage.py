@@ -509,6 +509,8 @@ def main() -> None:
     # ---- baselines, each with its own budget after the recipe
     cnn_minutes = 0.5 if args.quick else args.cnn_minutes or recipe_s / 60
     cnn = resnet_baseline(cnn_minutes, runs_dir, reuse=args.reuse_cnn)
+    if args.reuse_cnn:
+        cnn_minutes = cnn["budget_minutes"]  # the budget it was trained with, not this recipe's minutes
     scratch = None
     if args.vit_scratch:
         scratch = finish_finetune(*start_finetune("scratch", ["backbone=null", "task.stage2.layer_decay=1.0", *quick],
@@ -528,7 +530,7 @@ def main() -> None:
          f"pretrain {pre_s / 60:.1f} + export {exp_s / 60:.1f} + fine-tune {recipe['seconds'] / 60:.1f} min"),
         ("ResNet-18 from scratch (timm)", cnn["test"]["mae"], cnn["test"]["cs5"], held["resnet18"], cnn["seconds_total"],
          f"{cnn['steps']} steps, same shards, {cnn_minutes:.0f} min budget"
-         + ("" if args.cnn_minutes is None else " (set by --cnn-minutes)")),
+         + (" (an earlier run's, --reuse-cnn)" if args.reuse_cnn else "" if args.cnn_minutes is None else " (set by --cnn-minutes)")),
     ]
     if scratch:
         entries.append(("FaceAge ViT from scratch (same steps)", scratch["metrics"]["test/mae"], scratch["metrics"]["test/cs5"],
