@@ -21,6 +21,12 @@ Targets (benchmark, not tests): UTKFace test MAE <= 5.5 years through raw-photo 
 than the ResNet-18 (aim 10% better); FG-NET within-person rank correlation >= 0.7 and photo MAE <= 10;
 recipe <= 60 min. Prints tables and writes benchmarks/results/faceage.json. ``--quick`` runs a few steps
 of everything into runs/bench-faceage-quick (no result file).
+
+Measuring one lever (docs/benchmarks.md, issue 15): ``--pretrain KEY=VALUE`` / ``--finetune KEY=VALUE``
+override the two experiments, ``--tag NAME`` writes benchmarks/results/faceage_NAME.json,
+``--reuse-pretrain`` fine-tunes anew from the MAE export in runs/bench-faceage/recipe.json (a lever of the
+fine-tune alone), ``--reuse-recipe`` only reruns what follows the recipe, ``--reuse-cnn`` takes the
+ResNet-18 left in runs/bench-faceage/resnet18 (it does not depend on the recipe's levers).
 """
 
 from __future__ import annotations
