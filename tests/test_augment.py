@@ -1,4 +1,4 @@
-"""Photometric training augmentation (fahr.data.augment): exact values, per-sample independence, the
+"""Training augmentation (alignment jitter + photometric) (fahr.data.augment): exact values, per-sample independence, the
 task.augment config keys, and where the fine-tune tasks apply it (training only)."""
 
 from __future__ import annotations
@@ -18,19 +18,24 @@ from fahr.boundary import InputError
 from fahr.config.finetune_schema import AugmentConfig, FinetuneAgeConfig, FinetuneSurvivalConfig
 from fahr.config.schema import validate
 from fahr.data.augment import (
+    AFFINE,
+    ANGLE,
     BRIGHTNESS,
     DEFAULTS,
     N_DRAWS,
     QUALITY,
+    SCALE,
+    SHIFT_X,
+    SHIFT_Y,
     SIGMA,
     apply_draws,
     augment_settings,
-    photometric_augment,
+    augment_batch,
     sample_draws,
 )
 
 S = 32
-EVERYTHING = {"greyscale_p": 0.5, "lighting_p": 0.5, "blur_p": 0.5, "jpeg_p": 0.5, "noise_p": 0.5}
+EVERYTHING = {"greyscale_p": 0.5, "lighting_p": 0.5, "blur_p": 0.5, "jpeg_p": 0.5, "noise_p": 0.5, "affine_p": 0.5}
 ALWAYS = {k: 1.0 for k in EVERYTHING}
 LIGHTING_OFF = {"brightness": 0.0, "contrast": 0.0, "gamma": 0.0, "colour_temperature": 0.0}
 
@@ -61,10 +66,10 @@ def test_all_off_returns_the_input_tensor_and_draws_nothing(cfg):
     images = faces(4)
     g = gen()
     state, global_state = g.get_state(), torch.get_rng_state()
-    out = photometric_augment(images, cfg, generator=g)
+    out = augment_batch(images, cfg, generator=g)
     assert out is images
     assert torch.equal(g.get_state(), state) and torch.equal(torch.get_rng_state(), global_state)
-    out = photometric_augment(images, cfg)  # global RNG: untouched as well
+    out = augment_batch(images, cfg)  # global RNG: untouched as well
     assert out is images and torch.equal(torch.get_rng_state(), global_state)
 
 
@@ -78,7 +83,7 @@ def test_schema_defaults_are_the_modules_defaults_and_off():
 
 def test_greyscale_is_torchvisions_luma_on_three_equal_channels():
     images = faces(5)
-    out = photometric_augment(images, {"greyscale_p": 1.0}, generator=gen())
+    out = augment_batch(images, {"greyscale_p": 1.0}, generator=gen())
     assert out.shape == images.shape and out.dtype == torch.uint8
     assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
     assert torch.equal(out, as_uint8(TF.rgb_to_grayscale(images.float() / 255, num_output_channels=3)))
@@ -92,12 +97,12 @@ def test_brightness_factor_is_drawn_per_sample_and_applied_exactly():
     u = sample_draws(6, gen(3))[:, BRIGHTNESS]
     factors = (1 + 0.3 * (2 * u - 1)).tolist()
     assert all(0.7 <= f <= 1.3 for f in factors) and len(set(factors)) == 6  # one factor per sample
-    out = photometric_augment(images, cfg, generator=gen(3))
+    out = augment_batch(images, cfg, generator=gen(3))
     for i, f in enumerate(factors):
         assert torch.equal(out[i], as_uint8(TF.adjust_brightness(images[i].float() / 255, f)))
     # on a flat grey image the factor is visible directly
     grey = torch.full((6, 3, S, S), 100, dtype=torch.uint8)
-    out = photometric_augment(grey, cfg, generator=gen(3))
+    out = augment_batch(grey, cfg, generator=gen(3))
     assert out[:, :, 0, 0].tolist() == [[round(100 * f)] * 3 for f in factors]
 
 
@@ -117,7 +122,7 @@ def test_full_lighting_matches_torchvision_ops_in_order():
 def test_jpeg_changes_the_image_keeps_shape_and_dtype_and_uses_a_quality_in_range():
     images = faces(4)
     cfg = {"jpeg_p": 1.0, "jpeg_quality": [20, 40]}
-    out = photometric_augment(images, cfg, generator=gen(5))
+    out = augment_batch(images, cfg, generator=gen(5))
     assert out.shape == images.shape and out.dtype == torch.uint8
     qualities = [min(20 + int(u * 21), 40) for u in sample_draws(4, gen(5))[:, QUALITY].tolist()]
     for i, q in enumerate(qualities):
@@ -128,7 +133,7 @@ def test_jpeg_changes_the_image_keeps_shape_and_dtype_and_uses_a_quality_in_rang
 
 def test_blur_is_torchvisions_gaussian_and_smooths():
     images = faces(3)
-    out = photometric_augment(images, {"blur_p": 1.0, "blur_sigma": 2.0}, generator=gen(2))
+    out = augment_batch(images, {"blur_p": 1.0, "blur_sigma": 2.0}, generator=gen(2))
     u = sample_draws(3, gen(2))[:, SIGMA].tolist()
     for i in range(3):
         sigma = 0.1 + 1.9 * u[i]
@@ -140,23 +145,78 @@ def test_blur_is_torchvisions_gaussian_and_smooths():
 
 def test_noise_has_the_configured_std_and_stays_grey_on_a_grey_sample():
     flat = torch.full((4, 3, 64, 64), 128, dtype=torch.uint8)
-    out = photometric_augment(flat, {"noise_p": 1.0, "noise_std": 8.0}, generator=gen())
+    out = augment_batch(flat, {"noise_p": 1.0, "noise_std": 8.0}, generator=gen())
     std = (out.float() - 128).std(dim=(1, 2, 3))
     assert torch.all((std > 7.0) & (std < 9.0)), std
-    grey = photometric_augment(flat, {"noise_p": 1.0, "greyscale_p": 1.0, "noise_std": 8.0}, generator=gen())
+    grey = augment_batch(flat, {"noise_p": 1.0, "greyscale_p": 1.0, "noise_std": 8.0}, generator=gen())
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
     assert grey.float().std() > 7.0
 
 
 def test_same_generator_same_output_and_probability_is_per_sample():
     images = faces(64)
-    a = photometric_augment(images, EVERYTHING, generator=gen(1))
-    assert torch.equal(a, photometric_augment(images, EVERYTHING, generator=gen(1)))
+    a = augment_batch(images, EVERYTHING, generator=gen(1))
+    assert torch.equal(a, augment_batch(images, EVERYTHING, generator=gen(1)))
     changed = (a != images).flatten(1).any(1).float().mean().item()
     assert 0.8 < changed < 1.0  # with p = 0.5 for each of five transforms, ~97% change
-    grey = photometric_augment(images, {"greyscale_p": 0.5}, generator=gen(1))
+    grey = augment_batch(images, {"greyscale_p": 0.5}, generator=gen(1))
     is_grey = (grey[:, 0] == grey[:, 1]).flatten(1).all(1) & (grey[:, 1] == grey[:, 2]).flatten(1).all(1)
     assert 16 < int(is_grey.sum()) < 48
+
+
+# ---------------------------------------------------------------- alignment jitter (affine)
+
+
+def affine_draws(n: int, **cols: float) -> torch.Tensor:
+    """Draws that apply only the affine (every other probability column at 0.99 with p < 1), its
+    magnitude columns at 0.5 (= 0) unless given: column value 1.0 means +max, 0.0 means -max."""
+    d = torch.full((n, N_DRAWS), 0.99, dtype=torch.float64)
+    d[:, AFFINE] = 0.0
+    d[:, [ANGLE, SCALE, SHIFT_X, SHIFT_Y]] = 0.5
+    for name, value in cols.items():
+        d[:, {"angle": ANGLE, "scale": SCALE, "shift_x": SHIFT_X, "shift_y": SHIFT_Y}[name]] = value
+    return d
+
+
+def test_affine_with_zero_magnitudes_is_the_identity():
+    images = faces(3)
+    assert torch.equal(apply_draws(images, affine_draws(3), {"affine_p": 1.0}), images)
+
+
+@pytest.mark.parametrize("col,sign", [("shift_x", 1), ("shift_x", -1), ("shift_y", 1), ("shift_y", -1)])
+def test_affine_shift_of_whole_pixels_moves_the_face_and_pads_black(col, sign):
+    images = faces(2)
+    out = apply_draws(images, affine_draws(2, **{col: 1.0 if sign > 0 else 0.0}), {"affine_p": 1.0, "shift": 3 / S})
+    dim = -1 if col == "shift_x" else -2
+    expected = torch.zeros_like(images)
+    src = images.narrow(dim, 0, S - 3) if sign > 0 else images.narrow(dim, 3, S - 3)
+    expected.narrow(dim, 3 if sign > 0 else 0, S - 3).copy_(src)
+    assert torch.equal(out, expected)
+
+
+def test_affine_rotation_of_90_degrees_is_a_quarter_turn_clockwise():
+    images = faces(2)
+    out = apply_draws(images, affine_draws(2, angle=1.0), {"affine_p": 1.0, "rotation": 90.0})
+    assert torch.equal(out, torch.rot90(images, -1, (-2, -1)))
+
+
+def test_affine_scale_zooms_about_the_centre():
+    # a centred white square of side 8 in a 32 px black image, scaled by 1.5: side 12, still centred
+    images = torch.zeros(1, 3, S, S, dtype=torch.uint8)
+    images[..., 12:20, 12:20] = 255
+    out = apply_draws(images, affine_draws(1, scale=1.0), {"affine_p": 1.0, "scale": 0.5})
+    bright = out[0, 0] >= 128
+    rows, cols = bright.any(1).nonzero().flatten(), bright.any(0).nonzero().flatten()
+    assert (rows.tolist(), cols.tolist()) == (list(range(10, 22)), list(range(10, 22)))
+    # symmetric about the centre lines, to one level of float rounding
+    a = out.int()
+    assert (a - a.flip(-1)).abs().max() <= 1 and (a - a.flip(-2)).abs().max() <= 1
+
+
+@pytest.mark.parametrize("bad", [{"scale": 1.0}, {"shift": 0.6}, {"rotation": 181.0}, {"affine_p": 2.0}])
+def test_affine_settings_out_of_range_are_refused(bad):
+    with pytest.raises(InputError, match="task.augment." + next(iter(bad))):
+        augment_settings(bad)
 
 
 # ---------------------------------------------------------------- per-sample independence
@@ -181,23 +241,23 @@ def test_a_samples_output_does_not_depend_on_the_other_samples():
     images, others = faces(6, seed=0), faces(6, seed=1)
     mixed = torch.cat([images[:1], others[1:]])
     # deterministic op with p = 1: any generator
-    grey = photometric_augment(images, {"greyscale_p": 1.0}, generator=gen(1))
-    assert torch.equal(photometric_augment(mixed, {"greyscale_p": 1.0}, generator=gen(2))[0], grey[0])
+    grey = augment_batch(images, {"greyscale_p": 1.0}, generator=gen(1))
+    assert torch.equal(augment_batch(mixed, {"greyscale_p": 1.0}, generator=gen(2))[0], grey[0])
     # everything on, same generator: sample 0's result is the same whatever its neighbours are
-    assert torch.equal(photometric_augment(mixed, ALWAYS, generator=gen(3))[0],
-                       photometric_augment(images, ALWAYS, generator=gen(3))[0])
+    assert torch.equal(augment_batch(mixed, ALWAYS, generator=gen(3))[0],
+                       augment_batch(images, ALWAYS, generator=gen(3))[0])
     # and contrast uses the sample's own mean: a black neighbour does not move it
     cfg = {"lighting_p": 1.0, **LIGHTING_OFF, "contrast": 0.5}
     black = torch.cat([images[:1], torch.zeros_like(others[1:])])
-    assert torch.equal(photometric_augment(black, cfg, generator=gen(3))[0],
-                       photometric_augment(images, cfg, generator=gen(3))[0])
+    assert torch.equal(augment_batch(black, cfg, generator=gen(3))[0],
+                       augment_batch(images, cfg, generator=gen(3))[0])
 
 
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="uint8"):
-        photometric_augment(faces(2).float(), ALWAYS)
+        augment_batch(faces(2).float(), ALWAYS)
     with pytest.raises(ValueError, match=r"\(B, 3, S, S\)"):
-        photometric_augment(faces(2)[:, :1], ALWAYS)
+        augment_batch(faces(2)[:, :1], ALWAYS)
 
 
 # ---------------------------------------------------------------- config

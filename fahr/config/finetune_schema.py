@@ -79,7 +79,7 @@ class StageConfig:
 
 @dataclass
 class AugmentConfig:
-    """Photometric training augmentation (fahr.data.augment), per sample, training only. Every
+    """Training augmentation (fahr.data.augment): alignment jitter and photometric, per sample, training only. Every
     probability defaults to 0 (off); the magnitudes are used only when their probability is above 0."""
     greyscale_p: float = bounded(0.0, lo=0.0, hi=1.0)  # greyscale (ITU-R 601), kept 3-channel: old scans
     lighting_p: float = bounded(0.0, lo=0.0, hi=1.0)  # brightness + contrast + gamma + colour temperature together
@@ -93,6 +93,10 @@ class AugmentConfig:
     jpeg_quality: list[int] = bounded(lo=1, hi=100, factory=lambda: [30, 90])  # [lo, hi], quality uniform in it
     noise_p: float = bounded(0.0, lo=0.0, hi=1.0)
     noise_std: float = bounded(5.0, lo=0.0, hi=64.0)  # Gaussian sensor noise, 0-255 units
+    affine_p: float = bounded(0.0, lo=0.0, hi=1.0)  # alignment jitter: rotation + scale + shift together
+    rotation: float = bounded(10.0, lo=0.0, hi=180.0)  # degrees: angle uniform in [-r, r]
+    scale: float = bounded(0.1, lo=0.0, hi=0.9)  # factor uniform in [1 - s, 1 + s]
+    shift: float = bounded(0.05, lo=0.0, hi=0.5)  # fraction of the side, uniform in [-s, s] in x and y
 
 
 @dataclass
@@ -107,7 +111,7 @@ class AgeTaskConfig:
     hflip: bool = True
     flip_average: bool = True  # validate, test and predict on the mean of photo + mirror features
     bias_correction: bool = True  # also report metrics after a linear correction fitted on val
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # photometric, training only (after hflip)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # alignment jitter + photometric, training only (after hflip)
 
 
 @dataclass
@@ -175,7 +179,7 @@ class SurvivalTaskConfig:
     person_aggregation: str = bounded("mean", choices=("mean", "first"))  # per person: mean risk over photos, or the first photo's
     horizons_days: list[float] = bounded(above=0.0, factory=lambda: [365.0, 730.0, 1825.0])
     hflip: bool = True
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # images mode: photometric, training only
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # images mode: alignment jitter + photometric, training only
 
 
 @dataclass

@@ -1,16 +1,17 @@
-"""Photometric training augmentation: lighting, greyscale, blur, sensor noise and JPEG.
+"""Training augmentation: alignment jitter (a small affine), lighting, greyscale, blur, sensor noise and JPEG.
 
 FaceAge trains on colour photos (UTKFace) but is used on old greyscale scans (FG-NET) and on phone or
-scanner photos; these transforms show the model such photos in training. They run on uint8 batches
+scanner photos, aligned by a detector whose landmarks move by a few pixels from photo to photo; these
+transforms show the model such photos in training. They run on uint8 batches
 (after the flip, before normalisation, which :class:`~fahr.models.face_model.FaceModel` does), only in
 training. The keys are ``task.augment.*`` (:class:`fahr.config.finetune_schema.AugmentConfig`); every
-probability defaults to 0, and then :func:`photometric_augment` returns its input tensor untouched.
+probability defaults to 0, and then :func:`augment_batch` returns its input tensor untouched.
 
 Randomness: every sample gets its own row of :data:`N_DRAWS` uniform numbers, drawn row by row (row
 ``i`` is the ``i``-th block of draws from the generator, whatever the batch size and whichever
 transforms are on), and its output depends only on its own pixels and its own row, never on the other
 samples in the batch. :func:`sample_draws` and :func:`apply_draws` are the two halves of
-:func:`photometric_augment`, so this can be checked.
+:func:`augment_batch`, so this can be checked.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from fahr.boundary import InputError
 
 # Columns of a sample's row of draws (uniform in [0, 1)). Fixed order: turning one transform on or
 # off never changes the draws of another.
-GREY, LIGHT, BRIGHTNESS, CONTRAST, GAMMA, TEMPERATURE, BLUR, SIGMA, JPEG, QUALITY, NOISE, NOISE_SEED = range(12)
-N_DRAWS = 12
+(GREY, LIGHT, BRIGHTNESS, CONTRAST, GAMMA, TEMPERATURE, BLUR, SIGMA, JPEG, QUALITY, NOISE, NOISE_SEED,
+ AFFINE, ANGLE, SCALE, SHIFT_X, SHIFT_Y) = range(17)
+N_DRAWS = 17
 
 # The keys of task.augment and their defaults (off); AugmentConfig in fahr/config/finetune_schema.py
 # holds the same defaults and the allowed ranges.
@@ -43,8 +45,12 @@ DEFAULTS: dict[str, Any] = {
     "jpeg_quality": [30, 90],
     "noise_p": 0.0,
     "noise_std": 5.0,
+    "affine_p": 0.0,
+    "rotation": 10.0,
+    "scale": 0.1,
+    "shift": 0.05,
 }
-PROBABILITIES = ("greyscale_p", "lighting_p", "blur_p", "jpeg_p", "noise_p")
+PROBABILITIES = ("greyscale_p", "lighting_p", "blur_p", "jpeg_p", "noise_p", "affine_p")
 
 
 def augment_settings(cfg: dict[str, Any] | None) -> dict[str, Any]:
@@ -65,6 +71,12 @@ def augment_settings(cfg: dict[str, Any] | None) -> dict[str, Any]:
     for key in ("brightness", "contrast"):
         if not 0.0 <= float(s[key]) < 1.0:
             raise InputError(f"task.augment.{key} must be in [0, 1), got {s[key]!r}")
+    if not 0.0 <= float(s["scale"]) < 1.0:
+        raise InputError(f"task.augment.scale must be in [0, 1), got {s['scale']!r}")
+    if not 0.0 <= float(s["shift"]) <= 0.5:
+        raise InputError(f"task.augment.shift must be in [0, 0.5], got {s['shift']!r}")
+    if not 0.0 <= float(s["rotation"]) <= 180.0:
+        raise InputError(f"task.augment.rotation must be in [0, 180] degrees, got {s['rotation']!r}")
     for key in ("gamma", "colour_temperature", "noise_std"):
         if not float(s[key]) >= 0.0:
             raise InputError(f"task.augment.{key} must be at least 0, got {s[key]!r}")
@@ -102,6 +114,10 @@ def sample_params(draws: torch.Tensor, cfg: dict[str, Any] | None) -> list[dict[
             return half_width * (2.0 * u[col] - 1.0)
 
         p: dict[str, Any] = {"greyscale": u[GREY] < s["greyscale_p"]}
+        p["affine"] = None
+        if u[AFFINE] < s["affine_p"]:
+            p["affine"] = {"angle": sym(ANGLE, s["rotation"]), "scale": 1.0 + sym(SCALE, s["scale"]),
+                           "shift": (sym(SHIFT_X, s["shift"]), sym(SHIFT_Y, s["shift"]))}
         p["lighting"] = None
         if u[LIGHT] < s["lighting_p"]:
             t = sym(TEMPERATURE, s["colour_temperature"])
@@ -121,6 +137,16 @@ def _blur_kernel(sigma: float, size: int) -> int:
     """Odd kernel side covering +-3 sigma, at most the (odd part of the) image side."""
     k = 2 * math.ceil(3.0 * sigma) + 1
     return max(1, min(k, size if size % 2 else size - 1))
+
+
+def _affine(x: torch.Tensor, affine: dict[str, Any]) -> torch.Tensor:
+    """One float image (3, S, S): rotated by ``angle`` degrees (clockwise as displayed) and scaled by
+    ``scale`` about its centre, then shifted by ``shift`` (x, y) times its side; bilinear, black
+    outside the image (as the aligner pads a face at the photo's edge)."""
+    side = x.shape[-1]
+    dx, dy = affine["shift"]
+    return TF.affine(x, angle=affine["angle"], translate=[dx * side, dy * side], scale=affine["scale"],
+                     shear=[0.0, 0.0], interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
 
 
 def _lighting(x: torch.Tensor, light: dict[str, float]) -> torch.Tensor:
@@ -144,9 +170,9 @@ def _noise(x: torch.Tensor, noise: dict[str, Any], grey: bool) -> torch.Tensor:
 
 
 def apply_draws(images: torch.Tensor, draws: torch.Tensor, cfg: dict[str, Any] | None) -> torch.Tensor:
-    """:func:`photometric_augment` with the per-sample draws given (row ``i`` for ``images[i]``).
+    """:func:`augment_batch` with the per-sample draws given (row ``i`` for ``images[i]``).
 
-    Per sample, in this order: lighting, greyscale, blur, noise in float [0, 1]; one rounding to
+    Per sample, in this order: affine, lighting, greyscale, blur, noise in float [0, 1]; one rounding to
     uint8; then JPEG (which encodes uint8). Stages run over the batch (float conversion, rounding and
     greyscale on all selected samples at once, so the step costs a few batch-wide ops plus one small
     op per transform actually applied); every op is per image, so sample ``i`` sees only its pixels.
@@ -157,7 +183,7 @@ def apply_draws(images: torch.Tensor, draws: torch.Tensor, cfg: dict[str, Any] |
         raise ValueError(f"expected draws ({images.shape[0]}, {N_DRAWS}), got {tuple(draws.shape)}")
     params = sample_params(draws, cfg)
     float_stage = [i for i, p in enumerate(params)
-                   if p["lighting"] or p["greyscale"] or p["blur_sigma"] or p["noise"]]
+                   if p["affine"] or p["lighting"] or p["greyscale"] or p["blur_sigma"] or p["noise"]]
     jpeg = [i for i, p in enumerate(params) if p["jpeg_quality"]]
     if not float_stage and not jpeg:
         return images
@@ -166,6 +192,8 @@ def apply_draws(images: torch.Tensor, draws: torch.Tensor, cfg: dict[str, Any] |
         idx = torch.tensor(float_stage, device=images.device)
         x = images[idx].float().div_(255.0)
         for j, i in enumerate(float_stage):
+            if params[i]["affine"]:
+                x[j] = _affine(x[j], params[i]["affine"])
             if params[i]["lighting"]:
                 x[j] = _lighting(x[j], params[i]["lighting"])
         grey = [j for j, i in enumerate(float_stage) if params[i]["greyscale"]]
@@ -185,7 +213,7 @@ def apply_draws(images: torch.Tensor, draws: torch.Tensor, cfg: dict[str, Any] |
     return out
 
 
-def photometric_augment(images: torch.Tensor, cfg: dict[str, Any] | None,
+def augment_batch(images: torch.Tensor, cfg: dict[str, Any] | None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Randomly degrade a training batch the way real photos are degraded, each sample on its own.
 
@@ -194,6 +222,9 @@ def photometric_augment(images: torch.Tensor, cfg: dict[str, Any] | None,
         cfg: ``task.augment`` as a dict (keys as :data:`DEFAULTS`; missing keys are off/default).
             Each group below is applied to a sample with its own probability, independently:
 
+            - ``affine_p``: alignment jitter: rotation uniform in ``+- rotation`` degrees, scale
+              ``1 +- scale`` and a shift of ``+- shift`` times the side in x and y (independently),
+              about the centre, bilinear, black outside;
             - ``greyscale_p``: ITU-R 601 luma (``rgb_to_grayscale``), kept 3-channel;
             - ``lighting_p``: all of brightness factor uniform in ``1 +- brightness``, contrast
               factor ``1 +- contrast``, gamma ``exp(u)`` with ``|u| <= gamma``, and white balance:
@@ -203,7 +234,7 @@ def photometric_augment(images: torch.Tensor, cfg: dict[str, Any] | None,
               channel for a sample made grey);
             - ``jpeg_p``: JPEG encode/decode at a quality uniform in ``jpeg_quality`` ``[lo, hi]``.
 
-            Applied in the order lighting, greyscale, blur, noise, JPEG.
+            Applied in the order affine, lighting, greyscale, blur, noise, JPEG.
         generator: source of the random draws (its device; the global CPU RNG when ``None``).
 
     Returns:

@@ -15,7 +15,7 @@ import torch
 from timm.optim import param_groups_layer_decay
 
 from fahr.boundary import InputError
-from fahr.data.augment import augment_settings, photometric_augment
+from fahr.data.augment import augment_settings, augment_batch
 from fahr.losses.age import l1_age_loss, label_distribution_loss
 from fahr.models.face_model import FaceModel
 from fahr.tasks.schedules import warmup_cosine
@@ -67,7 +67,7 @@ class AgeTask(L.LightningModule):
         if self.cfg.get("hflip", True):
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        images = photometric_augment(images, self.cfg.get("augment"))  # all probabilities 0: images itself
+        images = augment_batch(images, self.cfg.get("augment"))  # all probabilities 0: images itself
         out = self._age_outputs(images)
         target = batch["age"]
         weight = batch.get("weight")

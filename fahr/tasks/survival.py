@@ -21,7 +21,7 @@ import torch
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from fahr.data.augment import augment_settings, is_active, photometric_augment
+from fahr.data.augment import augment_settings, is_active, augment_batch
 from fahr.losses.cox import CoxPHLoss, cox_ph_loss
 from fahr.models.heads import RiskHead
 from fahr.tasks.schedules import warmup_cosine
@@ -80,8 +80,8 @@ class SurvivalTask(L.LightningModule):
             images = batch["image"]
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             batch = {**batch, "image": torch.where(flip[:, None, None, None], images.flip(-1), images)}
-        if "image" in batch and is_active(self.cfg.get("augment")):  # photometric, after the flip
-            batch = {**batch, "image": photometric_augment(batch["image"], self.cfg.get("augment"))}
+        if "image" in batch and is_active(self.cfg.get("augment")):  # after the flip
+            batch = {**batch, "image": augment_batch(batch["image"], self.cfg.get("augment"))}
         risk = batch_risk(self.model, batch)
         loss = self.loss(risk, batch["time"], batch["event"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(risk))
