@@ -288,7 +288,7 @@ def image_benchmark(data_dir: Path, runs_dir: Path, model: str, steps: int, n_pa
     from data_pipelines.deid import load_salt, pseudonym
     from fahr.metrics.survival import harrell_c
     from fahr.pipeline.cohort_shards import cohort_truth, ensure_cohort_shards
-    from fahr.pipeline.finetune_age import load_split_labels
+    from fahr.data.labelled import load_split_faces
     from fahr.pipeline.finetune_survival import finetune_survival
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -311,7 +311,7 @@ def image_benchmark(data_dir: Path, runs_dir: Path, model: str, steps: int, n_pa
 
     # per-person age (at the index photo) of every split, from the shards' labels
     def persons(split: str) -> pd.DataFrame:
-        ds = load_split_labels(f"{index}#{split}", ["followup_days", "event", "age"], [], cfg.data.image_size)
+        ds = load_split_faces(f"{index}#{split}", ["followup_days", "event", "age"], [], cfg.data.image_size)
         df = pd.DataFrame({"person": ds.persons, "time": ds.labels["followup_days"], "event": ds.labels["event"],
                            "age": ds.labels["age"]})
         return df.loc[df.groupby("person")["time"].idxmax()].set_index("person")

@@ -140,7 +140,7 @@ def test_utkface_cohort_draws_only_listed_photos(tmp_path):
 
 def test_utkface_cohort_to_shards_keeps_every_photo_and_hides_ids(tmp_path):
     from fahr.pipeline.cohort_shards import cohort_to_shards
-    from fahr.pipeline.finetune_age import load_split_labels
+    from fahr.data.labelled import load_split_faces
 
     utkface = shared_data("utkface")
     info = write_cohort(tmp_path / "cohort", "utkface", n_patients=40, seed=4, utkface_dir=utkface)
@@ -149,7 +149,7 @@ def test_utkface_cohort_to_shards_keeps_every_photo_and_hides_ids(tmp_path):
     assert (tmp_path / "deid.key").stat().st_mode & 0o777 == 0o600 and len((tmp_path / "deid.key").read_text()) == 64
     assert not list(tmp_path.glob(".deid.key.*"))  # no temporary key left behind
     index = tmp_path / "shards" / "index.json"
-    splits = {s: load_split_labels(f"{index}#{s}", ["followup_days", "event", "age"], [], 64)
+    splits = {s: load_split_faces(f"{index}#{s}", ["followup_days", "event", "age"], [], 64)
               for s in ("train", "val", "test")}
     assert sum(len(d) for d in splits.values()) == built["written"]
     persons = [p for d in splits.values() for p in d.persons]

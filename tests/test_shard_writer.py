@@ -249,36 +249,3 @@ def test_command_line_entry(tmp_path):
     synthetic.main(["--out", str(tmp_path), "--num-samples", "7", "--samples-per-shard", "3", "--seed", "5"])
     index = read_index(tmp_path)
     assert index["num_samples"] == 7 and index["num_shards"] == 3 and index["generator"]["seed"] == 5
-
-
-def test_other_ranks_wait_for_rank_0s_synthetic_shards(tmp_path):
-    """Ranks > 0 of a multi-rank job block until rank 0 has finished the synthetic shards (no
-    process group exists yet to barrier on), and time out with a clear error when it never does."""
-    import threading
-    import time
-
-    from omegaconf import OmegaConf
-
-    from fahr.data.build import wait_for_synthetic_shards
-
-    data = OmegaConf.create({"generate": {"out_dir": str(tmp_path / "syn"), "num_samples": 12,
-                                          "samples_per_shard": 4, "seed": 3}})
-    with pytest.raises(TimeoutError, match="did not finish the synthetic shards"):
-        wait_for_synthetic_shards(data, image_size=32, timeout_s=0.2, poll_s=0.05)
-    # other parameters on disk do not count as ready
-    write_synthetic_shards(tmp_path / "syn", num_samples=8, samples_per_shard=4, seed=3, image_size=32)
-    with pytest.raises(TimeoutError):
-        wait_for_synthetic_shards(data, image_size=32, timeout_s=0.2, poll_s=0.05)
-
-    def rank0():
-        time.sleep(0.3)
-        write_synthetic_shards(tmp_path / "syn", num_samples=12, samples_per_shard=4, seed=3, image_size=32)
-
-    writer = threading.Thread(target=rank0)
-    t0 = time.monotonic()
-    writer.start()
-    wait_for_synthetic_shards(data, image_size=32, timeout_s=30, poll_s=0.05)
-    waited = time.monotonic() - t0
-    writer.join()
-    assert waited >= 0.3
-    assert json.loads((tmp_path / "syn" / "index.json").read_text())["num_samples"] == 12

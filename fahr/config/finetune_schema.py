@@ -41,7 +41,8 @@ class LabelledDataConfig:
     image_size: int = bounded(112, lo=16, hi=1024)
     batch_size: int = bounded(64, lo=1, hi=65536)  # per device
     eval_batch_size: int = bounded(128, lo=1, hi=65536)
-    num_workers: int = bounded(2, lo=0, hi=256)
+    num_workers: int = bounded(2, lo=0, hi=256)  # per device: decoding workers of each stream
+    shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)  # training photos mixed per worker (streamed shards)
     clinical: bool = False
     synthetic: bool = False
     mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))
@@ -148,7 +149,8 @@ class SurvivalDataConfig:
     image_size: int = bounded(112, lo=16, hi=1024)
     batch_size: int = bounded(64, lo=0, hi=65536)  # per device; table mode: 0 = the whole training table in one batch
     eval_batch_size: int = bounded(128, lo=1, hi=65536)
-    num_workers: int = bounded(2, lo=0, hi=256)
+    num_workers: int = bounded(2, lo=0, hi=256)  # per device: decoding workers of each stream
+    shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)  # images: training photos mixed per worker
     clinical: bool = True
     synthetic: bool = False
     mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))

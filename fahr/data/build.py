@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -129,26 +128,6 @@ def ensure_synthetic_shards(data: DictConfig, image_size: int) -> None:
     index = write_synthetic_shards(g.out_dir, num_samples=g.num_samples, samples_per_shard=g.samples_per_shard,
                                    seed=g.seed, image_size=image_size)
     log.info("synthetic shards: %d samples in %d shards at %s", index["num_samples"], index["num_shards"], g.out_dir)
-
-
-def wait_for_synthetic_shards(data: DictConfig, image_size: int, timeout_s: float = 1800.0,
-                              poll_s: float = 1.0) -> None:
-    """On every rank but 0: wait until rank 0 has written (or reused) the synthetic shards that
-    ``data.generate`` describes, so no rank reads a half-written set. There is no process group yet
-    (Lightning creates it inside ``fit``), so this watches the shards' directory, which every rank
-    must see anyway (a shared file system across nodes). Raises TimeoutError after ``timeout_s``."""
-    if data.get("generate") is None:
-        return
-    from fahr.data.shard_writer import synthetic_generator, synthetic_shards_ready
-
-    g = data.generate
-    generator = synthetic_generator(g.num_samples, g.samples_per_shard, g.seed, image_size)
-    deadline = time.monotonic() + timeout_s
-    while not synthetic_shards_ready(g.out_dir, generator):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank 0 did not finish the synthetic shards in {g.out_dir} within {timeout_s:.0f} s "
-                               "(is the directory on a file system all nodes share?)")
-        time.sleep(poll_s)
 
 
 def build_datamodule(data: DictConfig):

@@ -9,8 +9,11 @@ import lightning
 
 from fahr.boundary import InputError
 from fahr.data.shards import (
+    EvalStream,
+    LabelAcceptance,
     ShardStream,
     batches_per_rank,
+    eval_loader,
     expand_shards,
     make_loader,
     num_samples_from_index,
@@ -51,7 +54,12 @@ class ShardDataModule(lightning.LightningDataModule):
     DistributedSampler; Lightning 2.6 happens to skip iterable datasets, but do not rely on it).
     Call :meth:`set_epoch` from ``on_train_epoch_start`` so each epoch gets its own shard order.
 
-    Validation (only if ``val_shards``): no shuffling, a fixed shard order, rank r reading the
+    Validation, ``val_exact=True`` (the fine-tunes): an :class:`~fahr.data.shards.EvalStream` over
+    ``val_shards``: every validation sample exactly once over all ranks, batches of
+    ``val_batch_size``, ``val_required`` / ``val_optional`` labels (ranks may get different batch
+    counts: gather the results at the epoch end).
+
+    Validation, ``val_exact=False`` (pretraining; only if ``val_shards``): no shuffling, a fixed shard order, rank r reading the
     disjoint subset ``val_shards[r::world_size]``, every rank yielding the same number of batches,
     ``val_samples`` in total (0 = the count in the shards' ``index.json``), rounded up to whole
     global batches. It uses at most ``num_workers`` workers: fewer if there are too few validation
@@ -72,6 +80,8 @@ class ShardDataModule(lightning.LightningDataModule):
         val_samples: validation samples per pass over all ranks (0 = from ``index.json``).
         persistent_workers: keep DataLoader workers alive between epochs.
         pin_memory: pin batches for faster host-to-GPU copies.
+        accept: per-sample keep probabilities of the training stream (age balancing while streaming).
+        val_exact, val_batch_size, val_required, val_optional: exactly-once validation (see above).
     """
 
     def __init__(
@@ -89,6 +99,11 @@ class ShardDataModule(lightning.LightningDataModule):
         val_samples: int = 0,
         persistent_workers: bool = False,
         pin_memory: bool = False,
+        accept: LabelAcceptance | None = None,
+        val_exact: bool = False,
+        val_batch_size: int | None = None,
+        val_required: tuple = (),
+        val_optional: tuple = (),
     ):
         super().__init__()
         if isinstance(label_keys, str):
@@ -106,8 +121,12 @@ class ShardDataModule(lightning.LightningDataModule):
         self.val_samples = val_samples
         self.persistent_workers = persistent_workers
         self.pin_memory = pin_memory
+        self.accept = accept
+        self.val_exact = val_exact
+        self.val_batch_size = val_batch_size or batch_size
+        self.val_required, self.val_optional = tuple(val_required), tuple(val_optional)
         self.train_stream: ShardStream | None = None
-        self.val_stream: ShardStream | None = None
+        self.val_stream: ShardStream | EvalStream | None = None
         self._epoch = 0
         self._resume_at = (0, 0)  # (epoch, batch) the trainer continues at
 
@@ -139,6 +158,7 @@ class ShardDataModule(lightning.LightningDataModule):
                 world_size=world_size,
                 rank=rank,
                 num_workers=self.num_workers,
+                accept=self.accept,
             )
             self.set_epoch(self._epoch)
             log.info(
@@ -149,8 +169,12 @@ class ShardDataModule(lightning.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_shards and self.val_stream is None:
             self.val_stream = self._build_val_stream(world_size, rank)
 
-    def _build_val_stream(self, world_size: int, rank: int) -> ShardStream:
+    def _build_val_stream(self, world_size: int, rank: int) -> ShardStream | EvalStream:
         shards = expand_shards(self.val_shards)
+        if self.val_exact:
+            return EvalStream(shards, self.val_batch_size, self.image_size, required=self.val_required,
+                              optional=self.val_optional, world_size=world_size, rank=rank,
+                              num_workers=self.num_workers)
         if len(shards) < world_size:
             raise InputError(
                 f"{len(shards)} validation shards cannot be split over {world_size} ranks (each needs at "
@@ -208,6 +232,8 @@ class ShardDataModule(lightning.LightningDataModule):
             return []
         if self.val_stream is None:
             self.setup("validate")
+        if isinstance(self.val_stream, EvalStream):
+            return eval_loader(self.val_stream)
         return make_loader(self.val_stream, self.val_stream.num_workers, pin_memory=self.pin_memory,
                            persistent_workers=self.persistent_workers)
 

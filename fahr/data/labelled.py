@@ -1,10 +1,14 @@
-"""Labelled face crops for fine-tuning, held in memory as encoded JPEG bytes.
+"""Labels of labelled shards, age balancing, and (for benchmarks and small tools) faces in memory.
 
-Fine-tuning sets are small next to pretraining (UTKFace 20k, APPA-REAL 7.6k, a clinical cohort 34k
-photos: ~5 KB per 112 px JPEG, so ~100-200 MB), and age balancing needs random access with sampling
-weights. So shards are read once into a map-style dataset and decoded per item in the loader
-workers, which also makes Lightning's distributed sampler (and its wrapper around a weighted
-sampler) apply unchanged under DDP.
+The fine-tunes stream their photos (:class:`fahr.data.shards.ShardStream` for training,
+:class:`fahr.data.shards.EvalStream` for evaluation), so memory per rank stays flat as the data
+grows. What they need of a whole split before training is only its labels:
+:func:`read_label_columns` reads the json members of every sample, never the images (~10 us per
+sample), and :func:`save_label_columns` / :func:`load_label_columns` keep them in the run directory
+(``.npz`` of float arrays, loaded without pickle) so one rank reads the shards and the others the file.
+
+:class:`LabelledFaces` holds a split's encoded photos in memory (map-style); the benchmarks' baselines
+use it, the training commands do not.
 """
 
 from __future__ import annotations
@@ -103,6 +107,18 @@ def load_labelled_faces(shards: str | Sequence[str], required: Sequence[str], op
                           persons=persons)
 
 
+def load_split_faces(spec: Any, required: Sequence[str], optional: Sequence[str] = (),
+                     image_size: int = 112) -> LabelledFaces:
+    """One split's photos and labels in memory (``spec``: an ``index.json[#split]``, brace pattern or
+    list of shards); see :func:`load_labelled_faces`."""
+    from omegaconf import OmegaConf
+
+    from fahr.data.build import resolve_train_shards
+
+    spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+    return load_labelled_faces(resolve_train_shards(spec), required=required, optional=optional, image_size=image_size)
+
+
 def _check_sample(sample: dict[str, Any], required: Sequence[str]) -> str | None:
     """The skip reason of a sample, or None when it is usable."""
     if not any(e in sample and len(sample[e]) for e in _IMAGE_EXTS):
@@ -120,6 +136,78 @@ def _check_sample(sample: dict[str, Any], required: Sequence[str]) -> str | None
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             return f"label:{key}"
     return None
+
+
+# ---- labels only ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelColumns:
+    """A split's labels: ``labels[key]`` float64 (N,) (NaN for a missing optional label), ``persons``
+    (N,) the json's ``person`` ("" when absent), ``skipped``: reason -> count of samples left out
+    (the streams skip the same ones), ``read``: samples read (= N + sum(skipped))."""
+    labels: dict[str, np.ndarray]
+    persons: list[str]
+    skipped: dict[str, int]
+    read: int
+
+    def __len__(self) -> int:
+        return len(self.persons)
+
+
+def read_label_columns(shards: str | Sequence[str], required: Sequence[str], optional: Sequence[str] = ()) -> LabelColumns:
+    """The labels of every usable sample of ``shards`` (as :func:`load_labelled_faces` would keep
+    them, without reading the images). A broken shard raises ShardReadError; no usable sample at all
+    is an InputError."""
+    urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
+    columns: dict[str, list[float]] = {k: [] for k in (*required, *optional)}
+    persons: list[str] = []
+    skipped: Counter[str] = Counter()
+    read = 0
+    for url in urls:
+        for sample in read_shard(url):
+            read += 1
+            reason = _check_sample(sample, required)
+            if reason:
+                skipped[reason] += 1
+                continue
+            meta = json.loads(sample["json"])
+            for key in required:
+                columns[key].append(float(meta[key]))
+            for key in optional:
+                value = meta.get(key)
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                columns[key].append(float(value) if ok else math.nan)
+            persons.append(str(meta.get("person", "")))
+    if skipped:
+        log.warning("%d of %d samples of %d shards lack a usable image or label: %s", sum(skipped.values()),
+                    read, len(urls), dict(skipped))
+    if not persons:
+        raise InputError(f"no usable samples in {len(urls)} shards (skipped: {dict(skipped)})")
+    return LabelColumns({k: np.asarray(v, dtype=np.float64) for k, v in columns.items()}, persons, dict(skipped), read)
+
+
+def save_label_columns(path, columns: LabelColumns) -> None:
+    """Write ``columns`` atomically as ``.npz`` (float arrays, persons as a fixed-width unicode array,
+    skip counts as JSON text): nothing in it needs pickle to load."""
+    import io
+
+    from fahr.utils.atomic import atomic_write
+
+    arrays = {f"label:{k}": v for k, v in columns.labels.items()}
+    arrays["persons"] = np.asarray(columns.persons, dtype=np.str_)
+    arrays["meta"] = np.asarray(json.dumps({"skipped": columns.skipped, "read": columns.read}))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, lambda f: f.write(buf.getvalue()), mode="wb")
+
+
+def load_label_columns(path) -> LabelColumns:
+    """What :func:`save_label_columns` wrote (``allow_pickle=False``)."""
+    with np.load(path, allow_pickle=False) as z:
+        labels = {name[len("label:"):]: z[name].astype(np.float64) for name in z.files if name.startswith("label:")}
+        meta = json.loads(str(z["meta"]))
+        return LabelColumns(labels, [str(p) for p in z["persons"].tolist()], meta["skipped"], int(meta["read"]))
 
 
 # ---- age balancing --------------------------------------------------------------------------------
@@ -144,6 +232,20 @@ def balancing_weights(ages: np.ndarray, bin_width: float = 10.0, max_weight: flo
     w = 1.0 / counts[inverse].astype(np.float64)
     w = np.minimum(w, w.min() * max_weight)
     return w / w.mean()
+
+
+def bin_weights(ages: np.ndarray, bin_width: float, max_weight: float) -> dict[int, float]:
+    """:func:`balancing_weights` as one weight per age bin (bin index -> weight, mean 1 per sample)."""
+    bins = age_bins(ages, bin_width)
+    weights = balancing_weights(ages, bin_width, max_weight)
+    return {int(b): float(weights[bins == b][0]) for b in np.unique(bins)}
+
+
+def keep_probabilities(weights: dict[int, float]) -> dict[int, float]:
+    """Per-bin keep probabilities that turn a stream of the data into draws with these bin weights
+    (weight / the largest weight): the kept samples' bins are distributed as weighted sampling's."""
+    top = max(weights.values())
+    return {b: w / top for b, w in weights.items()}
 
 
 def effective_histogram(ages: np.ndarray, weights: np.ndarray, bin_width: float) -> dict[str, float]:

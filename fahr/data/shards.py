@@ -458,6 +458,11 @@ class ShardStream(IterableDataset):
         world_size, rank: None = from torch.distributed if initialised, else env WORLD_SIZE/RANK, else 1/0.
         num_workers: the DataLoader's num_workers (needed for the arithmetic; must match the loader).
         shuffle_shards: False keeps the given shard order every epoch and pass (validation).
+        accept: keep each sample with a label-dependent probability (:class:`LabelAcceptance`:
+            age balancing while streaming), decided from its json before its image is decoded, with a
+            generator seeded by (seed, epoch, rank, worker, pass): one draw per sample read, so the
+            same samples are kept on a resumed or repeated pass. ``samples_per_epoch`` then counts
+            kept samples; a worker makes as many passes over its shards as that takes.
     """
 
     def __init__(
@@ -474,8 +479,10 @@ class ShardStream(IterableDataset):
         rank: int | None = None,
         num_workers: int = 0,
         shuffle_shards: bool = True,
+        accept: "LabelAcceptance | None" = None,
     ):
         super().__init__()
+        self.accept = accept
         self.shards = expand_shards(shards) if isinstance(shards, str) else list(shards)
         if not self.shards or not all(isinstance(s, str) and s for s in self.shards):
             raise InputError(f"shards must be a non-empty list of URLs, got {shards!r}")
@@ -593,10 +600,12 @@ class ShardStream(IterableDataset):
             self._shard_counts = shard_sample_counts(self.shards)
         return self._shard_counts
 
-    def _raw_samples(self, shards: list[str], epoch: int, rank: int, worker_id: int, skip: int = 0) -> Iterator[Any]:
+    def _raw_samples(self, shards: list[str], epoch: int, rank: int, worker_id: int, skip: int = 0,
+                     rejected: list[int] | None = None) -> Iterator[Any]:
         """Undecoded samples of ``shards``, pass after pass, each pass followed by _END_OF_PASS,
-        without the first ``skip`` samples (whole shards passed over unopened where possible)."""
-        counts = self._skip_counts() if skip and self.shuffle_buffer <= 1 else None
+        without the first ``skip`` kept samples (whole shards passed over unopened where possible).
+        Samples ``accept`` drops are counted in ``rejected[0]`` (per pass: reset at each pass end)."""
+        counts = self._skip_counts() if skip and self.shuffle_buffer <= 1 and self.accept is None else None
         for p in itertools.count():
             order = list(shards)
             if p > 0 and self.shuffle_shards:
@@ -609,8 +618,14 @@ class ShardStream(IterableDataset):
             if self.shuffle_buffer > 1:
                 rng = random.Random(f"fahr-buffer:{self.seed}:{epoch}:{rank}:{worker_id}:{p}")
                 samples = _shuffle(reader, self.shuffle_buffer, self.shuffle_buffer, rng)
+            accept_rng = (random.Random(f"fahr-accept:{self.seed}:{epoch}:{rank}:{worker_id}:{p}")
+                          if self.accept is not None else None)
             try:
                 for sample in samples:
+                    if accept_rng is not None and accept_rng.random() >= self.accept.probability(sample):
+                        if rejected is not None:
+                            rejected[0] += 1
+                        continue
                     if skip:
                         skip -= 1
                     else:
@@ -631,7 +646,8 @@ class ShardStream(IterableDataset):
             raise InputError(f"rank {rank} worker {worker_id} has no shards (epoch {epoch})")
         bs, keys_wanted, size = self.batch_size, self.label_keys, self.image_size
         skip_batches = len(range(worker_id, start_batch, self.workers))
-        source = self._raw_samples(shards, epoch, rank, worker_id, skip=skip_batches * bs)
+        rejected = [0]  # samples `accept` dropped in the current pass
+        source = self._raw_samples(shards, epoch, rank, worker_id, skip=skip_batches * bs, rejected=rejected)
         skipped_total = skipped = good_in_pass = 0
         try:
             for _ in range(self.batches_per_worker - skip_batches):
@@ -642,13 +658,13 @@ class ShardStream(IterableDataset):
                 while len(keys) < bs:
                     sample = next(source)
                     if sample is _END_OF_PASS:
-                        if good_in_pass == 0:
+                        if good_in_pass == 0 and rejected[0] == 0:
                             raise InputError(
                                 f"rank {rank} worker {worker_id}: a full pass over its {len(shards)} shards "
                                 f"({shards[:3]}{' ...' if len(shards) > 3 else ''}) gave no usable sample "
                                 f"({skipped_total} bad samples skipped)"
                             )
-                        good_in_pass = 0
+                        good_in_pass = rejected[0] = 0
                         continue
                     try:
                         image, values = self._decode(sample)
@@ -691,50 +707,185 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[float]]:
         """uint8 (3, S, S) image and the float label values of ``sample``; raises _BadSample."""
-        for ext in IMAGE_EXTENSIONS:
-            data = sample.get(ext)
-            if data is not None:
-                break
-        else:
-            raise _BadSample(f"no image member (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        if not isinstance(data, bytearray):
-            data = bytearray(data)  # torch.frombuffer wants a writable buffer
-        if not data:
-            raise _BadSample(f"empty {ext} member")
+        image = decode_sample_image(sample, self.image_size)
+        meta = sample_labels(sample) if self.label_keys else {}
+        return image, [required_number(meta, key) for key in self.label_keys]
+
+
+def decode_sample_image(sample: dict[str, Any], size: int) -> torch.Tensor:
+    """The sample's image as uint8 RGB (3, size, size) (resized, bilinear antialiased, if needed);
+    raises _BadSample when there is none or it does not decode to one RGB image."""
+    for ext in IMAGE_EXTENSIONS:
+        data = sample.get(ext)
+        if data is not None:
+            break
+    else:
+        raise _BadSample(f"no image member (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    if not isinstance(data, bytearray):
+        data = bytearray(data)  # torch.frombuffer wants a writable buffer
+    if not data:
+        raise _BadSample(f"empty {ext} member")
+    try:
+        image = decode_rgb(torch.frombuffer(data, dtype=torch.uint8))
+    except RuntimeError as exn:
+        raise _BadSample(f"cannot decode {ext}: {str(exn).splitlines()[0]}") from exn
+    shape = image.shape
+    if len(shape) != 3 or shape[0] != 3:  # e.g. an animated GIF: (frames, 3, H, W)
+        raise _BadSample(f"{ext} decodes to shape {tuple(shape)}, not (3, H, W)")
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = tvf.to_dtype(image, torch.uint8, scale=True)
+    if shape[1] != size or shape[2] != size:
+        image = tvf.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return image
+
+
+def sample_labels(sample: dict[str, Any]) -> dict[str, Any]:
+    """The sample's json member as a dict; raises _BadSample when it is missing or not an object."""
+    raw = sample.get("json")
+    if raw is None:
+        raise _BadSample("no json member (labels requested)")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exn:
+        raise _BadSample(f"invalid json: {exn}") from exn
+    if not isinstance(meta, dict):
+        raise _BadSample(f"json is a {type(meta).__name__}, not a dict")
+    return meta
+
+
+def required_number(meta: dict[str, Any], key: str) -> float:
+    """``meta[key]`` as a finite float; raises _BadSample naming what is wrong."""
+    value = meta.get(key)
+    if value is None:
+        raise _BadSample(f"label {key!r} missing" if key not in meta else f"label {key!r} is null")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _BadSample(f"label {key!r} is not a number: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise _BadSample(f"label {key!r} is not finite: {value!r}")
+    return value
+
+
+def optional_number(meta: dict[str, Any], key: str) -> float:
+    """``meta[key]`` as a finite float, NaN when absent, null, not a number or not finite."""
+    value = meta.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else math.nan
+
+
+class LabelAcceptance:
+    """Keep probability per label bin, for :class:`ShardStream`'s ``accept``: a sample whose json
+    ``key`` falls in bin ``floor(value / bin_width)`` is kept with ``probabilities[bin]`` (bins not
+    listed, and samples without a usable value, with 1: the decoder then judges them)."""
+
+    def __init__(self, key: str, bin_width: float, probabilities: dict[int, float]) -> None:
+        if not bin_width > 0:
+            raise InputError(f"bin_width must be > 0, got {bin_width!r}")
+        bad = {b: p for b, p in probabilities.items() if not 0.0 < float(p) <= 1.0}
+        if bad:
+            raise InputError(f"keep probabilities must be in (0, 1], got {bad}")
+        self.key, self.bin_width = key, float(bin_width)
+        self.probabilities = {int(b): float(p) for b, p in probabilities.items()}
+
+    def probability(self, sample: dict[str, Any]) -> float:
         try:
-            image = decode_rgb(torch.frombuffer(data, dtype=torch.uint8))
-        except RuntimeError as exn:
-            raise _BadSample(f"cannot decode {ext}: {str(exn).splitlines()[0]}") from exn
+            value = optional_number(sample_labels(sample), self.key)
+        except _BadSample:
+            return 1.0
+        if math.isnan(value):
+            return 1.0
+        return self.probabilities.get(math.floor(value / self.bin_width), 1.0)
+
+
+class EvalStream(IterableDataset):
+    """Every sample of ``shards`` exactly once over all ranks and workers: for evaluation.
+
+    Shard ``j`` is read by rank ``j % world_size`` and, on that rank, by worker
+    ``(j // world_size) % max(1, num_workers)``; each worker yields batches of up to ``batch_size``
+    samples (the last one short), so ranks may yield different numbers of batches (no collective
+    may run per batch). Batches::
+
+        {"image": uint8 (b, 3, S, S), <required>: float32 (b,), <optional>: float32 (b,) NaN where
+         missing, <text>: list[str] ("" where missing), "__key__": list[str],
+         "position": int64 (b,) = shard index * 2**32 + sample index in the shard,
+         "n_skipped": int64 () bad samples skipped since the previous batch}
+
+    Bad samples (no or undecodable image, a required label missing or not finite) are skipped,
+    counted in ``n_skipped`` and logged (first few); ``position`` orders gathered results as the
+    shards list them. A broken shard raises :class:`ShardReadError`. A rank (or worker) with no
+    shard, or only bad samples, yields one empty batch, so that every rank runs the evaluation loop
+    and reaches the gather at its end.
+    """
+
+    def __init__(self, shards: list[str] | str, batch_size: int, image_size: int,
+                 required: tuple[str, ...] = (), optional: tuple[str, ...] = (), text: tuple[str, ...] = (),
+                 world_size: int | None = None, rank: int | None = None, num_workers: int = 0) -> None:
+        super().__init__()
+        self.shards = expand_shards(shards) if isinstance(shards, str) else list(shards)
+        if not self.shards:
+            raise InputError("no shards to evaluate")
+        clash = _RESERVED_KEYS.union({"position"}).intersection((*required, *optional, *text))
+        if clash:
+            raise InputError(f"label keys {sorted(clash)} clash with batch fields")
+        self.batch_size, self.image_size = int(batch_size), int(image_size)
+        self.required, self.optional, self.text = tuple(required), tuple(optional), tuple(text)
+        self.world_size, self.rank = resolve_world(world_size, rank)
+        self.num_workers = int(num_workers)
+
+    def rank_shards(self) -> list[int]:
+        """Indices of the shards this rank reads."""
+        return list(range(self.rank, len(self.shards), self.world_size))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        mine = self.rank_shards()
+        info = get_worker_info()
+        if info is not None:
+            ignore_stop_signals()
+            mine = mine[info.id :: info.num_workers]
+        bs, size = self.batch_size, self.image_size
+        rows: list[tuple[torch.Tensor, dict[str, Any], str, int]] = []
+        skipped = warned = 0
+        any_yielded = False
+        for j in mine:
+            for i, sample in enumerate(read_shard(self.shards[j])):
+                try:
+                    image = decode_sample_image(sample, size)
+                    meta = sample_labels(sample) if (self.required or self.optional or self.text) else {}
+                    values = {k: required_number(meta, k) for k in self.required}
+                except _BadSample as bad:
+                    skipped += 1
+                    warned += 1
+                    if warned <= _MAX_SAMPLE_WARNINGS:
+                        log.warning("evaluation: skipping bad sample %d of shard %s: %s", i, self.shards[j], bad)
+                    continue
+                values.update({k: optional_number(meta, k) for k in self.optional})
+                texts = {k: str(meta.get(k, "")) for k in self.text}
+                rows.append((image, {**values, **texts}, sample["__key__"], (j << 32) + i))
+                if len(rows) == bs:
+                    yield self._batch(rows, skipped)
+                    rows, skipped, any_yielded = [], 0, True
+        if rows or skipped or not any_yielded:
+            yield self._batch(rows, skipped)
+
+    def _batch(self, rows: list, skipped: int) -> dict[str, Any]:
         size = self.image_size
-        shape = image.shape
-        if len(shape) != 3 or shape[0] != 3:  # e.g. an animated GIF: (frames, 3, H, W)
-            raise _BadSample(f"{ext} decodes to shape {tuple(shape)}, not (3, H, W)")
-        if image.dtype != torch.uint8:  # 16-bit PNG
-            image = tvf.to_dtype(image, torch.uint8, scale=True)
-        if shape[1] != size or shape[2] != size:
-            image = tvf.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        values: list[float] = []
-        if self.label_keys:
-            raw = sample.get("json")
-            if raw is None:
-                raise _BadSample("no json member (labels requested)")
-            try:
-                meta = json.loads(raw)
-            except ValueError as exn:
-                raise _BadSample(f"invalid json: {exn}") from exn
-            if not isinstance(meta, dict):
-                raise _BadSample(f"json is a {type(meta).__name__}, not a dict")
-            for key in self.label_keys:
-                value = meta.get(key)
-                if value is None:
-                    raise _BadSample(f"label {key!r} missing" if key not in meta else f"label {key!r} is null")
-                if not isinstance(value, (int, float)):
-                    raise _BadSample(f"label {key!r} is not a number: {value!r}")
-                value = float(value)
-                if not math.isfinite(value):
-                    raise _BadSample(f"label {key!r} is not finite: {value!r}")
-                values.append(value)
-        return image, values
+        images = torch.stack([r[0] for r in rows]) if rows else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        batch: dict[str, Any] = {"image": images}
+        for k in (*self.required, *self.optional):
+            batch[k] = torch.tensor([r[1][k] for r in rows], dtype=torch.float32)
+        for k in self.text:
+            batch[k] = [r[1][k] for r in rows]
+        batch["__key__"] = [r[2] for r in rows]
+        batch["position"] = torch.tensor([r[3] for r in rows], dtype=torch.int64)
+        batch["n_skipped"] = torch.tensor(skipped, dtype=torch.int64)
+        return batch
+
+
+def eval_loader(stream: EvalStream) -> DataLoader:
+    """A DataLoader over an :class:`EvalStream` (batch_size=None: the stream batches), with as many
+    workers as its ``num_workers`` but no more than the shards this rank reads."""
+    workers = min(stream.num_workers, len(stream.rank_shards()))
+    return DataLoader(stream, batch_size=None, shuffle=False, num_workers=workers)
 
 
 def ignore_stop_signals() -> None:

@@ -83,11 +83,11 @@ def evaluation_table(survival_cfg: DictConfig, faceage_export: Path, survival_ru
     import torch
 
     from fahr.models import load_face_model
-    from fahr.pipeline.finetune_age import load_split_labels
+    from fahr.data.labelled import load_split_faces
     from fahr.utils.atomic import atomic_write_text
 
     d = survival_cfg.data
-    test = load_split_labels(d.test, [d.time, d.event], ["age", "sex"], d.image_size)
+    test = load_split_faces(d.test, [d.time, d.event], ["age", "sex"], d.image_size)
     model, _ = load_face_model(faceage_export)
     with torch.inference_mode():
         faceage = np.concatenate([model(torch.stack([test[j]["image"] for j in range(i, min(i + 64, len(test)))]))["age"].numpy()

@@ -7,8 +7,18 @@ One command runs both stages in one run directory (derived from the config like 
     <run_dir>/metrics.json, predictions_test.csv, figures/*.png, age_balance.json
     <run_dir>/export/                              model.safetensors + model_card.json (fahr-model/1)
 
+Runs as a :class:`fahr.job.TrainingJob` (one process, or one per GPU under srun/torchrun). The
+training split streams from its shards (:class:`fahr.data.shards.ShardStream`; memory per rank does
+not grow with the data), age-balanced by per-sample acceptance: a photo in age bin ``b`` is kept with
+probability ``w_b / max w`` (``w`` from :func:`fahr.data.labelled.balancing_weights`), which draws bins
+as weighted sampling does. The bin counts come from one pass over the split's labels (json only,
+``<run_dir>/train_labels.npz``, written by rank 0). Validation and test stream every photo exactly
+once over all ranks and are gathered before any metric is computed.
+
 Re-running the same command resumes: a finished stage (``stageN/done.json``) is skipped, an
-interrupted one resumes from its ``last.ckpt``.
+interrupted one resumes from its ``last.ckpt`` at the same step and batch; a stop during the
+evaluation redoes the evaluation only. SIGUSR1/SIGTERM (SLURM preemption) save and stop; the result
+then says ``preempted`` and nothing is exported.
 """
 
 from __future__ import annotations
@@ -17,8 +27,8 @@ import csv
 import io
 import json
 import logging
+import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +38,23 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from fahr.boundary import InputError, check_output_dir, printable_path, read_json_file
 from fahr.config.finetune_schema import FinetuneAgeConfig
 from fahr.config.schema import validate
 from fahr.data.build import resolve_train_shards
-from fahr.data.labelled import LabelledFaces, balancing_weights, effective_histogram, load_labelled_faces
+from fahr.data.datamodule import ShardDataModule
+from fahr.data.labelled import (
+    LabelColumns,
+    bin_weights,
+    effective_histogram,
+    keep_probabilities,
+    load_label_columns,
+    read_label_columns,
+    save_label_columns,
+)
+from fahr.data.shards import EvalStream, LabelAcceptance, eval_loader, expand_shards
+from fahr.job import TrainingJob
 from fahr.metrics.age import age_metrics, apply_bias_correction, decide_bias_correction
 from fahr.models.backbone import create_backbone
 from fahr.models.face_model import DEFAULT_PREPROCESSING, FaceModel, save_face_model
@@ -42,18 +62,20 @@ from fahr.models.heads import AgeHead
 from fahr.models.weights import load_backbone
 from fahr.tasks.finetune_age import AgeTask
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
-from fahr.utils.checkpoint_io import AtomicCheckpointIO
-from fahr.utils.loggers import build_loggers, finish_trackers
-from fahr.utils.run import prepare_run_dir, run_dir_for
+from fahr.utils.run import run_dir_for
 
 log = logging.getLogger(__name__)
+TRAIN_LABELS = "train_labels.npz"
 
 
 @dataclass
 class FinetuneResult:
+    """How a fine-tune ended. ``preempted``: stopped by a signal (re-run the same command to go on);
+    ``metrics`` and the export are then not written."""
     run_dir: Path
     export_dir: Path
     metrics: dict[str, Any]
+    preempted: bool = False
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -71,53 +93,99 @@ def ensure_synthetic_splits(data: DictConfig) -> None:
                                samples_per_shard=g.samples_per_shard, seed=g.seed * 1000 + i, image_size=data.image_size)
 
 
-def load_split_labels(spec: Any, required: list[str], optional: list[str], image_size: int) -> LabelledFaces:
-    """One split's photos and labels (``spec``: an ``index.json[#split]``, brace pattern or list)."""
-    shards = resolve_train_shards(OmegaConf.to_container(spec) if not isinstance(spec, str) else spec)
-    return load_labelled_faces(shards, required=required, optional=optional, image_size=image_size)
+def split_shards(spec: Any) -> list[str]:
+    """The shard URLs of one split (``index.json[#split]``, a brace pattern or a list)."""
+    resolved = resolve_train_shards(OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec)
+    return expand_shards(resolved)
 
 
-def load_split(spec: Any, image_size: int) -> LabelledFaces:
-    return load_split_labels(spec, ["age"], ["sex", "race"], image_size)
+def train_label_columns(job: TrainingJob, shards: list[str], required: list[str], optional: list[str]) -> LabelColumns:
+    """The training split's labels, read once by rank 0 into ``<run_dir>/train_labels.npz``."""
+    path = job.run_dir / TRAIN_LABELS
+    job.prepare_once("reading the training labels",
+                     lambda: save_label_columns(path, read_label_columns(shards, required, optional)))
+    return load_label_columns(path)
 
 
-class _Weighted(torch.utils.data.Dataset):
-    """Adds ``weight`` (float32 ()) to each item: per-sample loss weights (balance.mode=loss)."""
-
-    def __init__(self, base: LabelledFaces, weights: np.ndarray) -> None:
-        self.base, self.weights = base, weights
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.base[i], "weight": torch.tensor(self.weights[i], dtype=torch.float32)}
-
-
-def train_loader(ds: LabelledFaces, cfg: DictConfig, seed: int) -> tuple[DataLoader, dict[str, Any]]:
-    """The training loader with the configured age balancing, and a report of its effect."""
-    b = cfg.task.balance
-    ages = ds.labels["age"]
-    if b.mode not in ("sampler", "loss", "none"):
-        raise InputError(f"task.balance.mode must be sampler, loss or none, got {b.mode!r}")
-    weights = balancing_weights(ages, b.bin_width, b.max_weight) if b.mode != "none" else np.ones(len(ages))
-    report = {"mode": b.mode, "bin_width": b.bin_width, "max_weight": b.max_weight,
-              "data_histogram": effective_histogram(ages, np.ones(len(ages)), b.bin_width),
-              "effective_histogram": effective_histogram(ages, weights, b.bin_width)}
-    common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, drop_last=True,
-                  persistent_workers=cfg.data.num_workers > 0)
-    if len(ds) < cfg.data.batch_size:
-        raise InputError(f"{len(ds)} training photos are fewer than one batch ({cfg.data.batch_size})")
-    g = torch.Generator().manual_seed(seed)
-    if b.mode == "sampler":
-        sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(ds), replacement=True, generator=g)
-        return DataLoader(ds, sampler=sampler, **common), report
-    dataset = _Weighted(ds, weights) if b.mode == "loss" else ds
-    return DataLoader(dataset, shuffle=True, generator=g, **common), report
+def age_balance(ages: np.ndarray, balance: DictConfig) -> tuple[dict[str, Any], LabelAcceptance | None,
+                                                                 tuple[float, dict[int, float]] | None]:
+    """The report of ``task.balance`` (data and effective age histograms), the training stream's
+    acceptance (mode ``sampler``) and the loss weights per bin (mode ``loss``)."""
+    if balance.mode not in ("sampler", "loss", "none"):
+        raise InputError(f"task.balance.mode must be sampler, loss or none, got {balance.mode!r}")
+    width = float(balance.bin_width)
+    weights = bin_weights(ages, width, balance.max_weight) if balance.mode != "none" else {}
+    per_sample = (np.asarray([weights[int(b)] for b in np.floor(ages / width)]) if weights
+                  else np.ones(len(ages)))
+    report = {"mode": balance.mode, "bin_width": width, "max_weight": balance.max_weight,
+              "how": {"sampler": "per-photo acceptance in the stream: kept with probability w_bin / max w",
+                      "loss": "per-photo loss weight w_bin", "none": "the data as it is"}[balance.mode],
+              "data_histogram": effective_histogram(ages, np.ones(len(ages)), width),
+              "effective_histogram": effective_histogram(ages, per_sample, width)}
+    if balance.mode == "sampler":
+        probabilities = keep_probabilities(weights)
+        report["keep_probability"] = {f"{b * width:g}-{(b + 1) * width:g}": p for b, p in sorted(probabilities.items())}
+        report["photos_read_per_kept"] = float(len(ages) / sum(probabilities[int(b)] for b in np.floor(ages / width)))
+        return report, LabelAcceptance("age", width, probabilities), None
+    if balance.mode == "loss":
+        return report, None, (width, weights)
+    return report, None, None
 
 
-def eval_loader(ds: LabelledFaces, cfg: DictConfig) -> DataLoader:
-    return DataLoader(ds, batch_size=cfg.data.eval_batch_size, num_workers=min(cfg.data.num_workers, 1), shuffle=False)
+def training_data(cfg: DictConfig, shards: dict[str, list[str]], samples: int, label_keys: tuple[str, ...],
+                  accept: LabelAcceptance | None = None, val_optional: tuple[str, ...] = ()) -> ShardDataModule:
+    """Streamed training batches (``samples`` per epoch, over all ranks) and exactly-once validation."""
+    d = cfg.data
+    return ShardDataModule(train_shards=shards["train"], samples_per_epoch=samples, batch_size=d.batch_size,
+                           num_workers=d.num_workers, seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
+                           label_keys=label_keys, image_size=d.image_size, val_shards=shards["val"],
+                           persistent_workers=d.num_workers > 0, accept=accept, val_exact=True,
+                           val_batch_size=d.eval_batch_size, val_required=label_keys, val_optional=val_optional)
+
+
+def predict_split(job: TrainingJob, model: torch.nn.Module, shards: list[str], cfg: DictConfig,
+                  output: str, required: tuple[str, ...], optional: tuple[str, ...] = (),
+                  text: tuple[str, ...] = (), covariates: tuple[list[str], np.ndarray, np.ndarray] | None = None
+                  ) -> dict[str, Any]:
+    """``model``'s ``output`` for every usable sample of ``shards``, each rank predicting its share,
+    gathered and put in the shards' order. Returns ``{"pred": float64 (N,), <label>: float64 (N,),
+    <text key>: list[str], "__key__": list[str], "skipped": int}``. ``covariates`` = (label keys,
+    already in ``required``; training mean; SD): standardised, they go to the model as its second input."""
+    d = cfg.data
+    stream = EvalStream(shards, d.eval_batch_size, d.image_size, required=required, optional=optional, text=text,
+                        world_size=job.world_size, rank=job.rank, num_workers=d.num_workers)
+    device = job.device
+    model.eval().to(device)
+    columns: dict[str, list] = {"pred": [], "position": [], "__key__": [],
+                                **{k: [] for k in (*required, *optional, *text)}}
+    skipped = 0
+    with torch.inference_mode():
+        for batch in eval_loader(stream):
+            skipped += int(batch["n_skipped"])
+            if batch["image"].shape[0] == 0:
+                continue
+            extra = None
+            if covariates:
+                keys, mean, std = covariates
+                raw = torch.stack([batch[k] for k in keys], 1).double()
+                extra = ((raw - torch.as_tensor(mean)) / torch.as_tensor(std)).float().to(device)
+            out = model(batch["image"].to(device), extra) if extra is not None else model(batch["image"].to(device))
+            columns["pred"].append(out[output].float().cpu())
+            columns["position"].append(batch["position"])
+            for k in (*required, *optional):
+                columns[k].append(batch[k])
+            for k in (*text, "__key__"):
+                columns[k].extend(batch[k])
+    model.cpu()
+    local = {k: (torch.cat(v) if v else torch.zeros(0)) if k not in (*text, "__key__") else v for k, v in columns.items()}
+    local["position"] = local["position"].long() if len(columns["position"]) else torch.zeros(0, dtype=torch.int64)
+    local["n_skipped"] = torch.tensor([skipped])
+    gathered = job.gather_rows(local)
+    order = torch.argsort(gathered.pop("position")).numpy()
+    out: dict[str, Any] = {"skipped": int(gathered.pop("n_skipped").sum())}
+    for k, v in gathered.items():
+        out[k] = [v[i] for i in order] if isinstance(v, list) else v.numpy().astype(np.float64)[order]
+    return out
 
 
 def _index_path_of(spec: Any) -> Path | None:
@@ -209,45 +277,37 @@ def load_task_weights(model: torch.nn.Module, ckpt: Path) -> None:
 # ---- stages ---------------------------------------------------------------------------------------
 
 
-def run_stage(stage: int, cfg: DictConfig, model: FaceModel, loaders: tuple[DataLoader, DataLoader],
-              run_dir: Path, loggers: list) -> dict[str, Any]:
-    """Train one stage (or skip a finished one); leaves the stage's best weights in ``model``."""
+def run_stage(job: TrainingJob, stage: int, cfg: DictConfig, model: FaceModel, data: ShardDataModule,
+              loss_weights: tuple[float, dict[int, float]] | None) -> dict[str, Any] | None:
+    """Train one stage (or skip a finished one); leaves the stage's best weights in ``model``.
+    Returns the stage's summary (``stageN/done.json``), or None when a signal stopped it."""
     s = cfg.task[f"stage{stage}"]
-    stage_dir = run_dir / f"stage{stage}"
+    stage_dir = job.run_dir / f"stage{stage}"
     done_file = stage_dir / "done.json"
     if s.max_steps <= 0:
         return {"steps": 0, "skipped": "max_steps=0"}
     if done_file.is_file():
-        done = json.loads(done_file.read_text())
-        load_task_weights(model, run_dir / done["best"])
+        done = read_json_file(done_file, "stage summary")
+        load_task_weights(model, job.run_dir / done["best"])
         log.info("stage %d already finished (best val MAE %.3f): skipped", stage, done["best_val_mae"])
         return done
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_args.pop("max_steps")
-    trainer_args.pop("val_check_interval", None)
-    world = trainer_args.get("devices") if isinstance(trainer_args.get("devices"), int) else 1
-    effective_batch = cfg.data.batch_size * world * trainer_args.get("num_nodes", 1) * trainer_args.get("accumulate_grad_batches", 1)
-    task = AgeTask(model, OmegaConf.to_container(cfg.task, resolve=True), stage,
-                   OmegaConf.to_container(s, resolve=True), effective_batch, metric_prefix=f"stage{stage}/")
+    task = AgeTask(model, OmegaConf.to_container(cfg.task, resolve=True), stage, OmegaConf.to_container(s, resolve=True),
+                   cfg.data.batch_size, loss_weights=loss_weights, metric_prefix=f"stage{stage}/")
     every = min(s.val_every_n_steps, s.max_steps)
     best = ModelCheckpoint(dirpath=str(stage_dir / "checkpoints"), filename="best", monitor=f"stage{stage}/val/mae",
                            mode="min", save_top_k=1, save_last=False, auto_insert_metric_name=False)
-    recovery = ModelCheckpoint(dirpath=str(stage_dir / "checkpoints"), every_n_train_steps=every, save_last=True,
-                               save_top_k=0, monitor=None)
-    resume = stage_dir / "checkpoints" / "last.ckpt"
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")  # stage 1: on purpose
-    trainer = L.Trainer(**trainer_args, max_steps=s.max_steps, val_check_interval=every,
-                        check_val_every_n_epoch=None, default_root_dir=str(stage_dir), logger=loggers,
-                        callbacks=[recovery, best], plugins=[AtomicCheckpointIO()])
-    trainer.fit(task, train_dataloaders=loaders[0], val_dataloaders=loaders[1],
-                ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
-    if trainer.interrupted:
-        raise RuntimeError(f"stage {stage} was interrupted at step {trainer.global_step}; rerun to resume")
+    outcome = job.fit(task, ckpt_dir=stage_dir / "checkpoints", max_steps=s.max_steps, batch_size=cfg.data.batch_size,
+                      datamodule=data, checkpoint_every=every, val_every=every, callbacks=[best],
+                      default_root_dir=stage_dir)
+    if outcome.preempted:
+        return None
+    if not best.best_model_path:
+        raise InputError(f"stage {stage}: no validation MAE was computed (no usable validation photo)")
     best_path = Path(best.best_model_path)
     load_task_weights(model, best_path)
-    done = {"steps": trainer.global_step, "best": os.path.relpath(best_path.resolve(), run_dir.resolve()),
+    done = {"steps": outcome.global_step, "best": os.path.relpath(best_path.resolve(), job.run_dir.resolve()),
             "best_val_mae": float(best.best_model_score)}
-    if trainer.is_global_zero:
+    if job.is_rank_zero:
         atomic_write_json(done_file, done)
     return done
 
@@ -255,31 +315,21 @@ def run_stage(stage: int, cfg: DictConfig, model: FaceModel, loaders: tuple[Data
 # ---- evaluation -----------------------------------------------------------------------------------
 
 
-def _predict(model: FaceModel, loader: DataLoader) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    model.eval()
-    preds, labels = [], {}
-    with torch.inference_mode():
-        for batch in loader:
-            preds.append(model(batch["image"])["age"].float())
-            for k in ("age", "sex", "race", "index"):
-                if k in batch:
-                    labels.setdefault(k, []).append(torch.as_tensor(batch[k]))
-    out = {k: torch.cat(v).numpy() for k, v in labels.items()}
-    return torch.cat(preds).numpy().astype(np.float64), out.pop("age").astype(np.float64), out
-
-
-def evaluate(model: FaceModel, cfg: DictConfig, val: LabelledFaces, test: LabelledFaces | None,
+def evaluate(job: TrainingJob, model: FaceModel, cfg: DictConfig, shards: dict[str, list[str]],
              run_dir: Path) -> tuple[dict[str, Any], dict[str, float] | None, dict[str, Any] | None]:
-    """Metrics on val and test, raw and bias-corrected; figures; test predictions CSV. Returns
-    (metrics, the bias correction if kept, the decision: see :func:`decide_bias_correction`)."""
+    """Metrics on val and test (every photo once, over all ranks), raw and bias-corrected; figures
+    and the test predictions CSV (rank 0). Returns (metrics, the bias correction if kept, the
+    decision: see :func:`decide_bias_correction`)."""
     from fahr.utils.plots import age_error_by_decade_png, age_scatter_png
 
+    groups_keys = ("sex", "race")
     metrics: dict[str, Any] = {}
-    vp, vt, vl = _predict(model, eval_loader(val, cfg))
-    metrics.update({f"val/{k}": v for k, v in age_metrics(vp, vt, {k: vl[k] for k in ("sex", "race") if k in vl}).items()})
+    val = predict_split(job, model, shards["val"], cfg, "age", ("age",), groups_keys)
+    metrics.update({f"val/{k}": v for k, v in age_metrics(val["pred"], val["age"], {k: val[k] for k in groups_keys}).items()})
+    metrics["val/skipped"] = val["skipped"]
     correction, decision = None, None
     if cfg.task.bias_correction:
-        correction, decision = decide_bias_correction(vp, vt)
+        correction, decision = decide_bias_correction(val["pred"], val["age"])
         if "reason" in decision:
             log.warning("no bias correction: %s", decision["reason"])
         else:
@@ -287,34 +337,31 @@ def evaluate(model: FaceModel, cfg: DictConfig, val: LabelledFaces, test: Labell
                      "kept" if decision["kept"] else "not kept", decision["val_mae"],
                      decision["val_mae_corrected_heldout"])
             metrics["val/mae_corrected_heldout"] = decision["val_mae_corrected_heldout"]
-    if test is None:
+    if shards.get("test") is None:
         return metrics, correction, decision
-    tp, tt, tl = _predict(model, eval_loader(test, cfg))
-    groups = {k: tl[k] for k in ("sex", "race") if k in tl}
+    job.stop_if_requested("the test evaluation")
+    test = predict_split(job, model, shards["test"], cfg, "age", ("age",), groups_keys)
+    tp, tt = test["pred"], test["age"]
+    groups = {k: test[k] for k in groups_keys}
     metrics.update({f"test/{k}": v for k, v in age_metrics(tp, tt, groups).items()})
+    metrics["test/skipped"] = test["skipped"]
     # reported even when not kept, so the decision can be checked against the test set afterwards
     fitted = {k: decision[k] for k in ("slope", "intercept")} if decision and "slope" in decision else None
     corrected = apply_bias_correction(tp, fitted) if fitted else None
     if corrected is not None:
         metrics.update({f"test_corrected/{k}": v for k, v in age_metrics(corrected, tt, groups).items()})
-    figures = run_dir / "figures"
-    age_scatter_png(tp, tt, figures / "faceage_scatter.png", corrected=corrected)
-    age_error_by_decade_png(tp, tt, figures / "faceage_error_by_decade.png")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["key", "age", "faceage"] + (["faceage_corrected"] if corrected is not None else []))
-    for i in range(len(tp)):
-        row = [test.keys[int(tl["index"][i])], f"{tt[i]:.3f}", f"{tp[i]:.3f}"]
-        w.writerow(row + ([f"{corrected[i]:.3f}"] if corrected is not None else []))
-    atomic_write_text(run_dir / "predictions_test.csv", buf.getvalue())
+    if job.is_rank_zero:
+        figures = run_dir / "figures"
+        age_scatter_png(tp, tt, figures / "faceage_scatter.png", corrected=corrected)
+        age_error_by_decade_png(tp, tt, figures / "faceage_error_by_decade.png")
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["key", "age", "faceage"] + (["faceage_corrected"] if corrected is not None else []))
+        for i in range(len(tp)):
+            row = [test["__key__"][i], f"{tt[i]:.3f}", f"{tp[i]:.3f}"]
+            w.writerow(row + ([f"{corrected[i]:.3f}"] if corrected is not None else []))
+        atomic_write_text(run_dir / "predictions_test.csv", buf.getvalue())
     return metrics, correction, decision
-
-
-def _log_figures(loggers: list, run_dir: Path) -> None:
-    for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            pngs = sorted((run_dir / "figures").glob("faceage_*.png"))
-            lg.log_image(key="faceage/figures", images=[str(p) for p in pngs])
 
 
 # ---- the command ----------------------------------------------------------------------------------
@@ -326,54 +373,65 @@ def finetune_age(cfg: DictConfig) -> FinetuneResult:
     from fahr.data.augment import augment_settings
 
     augment_settings(OmegaConf.to_container(cfg.task.augment))  # the rules a schema cannot say, before any work
-    L.seed_everything(cfg.seed, workers=True)
-    ensure_synthetic_splits(cfg.data)
     run_dir = run_dir_for(cfg)
-    run_info = prepare_run_dir(cfg, run_dir)
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
     if cfg.export_dir:
         check_output_dir(cfg.export_dir, "export_dir")
-    log.info("run directory: %s", run_dir)
-    train = load_split(cfg.data.train, cfg.data.image_size)
-    val = load_split(cfg.data.val, cfg.data.image_size)
-    test = load_split(cfg.data.test, cfg.data.image_size) if cfg.data.test is not None else None
-    log.info("photos: train %d, val %d, test %s", len(train), len(val), len(test) if test else "-")
-    loader, balance = train_loader(train, cfg, cfg.seed)
-    atomic_write_json(run_dir / "age_balance.json", balance)
-    log.info("age balancing (%s): effective histogram %s", balance["mode"],
-             {k: round(v, 3) for k, v in balance["effective_histogram"].items()})
-    loggers = build_loggers(cfg, run_dir, run_info)
-    for lg in loggers:
-        lg.log_hyperparams({"age_balance": balance})
-    model, init = build_model(cfg)
-    try:
+    result = FinetuneResult(run_dir=run_dir, export_dir=export_dir, metrics={}, preempted=True)
+    with TrainingJob(cfg, run_dir) as job:
+        L.seed_everything(cfg.seed, workers=True)
+        job.prepare_once("generating the synthetic splits", lambda: ensure_synthetic_splits(cfg.data))
+        run_info = job.prepare_run_dir()
+        log.info("run directory: %s", run_dir)
+        shards = {split: split_shards(cfg.data[split]) for split in ("train", "val")}
+        shards["test"] = split_shards(cfg.data.test) if cfg.data.test is not None else None
+        train = train_label_columns(job, shards["train"], ["age"], [])
+        if len(train) < cfg.data.batch_size:
+            raise InputError(f"{len(train)} training photos are fewer than one batch ({cfg.data.batch_size})")
+        balance, accept, loss_weights = age_balance(train.labels["age"], cfg.task.balance)
+        balance.update(photos=len(train), skipped=train.skipped)
+        if job.is_rank_zero:
+            atomic_write_json(run_dir / "age_balance.json", balance)
+        log.info("age balancing (%s): effective histogram %s", balance["mode"],
+                 {k: round(v, 3) for k, v in balance["effective_histogram"].items()})
+        loggers = job.build_loggers()
+        for lg in loggers:
+            lg.log_hyperparams({"age_balance": balance})
+        data = training_data(cfg, shards, len(train), ("age",), accept)
+        model, init = build_model(cfg)
         stages = {}
         for stage in (1, 2):
-            stages[f"stage{stage}"] = run_stage(stage, cfg, model, (loader, eval_loader(val, cfg)), run_dir, loggers)
-        metrics, correction, calibration_decision = evaluate(model, cfg, val, test, run_dir)
-        for lg in loggers:
-            lg.log_metrics({k: v for k, v in metrics.items() if "/" in k and k.count("/") == 1}, step=0)
-        _log_figures(loggers, run_dir)
-    finally:
-        finish_trackers(loggers)
-    summary = {**metrics, "stages": stages, "init": init, "photos": {"train": len(train), "val": len(val),
-               "test": len(test) if test else 0}, "skipped": {"train": train.skipped, "val": val.skipped}}
-    atomic_write_json(run_dir / "metrics.json", summary)
-    export_dir = Path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
-    card: dict[str, Any] = {
-        "task": "faceage",
-        "preprocessing": preprocessing_of(cfg.data.train, cfg.data.image_size),
-        "init": init,
-        "training_data": {"name": cfg.data.name, "photos": summary["photos"], "synthetic": bool(cfg.data.synthetic)},
-        "metrics": {k: v for k, v in metrics.items() if k.count("/") == 1},
-        "run_id": run_info["run_id"],
-    }
-    if correction:
-        card["age_calibration"] = correction
-    if calibration_decision:
-        card["age_calibration_decision"] = calibration_decision
-    save_face_model(export_dir, model, card)
-    log.info("exported FaceAge model to %s (test MAE %s)", export_dir, _fmt(metrics.get("test/mae")))
-    return FinetuneResult(run_dir=run_dir, export_dir=export_dir, metrics=summary)
+            done = run_stage(job, stage, cfg, model, data, loss_weights)
+            if done is None:
+                return result  # preempted: the job requeues on leaving the `with`
+            stages[f"stage{stage}"] = done
+        job.stop_if_requested("the evaluation")
+        metrics, correction, calibration_decision = evaluate(job, model, cfg, shards, run_dir)
+        summary = {**metrics, "stages": stages, "init": init,
+                   "photos": {"train": len(train), "val": metrics["val/n"], "test": metrics.get("test/n", 0)},
+                   "skipped": {"train": train.skipped, "val": metrics["val/skipped"],
+                               "test": metrics.get("test/skipped", 0)}}
+        card: dict[str, Any] = {
+            "task": "faceage",
+            "preprocessing": preprocessing_of(cfg.data.train, cfg.data.image_size),
+            "init": init,
+            "training_data": {"name": cfg.data.name, "photos": summary["photos"], "synthetic": bool(cfg.data.synthetic)},
+            "metrics": {k: v for k, v in metrics.items() if k.count("/") == 1},
+            "run_id": run_info["run_id"],
+        }
+        if correction:
+            card["age_calibration"] = correction
+        if calibration_decision:
+            card["age_calibration_decision"] = calibration_decision
+        if job.is_rank_zero:
+            atomic_write_json(run_dir / "metrics.json", summary)
+            save_face_model(export_dir, model, card)
+            log.info("exported FaceAge model to %s (test MAE %s)", export_dir, _fmt(metrics.get("test/mae")))
+        job.log_final({k: v for k, v in metrics.items() if k.count("/") == 1},
+                      figures=sorted((run_dir / "figures").glob("faceage_*.png")), export_dir=export_dir)
+        job.barrier()  # every rank returns once the export exists
+        result = FinetuneResult(run_dir=run_dir, export_dir=export_dir, metrics=summary)
+    return result
 
 
 def _fmt(v: float | None) -> str:

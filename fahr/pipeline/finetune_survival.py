@@ -9,6 +9,13 @@
 Writes ``metrics.json`` (``test_c_index`` = Harrell's C on the test set, Uno's C, time-dependent AUC,
 integrated Brier score), ``predictions_test.csv`` (per person), and an export whose card stores the
 Breslow baseline hazard, so S(t | x) = exp(-H0(t) exp(risk)) can be produced later.
+
+Runs as a :class:`fahr.job.TrainingJob`. Images mode streams the training photos from their shards
+(one process or one per GPU; the covariates' scaler and the outcome checks come from one pass over
+the training labels, ``<run_dir>/train_labels.npz``) and evaluates every photo once over all ranks.
+Table mode trains full-batch in one process (srun/torchrun with several processes is refused: a
+table fits in one). A stop (SIGUSR1/SIGTERM) saves and ends the command with ``preempted``; the
+same command resumes, after training it redoes only the evaluation.
 """
 
 from __future__ import annotations
@@ -27,27 +34,19 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    Dataset,
-    RandomSampler,
-    SequentialSampler,
-)
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from fahr.boundary import InputError, check_output_dir
+from fahr.boundary import InputError, check_output_dir, read_json_file
 from fahr.config.finetune_schema import FinetuneSurvivalConfig
 from fahr.config.schema import validate
-from fahr.data.labelled import LabelledFaces
+from fahr.job import TrainingJob
 from fahr.models.face_model import FaceModel, save_face_model
 from fahr.models.heads import RiskHead
-from fahr.pipeline.finetune_age import load_task_weights
+from fahr.pipeline.finetune_age import load_task_weights, predict_split, split_shards, train_label_columns, training_data
 from fahr.stats.validation import check_survival_arrays
 from fahr.tasks.survival import SurvivalTask, TableRiskModel, predict_risk
 from fahr.utils.atomic import atomic_write, atomic_write_json, atomic_write_text
-from fahr.utils.checkpoint_io import AtomicCheckpointIO
-from fahr.utils.loggers import build_loggers, finish_trackers
-from fahr.utils.run import prepare_run_dir, run_dir_for
+from fahr.utils.run import run_dir_for
 
 log = logging.getLogger(__name__)
 TABLE_FORMAT = "fahr-table-model/1"
@@ -55,15 +54,17 @@ TABLE_FORMAT = "fahr-table-model/1"
 
 @dataclass
 class SurvivalResult:
+    """How a fine-tune ended; ``preempted``: stopped by a signal (re-run the same command)."""
     run_dir: Path
     export_dir: Path
     metrics: dict[str, Any]
+    preempted: bool = False
 
 
 @dataclass
 class Split:
-    """One split: a dataset plus per-row outcome arrays (days, 0/1) and person ids (images)."""
-    dataset: Dataset
+    """One split: outcome arrays (days, 0/1), person ids (images) and, in table mode, its rows."""
+    dataset: Dataset | None
     time: np.ndarray
     event: np.ndarray
     persons: list[str] | None = None
@@ -238,53 +239,33 @@ class _TableRows(Dataset):
 # ---- image mode -----------------------------------------------------------------------------------
 
 
-class _PhotoOutcomes(Dataset):
-    """LabelledFaces items renamed for the task: ``time``, ``event``, ``covariates`` (standardised)."""
-
-    def __init__(self, base: LabelledFaces, time: str, event: str, covariates: np.ndarray | None) -> None:
-        self.base, self.time_key, self.event_key, self.covariates = base, time, event, covariates
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.base[i]
-        out = {"image": item["image"], "time": item[self.time_key], "event": item[self.event_key]}
-        if self.covariates is not None:
-            out["covariates"] = torch.tensor(self.covariates[i], dtype=torch.float32)
-        return out
-
-
-def image_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any], dict[str, int]]:
-    from fahr.pipeline.finetune_age import load_split_labels
-
+def image_scaler(cfg: DictConfig, job: TrainingJob, shards: list[str]) -> tuple[dict[str, Any], int]:
+    """The covariates' scaler (training mean and SD) and the number of training photos, from one
+    pass over the training labels; the outcomes are checked there, before any training."""
     d = cfg.data
     cov = list(d.covariates)
-    raw = {}
-    for split in ("train", "val", "test"):
-        spec = d[split]
-        if spec is None:
-            if split == "val":
-                raise InputError("data.val is required in images mode (a person-disjoint split from `fahr shards`)")
-            continue
-        raw[split] = load_split_labels(spec, [d.time, d.event], cov, d.image_size)
+    train = train_label_columns(job, shards, [d.time, d.event, *cov], [])
+    missing = sum(n for reason, n in train.skipped.items() if reason in {f"label:{c}" for c in cov})
+    if missing:
+        raise InputError(f"covariates {cov} have missing values in {missing} training photos")
+    check_survival_arrays(train.labels[d.time], train.labels[d.event], name="train shards")
     scaler: dict[str, Any] = {"features": cov}
     if cov:
-        train_cov = np.stack([raw["train"].labels[c] for c in cov], axis=1)
-        if np.isnan(train_cov).any():
-            raise InputError(f"covariates {cov} have missing values in {int(np.isnan(train_cov).any(1).sum())} training photos")
-        scaler["mean"] = train_cov.mean(0).tolist()
-        scaler["std"] = np.where(train_cov.std(0) > 0, train_cov.std(0), 1.0).tolist()
-    splits = {}
-    for split, ds in raw.items():
-        t, e = check_survival_arrays(ds.labels[d.time], ds.labels[d.event], name=f"{split} shards")
-        z = None
-        if cov:
-            z = (np.stack([ds.labels[c] for c in cov], axis=1) - scaler["mean"]) / scaler["std"]
-            if np.isnan(z).any():
-                raise InputError(f"covariates {cov} have missing values in the {split} split")
-        splits[split] = Split(_PhotoOutcomes(ds, d.time, d.event, z), t, e, ds.persons)
-    return splits, scaler, {}
+        values = np.stack([train.labels[c] for c in cov], axis=1)
+        scaler["mean"] = values.mean(0).tolist()
+        scaler["std"] = np.where(values.std(0) > 0, values.std(0), 1.0).tolist()
+    return scaler, len(train)
+
+
+def image_split(job: TrainingJob, model: torch.nn.Module, cfg: DictConfig, shards: list[str],
+                scaler: dict[str, Any], name: str) -> tuple[Split, np.ndarray]:
+    """Every usable photo of a split through ``model`` (over all ranks): (outcomes and persons, risks)."""
+    d = cfg.data
+    cov = list(d.covariates)
+    covariates = (cov, np.asarray(scaler["mean"]), np.asarray(scaler["std"])) if cov else None
+    out = predict_split(job, model, shards, cfg, "risk", (d.time, d.event, *cov), text=("person",), covariates=covariates)
+    t, e = check_survival_arrays(out[d.time], out[d.event], name=f"{name} shards")
+    return Split(None, t, e, out["person"]), out["pred"]
 
 
 def person_level(split: Split, risk: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -320,25 +301,16 @@ def build_model(cfg: DictConfig, num_features: int) -> tuple[torch.nn.Module, di
     return FaceModel(backbone, {"risk": head}, mean, std), init
 
 
-def loaders(cfg: DictConfig, splits: dict[str, Split]) -> dict[str, DataLoader]:
+def table_loaders(cfg: DictConfig, splits: dict[str, Split]) -> dict[str, DataLoader]:
     d = cfg.data
-    full = d.mode == "table" and d.batch_size == 0
+    full = d.batch_size == 0
     train_bs = len(splits["train"].dataset) if full else d.batch_size
     if train_bs > len(splits["train"].dataset):
         raise InputError(f"{len(splits['train'].dataset)} training rows are fewer than one batch ({train_bs})")
-    g = torch.Generator().manual_seed(cfg.seed)
-    if d.mode == "table":
-        out = {"train": table_loader(splits["train"].dataset, train_bs, g)}
-        for name in ("val", "test"):
-            if name in splits:
-                out[name] = table_loader(splits[name].dataset, len(splits[name].dataset))
-        return out
-    workers = d.num_workers
-    out = {"train": DataLoader(splits["train"].dataset, batch_size=train_bs, shuffle=True, drop_last=True,
-                               num_workers=workers, generator=g, persistent_workers=workers > 0)}
+    out = {"train": table_loader(splits["train"].dataset, train_bs, torch.Generator().manual_seed(cfg.seed))}
     for name in ("val", "test"):
         if name in splits:
-            out[name] = DataLoader(splits[name].dataset, batch_size=d.eval_batch_size, shuffle=False, num_workers=min(workers, 1))
+            out[name] = table_loader(splits[name].dataset, len(splits[name].dataset))
     return out
 
 
@@ -352,52 +324,49 @@ def table_loader(rows: "_TableRows", batch_size: int, shuffle: torch.Generator |
                       generator=shuffle)
 
 
-def train(cfg: DictConfig, model: torch.nn.Module, dl: dict[str, DataLoader], run_dir: Path, loggers: list) -> dict[str, Any]:
+def train(job: TrainingJob, cfg: DictConfig, model: torch.nn.Module, scaler: dict[str, Any],
+          train_dataloaders: Any = None, val_dataloaders: Any = None, datamodule: Any = None,
+          batches_per_epoch: int | None = None) -> dict[str, Any] | None:
+    """Train (or skip a finished training); leaves the best weights in ``model``. Returns the
+    summary (``train_done.json``), or None when a signal stopped it."""
     t = cfg.task
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_args.pop("max_steps")
-    trainer_args.pop("val_check_interval", None)
-    devices = trainer_args.get("devices") if isinstance(trainer_args.get("devices"), int) else 1
-    if cfg.data.mode == "table":
-        lr = t.base_lr  # DeepSurv mode: full-batch steps, no batch scaling
-    else:
-        lr = t.base_lr * dl["train"].batch_size * devices * trainer_args.get("num_nodes", 1) / 256
-    task = SurvivalTask(model, OmegaConf.to_container(t, resolve=True), lr)
-    ckpt_dir = run_dir / "checkpoints"
+    run_dir = job.run_dir
     done_file = run_dir / "train_done.json"
     if done_file.is_file():
-        done = json.loads(done_file.read_text())
+        done = read_json_file(done_file, "training summary")
         load_task_weights(model, run_dir / done["best"])
         log.info("training already finished (best val loss %.4f): skipped", done["best_val_loss"])
         return done
+    table = cfg.data.mode == "table"
+    columns = None if table else {"time": cfg.data.time, "event": cfg.data.event, **scaler}
+    task = SurvivalTask(model, OmegaConf.to_container(t, resolve=True), cfg.data.batch_size, columns=columns,
+                        scale_lr=not table)
+    ckpt_dir = run_dir / "checkpoints"
     every = min(t.val_every_n_steps, t.max_steps)
-    per_epoch = len(dl["train"])
     best = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            save_last=False, auto_insert_metric_name=False)
-    recovery = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=every, save_last=True, save_top_k=0, monitor=None)
-    callbacks = [recovery, best]
+    callbacks = [best]
     if t.early_stopping_patience:
         # the kept weights are still the best checkpoint's; stopping forgoes only a new low > K validations later
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience,
                                        check_on_train_epoch_end=False))
-    resume = ckpt_dir / "last.ckpt"
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
-    trainer = L.Trainer(**trainer_args, max_steps=t.max_steps, default_root_dir=str(run_dir), logger=loggers,
-                        callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                        # small tables: an epoch is one or a few batches, so validate every k epochs
-                        val_check_interval=None if every >= per_epoch else every,
-                        check_val_every_n_epoch=max(1, every // per_epoch) if every >= per_epoch else None)
-    trainer.fit(task, train_dataloaders=dl["train"], val_dataloaders=dl["val"],
-                ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
-    if trainer.interrupted:
-        raise RuntimeError(f"training was interrupted at step {trainer.global_step}; rerun to resume")
+    overrides = None
+    if batches_per_epoch is not None and every >= batches_per_epoch:
+        # small tables: an epoch is one or a few batches, so validate every k epochs
+        overrides = {"val_check_interval": None, "check_val_every_n_epoch": max(1, every // batches_per_epoch)}
+    outcome = job.fit(task, ckpt_dir=ckpt_dir, max_steps=t.max_steps, batch_size=max(1, cfg.data.batch_size),
+                      datamodule=datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders,
+                      checkpoint_every=every, val_every=None if overrides else every, callbacks=callbacks,
+                      trainer_overrides=overrides, default_root_dir=run_dir)
+    if outcome.preempted:
+        return None
     if not best.best_model_path:
         raise InputError("no validation loss was computed: the validation part has no usable event")
     load_task_weights(model, Path(best.best_model_path))
-    done = {"steps": trainer.global_step, "stopped_early": trainer.global_step < t.max_steps,
+    done = {"steps": outcome.global_step, "stopped_early": outcome.global_step < t.max_steps,
             "best": os.path.relpath(Path(best.best_model_path).resolve(), run_dir.resolve()),
             "best_val_loss": float(best.best_model_score)}
-    if trainer.is_global_zero:
+    if job.is_rank_zero:
         atomic_write_json(done_file, done)
     return done
 
@@ -444,54 +413,88 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
     from fahr.data.augment import augment_settings
 
     augment_settings(OmegaConf.to_container(cfg.task.augment))  # the rules a schema cannot say, before any work
-    L.seed_everything(cfg.seed, workers=True)
-    ensure_cohort(cfg)
     run_dir = run_dir_for(cfg)
-    run_info = prepare_run_dir(cfg, run_dir)
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
     if cfg.export_dir:
         check_output_dir(cfg.export_dir, "export_dir")
-    log.info("run directory: %s", run_dir)
-    splits, scaler, notes = table_splits(cfg) if cfg.data.mode == "table" else image_splits(cfg)
-    for name, s in splits.items():
-        log.info("%s: %d rows, %d events", name, len(s.time), int(s.event.sum()))
-    model, init = build_model(cfg, len(scaler["features"]))
-    dl = loaders(cfg, splits)
-    loggers = build_loggers(cfg, run_dir, run_info)
-    try:
-        done = train(cfg, model, dl, run_dir, loggers)
-    finally:
-        finish_trackers(loggers)
-    how = cfg.task.person_aggregation
-    train_eval = (table_loader(splits["train"].dataset, len(splits["train"].dataset)) if cfg.data.mode == "table"
-                  else DataLoader(splits["train"].dataset, batch_size=cfg.data.eval_batch_size, shuffle=False))
-    tr = person_level(splits["train"], predict_risk(model, train_eval), how)
-    metrics: dict[str, Any] = {"training": done, "init": init, "rows": {k: len(s.time) for k, s in splits.items()}}
-    if notes:
-        metrics["copies"] = notes
-    va = person_level(splits["val"], predict_risk(model, dl["val"]), how)
-    from fahr.metrics.survival import harrell_c
+    result = SurvivalResult(run_dir=run_dir, export_dir=export_dir, metrics={}, preempted=True)
+    table = cfg.data.mode == "table"
+    with TrainingJob(cfg, run_dir) as job:
+        if table and job.world_size > 1:
+            raise InputError(f"table mode trains full-batch in one process, but {job.env.launcher} started "
+                             f"{job.world_size}: run `fahr finetune-survival data=table ...` without srun/torchrun")
+        L.seed_everything(cfg.seed, workers=True)
+        job.prepare_once("making the cohort shards", lambda: ensure_cohort(cfg))
+        run_info = job.prepare_run_dir()
+        log.info("run directory: %s", run_dir)
+        notes: dict[str, int] = {}
+        if table:
+            splits, scaler, notes = table_splits(cfg)
+            for name, sp in splits.items():
+                log.info("%s: %d rows, %d events", name, len(sp.time), int(sp.event.sum()))
+            model, init = build_model(cfg, len(scaler["features"]))
+            dl = table_loaders(cfg, splits)
+            job.build_loggers()
+            done = train(job, cfg, model, scaler, train_dataloaders=dl["train"], val_dataloaders=dl["val"],
+                         batches_per_epoch=len(dl["train"]))
+        else:
+            if cfg.data.val is None:
+                raise InputError("data.val is required in images mode (a person-disjoint split from `fahr shards`)")
+            shards = {split: split_shards(cfg.data[split]) for split in ("train", "val")}
+            shards["test"] = split_shards(cfg.data.test) if cfg.data.test is not None else None
+            scaler, n_train = image_scaler(cfg, job, shards["train"])
+            model, init = build_model(cfg, len(scaler["features"]))
+            keys = (cfg.data.time, cfg.data.event, *cfg.data.covariates)
+            if n_train < cfg.data.batch_size:
+                raise InputError(f"{n_train} training photos are fewer than one batch ({cfg.data.batch_size})")
+            job.build_loggers()
+            done = train(job, cfg, model, scaler, datamodule=training_data(cfg, shards, n_train, keys))
+        if done is None:
+            return result  # preempted: the job requeues on leaving the `with`
+        job.stop_if_requested("the evaluation")
+        how = cfg.task.person_aggregation
+        metrics: dict[str, Any] = {"training": done, "init": init}
+        if table:
+            evaluated = {name: (sp, predict_risk(model, table_loader(sp.dataset, len(sp.dataset))))
+                         for name, sp in splits.items()}
+        else:
+            evaluated = {name: image_split(job, model, cfg, shards[name], scaler, name)
+                         for name in ("train", "val", "test") if shards.get(name) is not None}
+        metrics["rows"] = {k: len(sp.time) for k, (sp, _) in evaluated.items()}
+        if notes:
+            metrics["copies"] = notes
+        tr = person_level(*evaluated["train"], how)
+        va = person_level(*evaluated["val"], how)
+        from fahr.metrics.survival import harrell_c
 
-    metrics["val_c_index"] = float(harrell_c(va[0], va[1], va[2]))
-    baseline = None
-    if "test" in splits:
-        te = person_level(splits["test"], predict_risk(model, dl["test"]), how)
-        m, baseline = survival_metrics(tr[:3], te[:3], list(cfg.task.horizons_days))
-        metrics.update(m)
-        rows = ["person,time,event,risk"] + [f"{p},{t:g},{int(e)},{r:.6f}" for t, e, r, p in zip(*te)]
-        atomic_write_text(run_dir / "predictions_test.csv", "\n".join(rows) + "\n")
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    export_dir = Path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
-    card = {"task": "facesurvival", "mode": cfg.data.mode, "covariates": scaler, "init": init,
-            "baseline_hazard": baseline, "metrics": {k: v for k, v in metrics.items() if k.startswith(("test_", "val_"))},
-            "run_id": run_info["run_id"], "training_data": {"name": cfg.data.name, "synthetic": bool(cfg.data.synthetic)}}
-    if cfg.data.mode == "images":
-        from fahr.pipeline.finetune_age import preprocessing_of
+        metrics["val_c_index"] = float(harrell_c(va[0], va[1], va[2]))
+        baseline = None
+        if "test" in evaluated:
+            te = person_level(*evaluated["test"], how)
+            m, baseline = survival_metrics(tr[:3], te[:3], list(cfg.task.horizons_days))
+            metrics.update(m)
+            if job.is_rank_zero:
+                rows = ["person,time,event,risk"] + [f"{p},{t:g},{int(e)},{r:.6f}" for t, e, r, p in zip(*te)]
+                atomic_write_text(run_dir / "predictions_test.csv", "\n".join(rows) + "\n")
+        card = {"task": "facesurvival", "mode": cfg.data.mode, "covariates": scaler, "init": init,
+                "baseline_hazard": baseline,
+                "metrics": {k: v for k, v in metrics.items() if k.startswith(("test_", "val_"))},
+                "run_id": run_info["run_id"], "training_data": {"name": cfg.data.name, "synthetic": bool(cfg.data.synthetic)}}
+        if job.is_rank_zero:
+            atomic_write_json(run_dir / "metrics.json", metrics)
+            if table:
+                save_table_model(export_dir, model, card)
+            else:
+                from fahr.pipeline.finetune_age import preprocessing_of
 
-        save_face_model(export_dir, model, {**card, "preprocessing": preprocessing_of(cfg.data.train, cfg.data.image_size)})
-    else:
-        save_table_model(export_dir, model, card)
-    log.info("test C-index %s; exported to %s", f"{metrics['test_c_index']:.4f}" if "test_c_index" in metrics else "-", export_dir)
-    return SurvivalResult(run_dir=run_dir, export_dir=export_dir, metrics=metrics)
+                save_face_model(export_dir, model, {**card, "preprocessing": preprocessing_of(cfg.data.train, cfg.data.image_size)})
+            log.info("test C-index %s; exported to %s",
+                     f"{metrics['test_c_index']:.4f}" if "test_c_index" in metrics else "-", export_dir)
+        job.log_final({k.replace("_", "/", 1): v for k, v in metrics.items() if k.startswith(("test_", "val_"))},
+                      export_dir=export_dir)
+        job.barrier()
+        result = SurvivalResult(run_dir=run_dir, export_dir=export_dir, metrics=metrics)
+    return result
 
 
 def save_table_model(export_dir: Path, model: TableRiskModel, card: dict[str, Any]) -> None:

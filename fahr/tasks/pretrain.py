@@ -67,11 +67,6 @@ class MAEPretrainTask(L.LightningModule):
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         return {**batch, "image": images}
 
-    def on_train_epoch_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
-
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.model(batch["image"])
@@ -92,8 +87,9 @@ class MAEPretrainTask(L.LightningModule):
 
     # ---- optimisation ---------------------------------------------------------------------------
     def effective_batch_size(self) -> int:
-        dm = self.trainer.datamodule
-        return int(dm.batch_size) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        from fahr.job import effective_batch
+
+        return effective_batch(self.trainer, self.trainer.datamodule.batch_size)
 
     def configure_optimizers(self) -> dict[str, Any]:
         effective = self.effective_batch_size()

@@ -7,8 +7,8 @@ Two inputs, one task:
 - table (DeepSurv mode): :class:`TableRiskModel` on standardised feature rows ``{"x": (B, F), ...}``.
 
 The loss is computed on risks gathered from all ranks (``CoxPHLoss(sync_dist=True)``), so under DDP
-the risk set is the global batch. Validation accumulates the whole validation set and reports its
-partial likelihood (mean over events) and Harrell's C.
+the risk set is the global batch. Validation accumulates the whole validation set (every photo once,
+gathered from every rank) and reports its partial likelihood (mean over events) and Harrell's C.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from fahr.data.augment import augment_settings, is_active, augment_batch
+from fahr.data.augment import augment_batch, augment_settings, is_active
+from fahr.job import effective_batch, gather_validation
 from fahr.losses.cox import CoxPHLoss, cox_ph_loss
 from fahr.models.heads import RiskHead
 from fahr.tasks.schedules import warmup_cosine
@@ -49,14 +50,24 @@ class SurvivalTask(L.LightningModule):
     """Args:
         model: a FaceModel with a ``risk`` head, or a :class:`TableRiskModel`.
         task: the ``task`` config dict (ties, LRs, freeze_backbone, hflip, augment, ...).
-        lr: the peak learning rate (already scaled for the batch).
+        batch_size: samples per device per step.
+        columns: images mode, streamed shards: ``{"time": key, "event": key, "features": [covariate
+            keys], "mean": [...], "std": [...]}``: which batch fields are the outcome and the
+            covariates (standardised here); None when batches already hold ``time``, ``event``
+            (and ``x``).
+        scale_lr: peak LR = ``base_lr x effective batch / 256`` (images); False: ``base_lr`` itself
+            (DeepSurv mode: full-batch steps).
     """
 
-    def __init__(self, model: nn.Module, task: dict[str, Any], lr: float) -> None:
+    def __init__(self, model: nn.Module, task: dict[str, Any], batch_size: int, columns: dict[str, Any] | None = None,
+                 scale_lr: bool = True) -> None:
         super().__init__()
         self.model = model
         self.cfg = task
-        self.lr = lr
+        self.batch_size = int(batch_size)
+        self.columns = columns
+        self.scale_lr = scale_lr
+        self.lr = float(task["base_lr"])
         self.loss = CoxPHLoss(ties=task["ties"], reduction="mean", sync_dist=True)
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         augment_settings(task.get("augment"))  # a bad task.augment fails here, before training
@@ -75,7 +86,21 @@ class SurvivalTask(L.LightningModule):
     def on_validation_model_train(self) -> None:
         self._set_modes()
 
+    def _canonical(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``{"image", "time", "event", "covariates"?}`` from a streamed batch (see ``columns``)."""
+        c = self.columns
+        if c is None:
+            return batch
+        out = {"image": batch["image"], "time": batch[c["time"]], "event": batch[c["event"]]}
+        if c.get("features"):
+            raw = torch.stack([batch[k] for k in c["features"]], 1)
+            mean = torch.tensor(c["mean"], dtype=raw.dtype, device=raw.device)
+            std = torch.tensor(c["std"], dtype=raw.dtype, device=raw.device)
+            out["covariates"] = (raw - mean) / std
+        return out
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        batch = self._canonical(batch)
         if "image" in batch and self.cfg.get("hflip", True):
             images = batch["image"]
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
@@ -89,17 +114,18 @@ class SurvivalTask(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        batch = self._canonical(batch)
+        if len(batch["time"]) == 0:  # only skipped samples in this stretch of the stream
+            return
         risk = batch_risk(self.model, batch)
-        self._val.append((risk.detach().cpu(), batch["time"].cpu(), batch["event"].cpu()))
+        self._val.append((risk.detach(), batch["time"].float(), batch["event"].float()))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val:
-            return
-        risk, time, event = (torch.cat(x) for x in zip(*self._val))
+        empty = torch.zeros(0, device=self.device)
+        rows = self._val or [(empty, empty, empty)]
+        risk, time, event = gather_validation(self, *(torch.cat(x) for x in zip(*rows)))
         self._val.clear()
-        if self.trainer.world_size > 1:
-            risk, time, event = (self.all_gather(x.to(self.device)).flatten().cpu() for x in (risk, time, event))
-        if event.sum() == 0:
+        if len(event) == 0 or event.sum() == 0:
             return
         from fahr.metrics.survival import harrell_c
 
@@ -107,8 +133,16 @@ class SurvivalTask(L.LightningModule):
         self.log("val/loss", val_loss.float(), prog_bar=True, sync_dist=False)
         self.log("val/c_index", float(harrell_c(time.numpy(), event.numpy(), risk.numpy())), sync_dist=False)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
     def configure_optimizers(self):
         c = self.cfg
+        effective = effective_batch(self.trainer, self.batch_size)
+        self.lr = c["base_lr"] * effective / 256 if self.scale_lr else c["base_lr"]
+        for lg in self.loggers:
+            lg.log_hyperparams({"lr/base": c["base_lr"], "lr/peak": self.lr, "batch/effective": effective})
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.backbone is not None and not c["freeze_backbone"]:
             groups = param_groups_layer_decay(self.backbone, weight_decay=c["weight_decay"],

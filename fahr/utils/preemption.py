@@ -141,6 +141,17 @@ class PreemptionCheckpoint(Checkpoint):
         wants = _REQUEUE if signum == signal.SIGUSR1 and self.job_id is not None else _STOP
         self._request = max(self._request, wants)
 
+    @property
+    def pending(self) -> int:
+        """This process's unanswered request: 0 none, 1 stop, 2 stop and requeue."""
+        return self._request
+
+    def mark_stopped(self, is_rank_zero: bool) -> None:
+        """Record that a stop was carried out outside training (at a phase boundary): the requeue, if
+        one was asked for, then happens in :meth:`requeue_if_requested` (rank 0)."""
+        self.stopped = True
+        self.requeue_requested = self._request == _REQUEUE and is_rank_zero
+
     def request(self, requeue: bool = False) -> None:
         """Ask for a save-and-stop (with a requeue under SLURM if ``requeue``), as a signal would."""
         self._request = max(self._request, _REQUEUE if requeue and self.job_id is not None else _STOP)
