@@ -329,14 +329,14 @@ def _age_task(augment: dict | None):
     from fahr.tasks.finetune_age import AgeTask
 
     task = {"loss": "l1", "label_sigma": 0.0, "hflip": False, "augment": augment}
-    return AgeTask(_Recorder(), task, stage=2, stage_cfg={}, effective_batch=4)
+    return AgeTask(_Recorder(), task, stage=2, stage_cfg={}, batch_size=4)
 
 
 def _survival_task(augment: dict | None):
     from fahr.tasks.survival import SurvivalTask
 
-    task = {"ties": "efron", "freeze_backbone": False, "hflip": False, "augment": augment}
-    return SurvivalTask(_Recorder(), task, lr=1e-3)
+    task = {"ties": "efron", "freeze_backbone": False, "hflip": False, "augment": augment, "base_lr": 1e-3}
+    return SurvivalTask(_Recorder(), task, batch_size=4)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # self.log outside a Trainer
