@@ -107,6 +107,17 @@ def test_run_id_is_derived_from_config_not_time(tmp_path):
     assert run_dir_for(named).name == "my-run"
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune_age", "finetune_survival"])
+def test_run_id_ignores_display_settings_so_a_resubmission_resumes(command):
+    from fahr.utils.run import derive_run_id
+
+    base = derive_run_id(compose_config(command))
+    shown = compose_config(command, ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=7",
+                                     "logger=wandb"])
+    assert derive_run_id(shown) == base
+    assert derive_run_id(compose_config(command, ["seed=7"])) != base  # what is trained still counts
+
+
 def test_cli_help_lists_commands_without_importing_torch():
     code = ("import sys; from fahr.cli.main import main; main(['--help']); "
             "bad = [m for m in ('torch', 'lightning', 'timm') if m in sys.modules]; "

@@ -3,6 +3,8 @@
 A run lives in ``<paths.runs_dir>/<experiment_name>/<run_id>``. ``run_id`` is given, or derived from a
 hash of the config that determines the training trajectory, so the same command always lands in the
 same directory: re-running it after a crash or preemption resumes from ``checkpoints/last.ckpt``.
+Settings that do not change what is trained (where files go, how the run is watched) are left out of
+the hash (:data:`IDENTITY_EXCLUDED`), so resubmitting with another display setting resumes the run.
 """
 
 from __future__ import annotations
@@ -22,8 +24,26 @@ from omegaconf import DictConfig, OmegaConf
 from fahr.boundary import InputError, check_output_dir, read_json_file
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
 
-# Keys that do not change what is trained: where files go, how it is watched, how it is exported.
-_IDENTITY_EXCLUDED = ("run_id", "paths", "logger", "export", "resume")
+#: Dotted config keys left out of the run id: they do not change what is trained (where files go, how
+#: the run is watched, how it is exported). One list for every training command (pretrain,
+#: finetune_age, finetune_survival); a key a config does not have is skipped. Not listed, because
+#: they do change the run: ``callbacks.checkpoint.*`` (Lightning keys a checkpoint callback's saved
+#: state by its ``every_n_train_steps``/``monitor``/``mode``, so a resume with another value drops the
+#: best-checkpoint bookkeeping) and ``task.*val_every_n_steps`` (which checkpoint is kept as best).
+IDENTITY_EXCLUDED: tuple[str, ...] = (
+    "run_id", "resume",                      # the id itself; whether to resume it
+    "paths",                                 # where files go (data locations are hashed unresolved)
+    "export", "export_dir",                  # pretrain: `fahr export` settings; fine-tunes: where the export goes
+    "logger",                                # CSV / W&B / TensorBoard and their options
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",             # metric logging frequency (also the throughput/LR log interval)
+    "trainer.enable_model_summary",          # not in the schema today; listed so adding it keeps run ids
+    "callbacks.lr_monitor",                  # pretrain: log the LR
+    "callbacks.throughput",                  # pretrain: log images/s
+    "task.log_images_every_n_steps",         # pretrain: reconstruction grids (rank 0, no RNG, no collective)
+    "task.num_log_images",
+    "task.log_clinical_images",
+)
 _PROVENANCE_PACKAGES = (
     "fahr", "torch", "torchvision", "lightning", "timm", "webdataset", "hydra-core", "omegaconf",
     "numpy", "pillow", "safetensors", "wandb", "deepspeed",
@@ -35,12 +55,24 @@ LAST_CHECKPOINT = "last.ckpt"
 def derive_run_id(cfg: DictConfig) -> str:
     """``<experiment_name>-<8 hex>`` from a hash of the trajectory-defining config.
 
-    Hashed unresolved, so paths interpolated into data locations do not change the id.
+    Hashed unresolved, so paths interpolated into data locations do not change the id; the keys of
+    :data:`IDENTITY_EXCLUDED` are removed first.
     """
-    container = OmegaConf.to_container(cfg, resolve=False)
-    identity = {k: v for k, v in container.items() if k not in _IDENTITY_EXCLUDED}
+    identity = OmegaConf.to_container(cfg, resolve=False)
+    for key in IDENTITY_EXCLUDED:
+        _drop(identity, key)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return f"{cfg.experiment_name}-{digest[:8]}"
+
+
+def _drop(container: dict[str, Any], dotted: str) -> None:
+    """Remove ``a.b.c`` from nested dicts; absent (or a parent that is not a mapping) is fine."""
+    *parents, last = dotted.split(".")
+    node: Any = container
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
