@@ -429,8 +429,8 @@ class TrainingJob:
             kind = type(lg).__name__
             pngs = [str(p) for p in figures if Path(p).is_file()]
             if kind == "WandbLogger":
-                if pngs:
-                    lg.log_image(key="figures", images=pngs, step=step)
+                for png in pngs:  # one key per figure: W&B shows one panel per key, of one size
+                    lg.log_image(key=f"figures/{Path(png).stem}", images=[png], step=step)
                 if export_dir is not None:
                     _log_export_artifact(lg, Path(export_dir), self.run_info or {})
             elif kind == "TensorBoardLogger" and pngs:
@@ -504,9 +504,16 @@ class TrainingJob:
             args.update(val_check_interval=val_every, check_val_every_n_epoch=None)
         args.update(trainer_overrides or {})
         _silence_known_warnings()
-        trainer = L.Trainer(**args, max_steps=max_steps, default_root_dir=str(default_root_dir or ckpt_dir.parent),
-                            logger=self.loggers or False, callbacks=run_callbacks,
-                            plugins=[AtomicCheckpointIO(), *cluster_plugins()], use_distributed_sampler=False)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            trainer = L.Trainer(**args, max_steps=max_steps, default_root_dir=str(default_root_dir or ckpt_dir.parent),
+                                logger=self.loggers or False, callbacks=run_callbacks,
+                                plugins=[AtomicCheckpointIO(), *cluster_plugins()], use_distributed_sampler=False)
+        except (MisconfigurationException, ValueError, TypeError) as err:
+            # Lightning's own refusals of a trainer setting (e.g. fsdp or deepspeed without a GPU)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"trainer: {first}") from None
         if resume is not None:
             log.info("resuming from %s", resume)
         kwargs = {"datamodule": datamodule} if datamodule is not None else {

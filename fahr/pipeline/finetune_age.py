@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -20,10 +20,8 @@ same command resumes, after training it redoes only the evaluation.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
