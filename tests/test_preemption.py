@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import torch
 
 from conftest import REPO, compose_config
+from trackers import wandb_history
 from fahr.pipeline.pretrain import pretrain
 from fahr.utils.preemption import slurm_job_id
 from fahr.utils.run import run_dir_for
@@ -84,43 +84,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", **extra)
     return env
-
-
-def wandb_history(run_dir: Path) -> list[tuple[str, list[dict]]]:
-    """``[(run id, [history rows])]`` of the offline W&B sessions in ``run_dir/wandb``, oldest first.
-
-    The ``.wandb`` file is a LevelDB-style log (7-byte file header, 32 KiB blocks of records with a
-    7-byte header: crc32, length, type) of ``wandb_internal_pb2.Record`` protobufs."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    sessions = []
-    for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
-        run_id = folder.name.rsplit("-", 1)[1]
-        data = next(folder.glob("*.wandb")).read_bytes()
-        pos, block, payloads, part = 7, 32768, [], b""
-        while pos + 7 <= len(data):
-            room = block - pos % block
-            if room < 7:  # block trailer
-                pos += room
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            if kind == 0 and length == 0:
-                pos += room
-                continue
-            part += data[pos + 7:pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):  # FULL, LAST
-                payloads.append(part)
-                part = b""
-        rows = []
-        for raw in payloads:
-            record = pb.Record()
-            record.ParseFromString(raw)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-        sessions.append((run_id, rows))
-    return sessions
 
 
 def _assert_one_continuous_wandb_run(run_dir: Path, sessions_expected: int, max_steps: int,
@@ -388,3 +351,113 @@ def test_real_slurm_requeues_and_resumes_to_completion(tiny_overrides, tmp_path)
     # what it had not flushed (measured: from the last 2 steps to the whole 6-step session under
     # load) is missing from W&B. The checkpoint and the training are exact either way.
     _assert_one_continuous_wandb_run(run_dir, sessions_expected=4, max_steps=14, hard_stopped=(2,))
+
+
+# ---- the fine-tunes: the `fahr` command, signalled, then run again -------------------------------
+
+EVAL_TRIGGER = '''
+import glob, os, signal, sys
+_run_glob = os.environ.get("FAHR_TEST_SIGNAL_AFTER")
+if _run_glob:
+    _sent = []
+    def _hook(event, args):
+        # once training is over (the stage summary exists), the first validation shard opened for the
+        # final evaluation gets the command a SIGUSR1: a stop in the middle of the evaluation. The shard
+        # may be opened by a loader worker: the signal goes to the command, the session's leader.
+        if (event == "open" and not _sent and args and isinstance(args[0], str) and args[0].endswith(".tar")
+                and "/val/" in args[0] and glob.glob(_run_glob)):
+            _sent.append(1)
+            os.kill(os.getpgid(0), signal.SIGUSR1)
+    sys.addaudithook(_hook)
+'''
+
+AGE_JOB = ["experiment=demo_faceage", "backbone=null", "model=vit_test", "data.generate.train=128",
+           "data.generate.val=32", "data.generate.test=32", "data.generate.samples_per_shard=16",
+           "data.batch_size=8", "data.num_workers=1", "task.stage1.max_steps=4", "task.stage2.max_steps=30",
+           "task.stage1.val_every_n_steps=2", "task.stage2.val_every_n_steps=4", "trainer.log_every_n_steps=1",
+           "trainer.enable_progress_bar=false"]
+SURVIVAL_JOB = ["experiment=demo_facesurvival", "backbone=null", "model=vit_test", "data.generate.n_patients=240",
+                "+data.generate.samples_per_shard=32", "data.batch_size=16", "data.num_workers=1", "task.max_steps=30",
+                "task.val_every_n_steps=4", "task.freeze_backbone=false", "trainer.log_every_n_steps=1",
+                "trainer.enable_progress_bar=false"]
+
+
+def _fahr(command: str, overrides: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fahr.cli.main", command, *overrides], cwd=REPO,
+                            env=_clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _signal_when(proc: subprocess.Popen, pattern: str, signum: int, group: bool, timeout: float = 240) -> None:
+    """Send ``signum`` once a file matching ``pattern`` exists (to the process group if ``group``)."""
+    deadline = time.monotonic() + timeout
+    while not list(Path("/").glob(pattern.lstrip("/"))):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {pattern} appeared:\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pattern} did not appear within {timeout} s")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _export(root: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (path,) = root.glob("runs/*/*/export/model.safetensors")
+    return load_file(str(path))
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_faceage_stopped_hard_in_stage_2_and_during_evaluation_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    """SIGTERM to every process of the run in stage 2 (as SLURM stops a job), then the same command,
+    signalled again (SIGUSR1) during the final evaluation, then once more: stage 1 is never redone,
+    stage 2 resumes at its saved step, the evaluation is redone, and the export equals an
+    uninterrupted run's bit for bit; one W&B run over the three attempts."""
+    data = f"paths.data_dir={tmp_path / 'data'}"
+    _finish(_fahr("finetune-age", [*AGE_JOB, data, f"paths.root_dir={tmp_path / 'ref'}"]))
+    root = tmp_path / "stopped"
+    overrides = [*AGE_JOB, data, f"paths.root_dir={root}", "logger=wandb"]
+    first = _fahr("finetune-age", overrides)
+    _signal_when(first, f"{root}/runs/*/*/stage2/checkpoints/last.ckpt", signal.SIGTERM, group=True)
+    out = _finish(first)
+    assert "preempted (SIGTERM)" in out and not list(root.glob("runs/*/*/stage2/done.json"))
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "sitecustomize.py").write_text(EVAL_TRIGGER)
+    out = _finish(_fahr("finetune-age", overrides, PYTHONPATH=str(trace),
+                        FAHR_TEST_SIGNAL_AFTER=f"{root}/runs/*/*/stage2/done.json"))
+    assert "stage 1 already finished" in out and "resuming from" in out
+    assert "stopped by a signal before the test evaluation" in out
+    assert not list(root.glob("runs/*/*/export"))
+    out = _finish(_fahr("finetune-age", overrides))
+    assert "stage 1 already finished" in out and "stage 2 already finished" in out
+    assert _same_weights(_export(root), _export(tmp_path / "ref"))
+    (run_dir,) = root.glob("runs/*/*")
+    sessions = wandb_history(run_dir)
+    assert len(sessions) == 3 and len({run_id for run_id, _ in sessions}) == 1
+    assert any("test/mae" in row for row in sessions[-1][1])
+
+
+@pytest.mark.slow
+def test_facesurvival_sigusr1_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    data = f"paths.data_dir={tmp_path / 'data'}"
+    _finish(_fahr("finetune-survival", [*SURVIVAL_JOB, data, f"paths.root_dir={tmp_path / 'ref'}"]))
+    root = tmp_path / "stopped"
+    overrides = [*SURVIVAL_JOB, data, f"paths.root_dir={root}"]
+    first = _fahr("finetune-survival", overrides)
+    _signal_when(first, f"{root}/runs/*/*/checkpoints/last.ckpt", signal.SIGUSR1, group=False)
+    assert "preempted (SIGUSR1)" in _finish(first)
+    assert "resuming from" in _finish(_fahr("finetune-survival", overrides))
+    assert _same_weights(_export(root), _export(tmp_path / "ref"))
+    ref, got = (json.loads(next(r.glob("runs/*/*/metrics.json")).read_text()) for r in (tmp_path / "ref", root))
+    assert got["test_c_index"] == ref["test_c_index"] and got["training"]["steps"] == 30
