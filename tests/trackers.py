@@ -17,22 +17,7 @@ def wandb_history(run_dir: Path) -> list[tuple[str, list[dict]]]:
     sessions = []
     for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
         run_id = folder.name.rsplit("-", 1)[1]
-        data = next(folder.glob("*.wandb")).read_bytes()
-        pos, block, payloads, part = 7, 32768, [], b""
-        while pos + 7 <= len(data):
-            room = block - pos % block
-            if room < 7:  # block trailer
-                pos += room
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            if kind == 0 and length == 0:
-                pos += room
-                continue
-            part += data[pos + 7:pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):  # FULL, LAST
-                payloads.append(part)
-                part = b""
+        payloads = _records(next(folder.glob("*.wandb")).read_bytes())
         rows = []
         for raw in payloads:
             record = pb.Record()

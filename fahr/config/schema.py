@@ -165,7 +165,8 @@ class WandbConfig:
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     mode: Optional[str] = None  # None: WANDB_MODE from the environment; "offline" runs with no network
-    log_model: bool = False
+    # No checkpoint upload option: Lightning's would send pickled checkpoints. The export (safetensors +
+    # card) of every command that writes one is logged as a W&B model artifact (fahr.job).
 
 
 @dataclass

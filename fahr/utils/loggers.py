@@ -61,7 +61,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_info: dict[str, Any]) -> l
         loggers.append(WandbLogger(
             project=w.project, entity=w.entity, group=w.group, tags=list(w.tags),
             name=run_info["run_id"], id=run_info["wandb_id"], resume="allow",
-            save_dir=str(run_dir), log_model=w.log_model,
+            save_dir=str(run_dir), log_model=False,
             config=OmegaConf.to_container(cfg, resolve=True), **kwargs,
         ))
     return loggers
