@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO, compose_config
+from slurm_jobs import ensure_cluster, job_info, start_when_requeued
 from trackers import wandb_history
 from fahr.pipeline.pretrain import pretrain
 from fahr.utils.preemption import slurm_job_id
@@ -250,11 +250,6 @@ srun --kill-on-bad-exit=1 {python} {driver} {rec} 1.0 {overrides}
 """
 
 
-def _job(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_real_slurm_requeues_and_resumes_to_completion(tiny_overrides, tmp_path):
@@ -263,15 +258,7 @@ def test_real_slurm_requeues_and_resumes_to_completion(tiny_overrides, tmp_path)
     the job, DataLoader workers and W&B's service included, and SIGKILLs them KillWait later: the
     training process still saves at the batch end); the job ends COMPLETED at exactly max_steps after
     three restarts, having trained the uninterrupted run's batches once each, in one W&B run."""
-    cluster = REPO / "slurm" / "local-cluster.sh"
-    if not cluster.is_file():
-        pytest.skip("slurm/local-cluster.sh is missing (it comes with the SLURM scale-out work)")
-    if shutil.which("sbatch") is None and os.geteuid() != 0:
-        pytest.skip("SLURM is not installed and installing it needs root: run `sudo slurm/local-cluster.sh start`")
-    started = subprocess.run(["bash", str(cluster), "start"], capture_output=True, text=True, timeout=600)
-    if started.returncode != 0:
-        pytest.skip(f"the local SLURM cluster did not start: {started.stdout[-500:]} {started.stderr[-500:]}")
-
+    ensure_cluster()
     overrides = tiny_overrides + SMALL + ["data.num_workers=2"]
     ref_rec = tmp_path / "reference.txt"
     pretrain(compose_config("pretrain", [*overrides, f"paths.root_dir={tmp_path / 'reference'}"]),
@@ -298,47 +285,30 @@ def test_real_slurm_requeues_and_resumes_to_completion(tiny_overrides, tmp_path)
             if time.monotonic() - self.checked < 1.0:  # _wait_for_step polls every 50 ms; scontrol once a second
                 return None
             self.checked = time.monotonic()
-            state = _job(job_id).get("JobState")
+            state = job_info(job_id).get("JobState")
             if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 self.returncode, self.stdout = state, io.StringIO(out.read_text() if out.is_file() else "")
                 return state
             return None
 
-    def start_when_requeued(restarts: int) -> None:
-        """A requeued job waits ~2 min (its BeginTime) before it may start again: start it now, once
-        the node is idle and the clock has left the second of the requeue. slurmd refuses a launch
-        credential created in the same second as the previous attempt's revocation ("Killing
-        non-startable batch job: Job credential revoked" in slurmctld.log; the job then FAILS);
-        SLURM's own 2-minute wait is what normally hides that."""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            job = _job(job_id)
-            node = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout
-            if job.get("Restarts") == str(restarts) and job.get("JobState") == "PENDING" and node.strip() == "idle":
-                time.sleep(2.0)
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"job {job_id} was not requeued (Restarts={restarts}) and idle within 120 s: {_job(job_id)}")
-
     try:
         _wait_for_step(_Proc(), rec, 3)
         subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
-        start_when_requeued(1)
+        start_when_requeued(job_id, 1)
         _wait_for_step(_Proc(), rec, 7, timeout=600)  # the last batch of epoch 0
         subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
-        start_when_requeued(2)
+        start_when_requeued(job_id, 2)
         _wait_for_step(_Proc(), rec, 10, timeout=600)  # in epoch 1
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
-        start_when_requeued(3)
+        start_when_requeued(job_id, 3)
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and _job(job_id).get("JobState") != "COMPLETED":
-            state = _job(job_id).get("JobState")
+        while time.monotonic() < deadline and job_info(job_id).get("JobState") != "COMPLETED":
+            state = job_info(job_id).get("JobState")
             assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"), out.read_text()
             time.sleep(1)
-        job = _job(job_id)
+        job = job_info(job_id)
     finally:
-        if _job(job_id).get("JobState") not in ("COMPLETED", None):
+        if job_info(job_id).get("JobState") not in ("COMPLETED", None):
             subprocess.run(["scancel", job_id], timeout=30)
     log = out.read_text()
     assert job.get("JobState") == "COMPLETED", log

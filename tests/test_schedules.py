@@ -1,8 +1,6 @@
 import math
 
 import pytest
-import torch
-from torch import nn
 
 from fahr.tasks.optim import param_groups
 from fahr.tasks.schedules import scaled_lr, warmup_cosine

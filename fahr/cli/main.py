@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "far": ("fahr.cli.far", "photos of the same people over time -> Face Aging Rate per person, CSV"),
     "evaluate": ("fahr.cli.evaluate", "per-patient predictions + clinical columns -> Cox HRs, KM, C-index report"),
     "demo": ("fahr.cli.demo", "synthetic faces -> pretrain -> FaceAge -> FaceSurvival -> report, on a CPU"),
+    "run-dir": ("fahr.cli.run_dir", "print the run directory of a training command with these overrides"),
 }
 
 USAGE = """usage: fahr <command> [hydra overrides...]
@@ -71,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
     _hydra.REPORTED.clear()
     try:
-        module.main()
+        status = module.main()  # Hydra apps return None; run-dir its exit status
     except SystemExit as exit_:
         # Hydra reports a config it cannot compose (unknown key, wrong type, bad override) itself and
         # exits 1; that is bad input too, so it gets the input-error status like every other
         if exit_.code == 1 and not _hydra.REPORTED:
             raise SystemExit(_hydra.EXIT_INPUT_ERROR) from None
         raise
-    return 0
+    return int(status or 0)
 
 
 if __name__ == "__main__":
