@@ -84,7 +84,7 @@ def test_deepspeed(name, stage, offload):
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     s = build_strategy(trainer_cfg(name)["strategy"], batch_size=128)
-    assert type(s) is DeepSpeedStrategy
+    assert isinstance(s, DeepSpeedStrategy) and type(s).__name__ == "SafeDeepSpeedStrategy"  # weights-only resume
     zero = s.config["zero_optimization"]
     assert zero["stage"] == stage
     assert ("offload_optimizer" in zero, "offload_param" in zero) == (offload, offload)
@@ -111,6 +111,7 @@ def test_strategy_options_and_names():
     ({"name": "fsdp", "offload_optimizer": True}, "offload_optimizer do not apply to fsdp"),
     ({"name": "horovod"}, "horovod"),
     ({"stage": 2}, "name"),
+    ({"name": "fsdp", "state_dict_type": "sharded"}, "state_dict_type must be 'full'"),
 ])
 def test_bad_strategy_mapping_fails_naming_the_key(strategy, message):
     with pytest.raises(ValueError, match=message):

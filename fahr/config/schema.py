@@ -121,7 +121,7 @@ class StrategyConfig:
     cpu_offload: Optional[bool] = None
     wrap_blocks: Optional[bool] = None  # FSDP unit (and activation checkpointing unit) = one ViT block
     activation_checkpointing: Optional[bool] = None
-    state_dict_type: Optional[str] = None  # "full" (one .ckpt file) or "sharded" (a directory)
+    state_dict_type: Optional[str] = None  # "full" only: one .ckpt file (sharded FSDP folders hold a pickle)
     # deepspeed (ZeRO)
     stage: Optional[int] = None  # 1, 2 or 3
     offload_optimizer: Optional[bool] = None  # optimizer state and step in CPU memory

@@ -84,6 +84,13 @@ def build_strategy(strategy: Any, *, batch_size: int | None = None) -> Any:
 
     if name == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
+
+        if opts.get("state_dict_type", "full") != "full":
+            # a sharded FSDP checkpoint is torch.distributed.checkpoint's folder, whose metadata is read
+            # with pickle.load: resuming or exporting it would unpickle; "full" is one weights-only file
+            raise InputError("trainer.strategy.state_dict_type must be 'full': sharded FSDP checkpoints keep "
+                             "their metadata as a pickle, which fahr never loads (DeepSpeed's folders are read "
+                             "safely: trainer=deepspeed_stage_3 shards the checkpoint too)")
         from timm.models.vision_transformer import Block  # the encoder's and the MAE decoder's block
 
         blocks = {Block}
@@ -93,11 +100,9 @@ def build_strategy(strategy: Any, *, batch_size: int | None = None) -> Any:
             common["activation_checkpointing_policy"] = blocks
         return FSDPStrategy(**common, **opts)
 
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
     if batch_size is not None:
         common["logging_batch_size_per_gpu"] = int(batch_size)
-    strategy = DeepSpeedStrategy(**common, **opts)
+    strategy = safe_deepspeed_strategy()(**common, **opts)
     if opts.get("offload_optimizer"):
         # The task's torch AdamW then steps on the CPU: correct, slower than DeepSpeedCPUAdam (which
         # needs DeepSpeed's compiled cpu_adam op); DeepSpeed refuses a client optimizer unless told.
@@ -105,4 +110,26 @@ def build_strategy(strategy: Any, *, batch_size: int | None = None) -> Any:
     return strategy
 
 
-__all__ = ["build_strategy", "strategy_options", "OPTIONS"]
+def safe_deepspeed_strategy() -> type:
+    """Lightning's ``DeepSpeedStrategy`` whose resume reads DeepSpeed's files weights-only
+    (:func:`fahr.utils.checkpoint_io.load_deepspeed_file`): DeepSpeed's own checkpoint engine loads
+    them with ``weights_only=False``, which would run whatever a checkpoint file holds."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    class SafeDeepSpeedStrategy(DeepSpeedStrategy):
+        def load_checkpoint(self, checkpoint_path: Any, weights_only: Any = None) -> dict[str, Any]:
+            load_checkpoints_weights_only(self.deepspeed_engine)
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    return SafeDeepSpeedStrategy
+
+
+def load_checkpoints_weights_only(engine: Any) -> None:
+    """Make a ``deepspeed.DeepSpeedEngine`` read checkpoint files weights-only (its checkpoint engine's
+    ``load`` is the one place its resume reads files)."""
+    from fahr.utils.checkpoint_io import load_deepspeed_file
+
+    engine.checkpoint_engine.load = lambda path, map_location=None: load_deepspeed_file(path, map_location or "cpu")
+
+
+__all__ = ["build_strategy", "strategy_options", "safe_deepspeed_strategy", "load_checkpoints_weights_only", "OPTIONS"]
