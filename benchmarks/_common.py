@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import statistics
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,3 +27,23 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     payload = {"benchmark": name, "when_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()}, **payload}
     return atomic_write_json(RESULTS / f"{name}.json", payload)
+
+
+def median_rate(stamps: list[float], warmup: int) -> float:
+    """Steps/s from step-end timestamps: 1 / median step duration after ``warmup`` steps (a median,
+    so one scheduler hiccup on a shared 2-core machine does not decide a ratio)."""
+    return 1.0 / statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:]))
+
+
+def step_clock() -> Any:
+    """A Lightning callback recording ``time.perf_counter()`` at every training batch end (``.stamps``)."""
+    import lightning as L
+
+    class StepClock(L.Callback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            self.stamps.append(time.perf_counter())
+
+    return StepClock()

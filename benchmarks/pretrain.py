@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result  # noqa: E402
+from _common import median_rate, print_table, step_clock, write_result  # noqa: E402
 
 BATCH = 64
 SHARD = 256
@@ -89,12 +89,6 @@ def loader_rate(shards: list[str]) -> float:
     return count / (time.perf_counter() - t0)
 
 
-def _median_rate(stamps: list[float], warmup: int) -> float:
-    """Steps/s from step-end timestamps: 1 / median step duration after ``warmup`` steps
-    (a median, so one scheduler hiccup on a shared 2-core machine does not decide the ratio)."""
-    return 1.0 / statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:]))
-
-
 def bare_loop_rate(shards: list[str], steps: int, warmup: int, workers: int) -> float:
     """Steps/s of a hand-written loop doing what MAEPretrainTask does, after ``warmup`` steps."""
     from fahr.data.shards import ShardStream, make_loader
@@ -126,24 +120,16 @@ def bare_loop_rate(shards: list[str], steps: int, warmup: int, workers: int) -> 
             stamps.append(time.perf_counter())
             if done == steps:
                 break
-    return _median_rate(stamps, warmup)
+    return median_rate(stamps, warmup)
 
 
 def lightning_rate(data_root: Path, runs_root: Path, num_samples: int, steps: int, warmup: int, workers: int) -> float:
     """Steps/s of `fahr pretrain` (the real config, vit_tiny, CSV logger) after ``warmup`` steps."""
-    import lightning as L
     from hydra import compose, initialize_config_dir
 
     from fahr.cli._hydra import config_dir
     from fahr.config.schema import register_schemas
     from fahr.pipeline.pretrain import pretrain
-
-    class StepClock(L.Callback):
-        def __init__(self) -> None:
-            self.stamps: list[float] = []
-
-        def on_train_batch_end(self, trainer, *args) -> None:
-            self.stamps.append(time.perf_counter())
 
     register_schemas()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -154,9 +140,9 @@ def lightning_rate(data_root: Path, runs_root: Path, num_samples: int, steps: in
             f"data.generate.samples_per_shard={SHARD}", f"data.batch_size={BATCH}", f"data.num_workers={workers}",
             "task.base_lr=1e-3", "task.warmup_steps=20", "callbacks.checkpoint.every_n_train_steps=100000",
         ])
-    clock = StepClock()
+    clock = step_clock()
     pretrain(cfg, extra_callbacks=[clock])
-    return _median_rate(clock.stamps, warmup)
+    return median_rate(clock.stamps, warmup)
 
 
 def peak_rss_mb(shards: list[str], epochs: int = 1) -> float:

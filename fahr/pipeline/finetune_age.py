@@ -29,7 +29,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
@@ -276,9 +276,11 @@ def load_task_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 
 def run_stage(job: TrainingJob, stage: int, cfg: DictConfig, model: FaceModel, data: ShardDataModule,
-              loss_weights: tuple[float, dict[int, float]] | None) -> dict[str, Any] | None:
+              loss_weights: tuple[float, dict[int, float]] | None,
+              extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any] | None:
     """Train one stage (or skip a finished one); leaves the stage's best weights in ``model``.
-    Returns the stage's summary (``stageN/done.json``), or None when a signal stopped it."""
+    Returns the stage's summary (``stageN/done.json``), or None when a signal stopped it.
+    ``extra_callbacks`` join the stage's trainer (benchmarks and tests)."""
     s = cfg.task[f"stage{stage}"]
     stage_dir = job.run_dir / f"stage{stage}"
     done_file = stage_dir / "done.json"
@@ -295,7 +297,7 @@ def run_stage(job: TrainingJob, stage: int, cfg: DictConfig, model: FaceModel, d
     best = ModelCheckpoint(dirpath=str(stage_dir / "checkpoints"), filename="best", monitor=f"stage{stage}/val/mae",
                            mode="min", save_top_k=1, save_last=False, auto_insert_metric_name=False)
     outcome = job.fit(task, ckpt_dir=stage_dir / "checkpoints", max_steps=s.max_steps, batch_size=cfg.data.batch_size,
-                      datamodule=data, checkpoint_every=every, val_every=every, callbacks=[best],
+                      datamodule=data, checkpoint_every=every, val_every=every, callbacks=[best, *extra_callbacks],
                       default_root_dir=stage_dir)
     if outcome.preempted:
         return None
@@ -365,8 +367,9 @@ def evaluate(job: TrainingJob, model: FaceModel, cfg: DictConfig, shards: dict[s
 # ---- the command ----------------------------------------------------------------------------------
 
 
-def finetune_age(cfg: DictConfig) -> FinetuneResult:
-    """Run (or resume) both stages of the FaceAge fine-tune ``cfg`` describes, evaluate, export."""
+def finetune_age(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> FinetuneResult:
+    """Run (or resume) both stages of the FaceAge fine-tune ``cfg`` describes, evaluate, export.
+    ``extra_callbacks`` join both stages' trainers (benchmarks and tests)."""
     validate(cfg, FinetuneAgeConfig)
     from fahr.data.augment import augment_settings
 
@@ -399,7 +402,7 @@ def finetune_age(cfg: DictConfig) -> FinetuneResult:
         model, init = build_model(cfg)
         stages = {}
         for stage in (1, 2):
-            done = run_stage(job, stage, cfg, model, data, loss_weights)
+            done = run_stage(job, stage, cfg, model, data, loss_weights, extra_callbacks)
             if done is None:
                 return result  # preempted: the job requeues on leaving the `with`
             stages[f"stage{stage}"] = done
