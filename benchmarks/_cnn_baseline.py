@@ -122,10 +122,10 @@ def _decode_all(faces) -> torch.Tensor:
 
 
 def _load_split(spec: str, image_size: int):
-    from fahr.data.build import resolve_train_shards
+    from fahr.data.shard_index import resolve_shard_spec
     from fahr.data.labelled import load_labelled_faces
 
-    return load_labelled_faces(resolve_train_shards(spec), required=["age"], image_size=image_size)
+    return load_labelled_faces(resolve_shard_spec(spec), required=["age"], image_size=image_size)
 
 
 def _lr_at(step: int, lr: float, warmup: int | None, total: int | None) -> float:
@@ -350,7 +350,7 @@ def predict_raw_photos(predict_fn: Callable[[torch.Tensor], np.ndarray], paths: 
     model whose card has ``preprocessing = card_preprocessing`` (checked by its
     ``resolve_preprocessing``). Returns ``[{"path", "status", "faceage"}]`` in input order; ``status``
     is one of :data:`fahr.inference.photos.STATUSES` and ``faceage`` is None unless it is ``ok``."""
-    from data_pipelines.records import RejectedError
+    from fahr.faces.rejection import RejectedError
     from fahr.inference.photos import load_photo, status_of
     from fahr.inference.predict import make_aligner, resolve_preprocessing
 

@@ -1,7 +1,7 @@
 """Benchmark `align`: face detection + alignment throughput on CPU, against the FaceAge approach.
 
 On the same decoded photos in the same run:
-(a) ``FaceAligner`` (our batched MTCNN, ``data_pipelines.mtcnn_fast``, built once; photos downscaled
+(a) ``FaceAligner`` (our batched MTCNN, ``fahr.faces.mtcnn``, built once; photos downscaled
     for detection; 5-point similarity alignment to the 112x112 template): photos/s and detection rate on all 61 FG-NET raw photos and
     on ~200 UTKFace crops (with detection; the default ``detect_pad`` matters: UTKFace faces fill the frame);
 (b) the original FaceAge approach, timed on a subset (it is slow), two ways:
@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from _common import print_table, write_result  # noqa: E402
 
-from data_pipelines.align import AlignedFace, FaceAligner  # noqa: E402
-from data_pipelines.imageio import decode_photo  # noqa: E402
+from fahr.faces.align import AlignedFace, FaceAligner  # noqa: E402
+from fahr.faces.decode import decode_photo  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 FACEAGE_PYTHON = Path(os.environ.get("FAHR_FACEAGE_PYTHON", ROOT / ".cache" / "faceage-baseline" / "bin" / "python"))
@@ -150,11 +150,11 @@ def main() -> None:
         from fahr.data.shard_writer import ShardWriter
 
         t = time.perf_counter()
-        with ShardWriter(Path(tmp) / "shards", source="benchmark", samples_per_shard=64, image_size=112) as w:
+        with ShardWriter(Path(tmp) / "shards", samples_per_shard=64, image_size=112) as w:
             for i, (face, age) in enumerate(crops):
                 w.write(f"s{i:06d}", face.crop, {"age": age})
         wdt = time.perf_counter() - t
-        nbytes = sum(s["bytes"] for s in w.index["shards"])
+        nbytes = sum(s["bytes"] for s in w.entry["shards"])
     shard = {"samples": len(crops), "bytes": nbytes, "seconds": wdt, "mb_per_s": nbytes / wdt / 1e6,
              "samples_per_s": len(crops) / wdt}
 

@@ -114,6 +114,8 @@ def cacd_source() -> Path:
 
 def build_shards(logs: Path) -> dict[str, Any]:
     """UTKFace and CACD shards, detected and aligned as ``fahr predict`` does (reused when built)."""
+    from fahr.data.shard_index import read_index
+
     out: dict[str, Any] = {}
     jobs = {
         UTK: ["shards", "source=utkface", f"input={SHARED / 'utkface'}", f"output={DATA / UTK}",
@@ -128,7 +130,7 @@ def build_shards(logs: Path) -> dict[str, Any]:
             if name == CACD:
                 cacd_source()
             seconds = run(FAHR + args, logs / f"shards_{name}.log")
-        idx = json.loads(index.read_text())
+        idx = read_index(index)
         out[name] = {"index": str(index.relative_to(ROOT)), "seconds": seconds, "reused": seconds is None,
                      "read": idx["read"], "rejected": idx["rejected"],
                      "splits": {k: v["count"] for k, v in idx["splits"].items()}}
@@ -137,12 +139,9 @@ def build_shards(logs: Path) -> dict[str, Any]:
 
 def pretrain_shard_list() -> list[str]:
     """UTKFace train shards + every CACD shard (CACD is unlabelled and unrelated to UTKFace val/test)."""
-    from fahr.data.build import shard_list_from_split_index
+    from fahr.data.shard_index import shard_urls
 
-    shards = shard_list_from_split_index(DATA / UTK / "index.json", "train")
-    cacd = json.loads((DATA / CACD / "index.json").read_text())["splits"]
-    for split in sorted(cacd):
-        shards += shard_list_from_split_index(DATA / CACD / "index.json", split)
+    shards = shard_urls(DATA / UTK / "index.json", "train") + shard_urls(DATA / CACD / "index.json")  # all of CACD
     return [os.path.relpath(s, ROOT) for s in shards]
 
 
@@ -248,13 +247,13 @@ def grey_pixels(faces, size: int = 32) -> np.ndarray:
 def baselines() -> dict[str, Any]:
     from sklearn.linear_model import Ridge
 
-    from fahr.data.build import resolve_train_shards
+    from fahr.data.shard_index import resolve_shard_spec
     from fahr.data.labelled import load_labelled_faces
     from fahr.metrics.age import age_metrics
 
     t0 = time.perf_counter()
     index = DATA / UTK / "index.json"
-    sets = {s: load_labelled_faces(resolve_train_shards(f"{index}#{s}"), required=["age"], image_size=64)
+    sets = {s: load_labelled_faces(resolve_shard_spec(f"{index}#{s}"), required=["age"], image_size=64)
             for s in ("train", "val", "test")}
     ages = {s: d.labels["age"] for s, d in sets.items()}
     median = float(np.median(ages["train"]))
@@ -285,10 +284,10 @@ def utkface_test_photos() -> list[tuple[str, float]]:
     (``sha256("utkface\\0" + file)[:24]``, as ``fahr shards`` names them)."""
     import hashlib
 
-    from fahr.data.build import resolve_train_shards
+    from fahr.data.shard_index import resolve_shard_spec
     from fahr.data.labelled import load_labelled_faces
 
-    test = load_labelled_faces(resolve_train_shards(f"{DATA / UTK / 'index.json'}#test"), required=["age"],
+    test = load_labelled_faces(resolve_shard_spec(f"{DATA / UTK / 'index.json'}#test"), required=["age"],
                                image_size=CROP_SIZE)
     keys = set(test.keys)
     rows = csv.DictReader(open(SHARED / "utkface" / "manifest.csv"))

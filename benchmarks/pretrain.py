@@ -35,11 +35,11 @@ SHARD = 256
 
 
 def make_shards(root: Path, num_samples: int) -> list[str]:
-    from fahr.data.shard_writer import write_synthetic_shards
+    from fahr.data.synthetic_shards import write_synthetic_shards
 
     out = root / f"n{num_samples}"
     index = write_synthetic_shards(out, num_samples=num_samples, samples_per_shard=SHARD, seed=0)
-    return [str(out / s["name"]) for s in index["shards"]]
+    return [str(out / s["name"]) for s in index["splits"]["train"]["shards"]]
 
 
 def _jpeg_blobs(shards: list[str]) -> list[bytes]:
@@ -78,7 +78,7 @@ def torchvision_decode_rate(shards: list[str]) -> float:
 
 def loader_rate(shards: list[str]) -> float:
     """Images/s of one epoch of the shard stream in the main process (one worker's work)."""
-    from fahr.data.shards import ShardStream, make_loader
+    from fahr.data.shard_reader import ShardStream, make_loader
 
     n = len(shards) * SHARD
     stream = ShardStream(shards, samples_per_epoch=n, batch_size=BATCH, seed=0, shuffle_buffer=1000,
@@ -91,7 +91,7 @@ def loader_rate(shards: list[str]) -> float:
 
 def bare_loop_rate(shards: list[str], steps: int, warmup: int, workers: int) -> float:
     """Steps/s of a hand-written loop doing what MAEPretrainTask does, after ``warmup`` steps."""
-    from fahr.data.shards import ShardStream, make_loader
+    from fahr.data.shard_reader import ShardStream, make_loader
     from fahr.models import MaskedAutoencoder, create_backbone
     from fahr.tasks.optim import param_groups
     from fahr.tasks.pretrain import normalize_uint8
@@ -149,7 +149,7 @@ def peak_rss_mb(shards: list[str], epochs: int = 1) -> float:
     """Peak RSS (MB) of a child process streaming ``shards`` through the loader with 2 workers."""
     code = f"""
 import resource, sys
-from fahr.data.shards import ShardStream, make_loader
+from fahr.data.shard_reader import ShardStream, make_loader
 shards = {shards!r}
 stream = ShardStream(shards, samples_per_epoch={len(shards) * SHARD}, batch_size={BATCH}, seed=0,
                      shuffle_buffer=1000, world_size=1, rank=0, num_workers=2)

@@ -358,12 +358,12 @@ FACEAGE_SHARDS = REPO / "data" / "faceage_bench" / "utkface112" / "index.json"
 
 def heldout_sha1(index: Path, splits: tuple[str, ...] = ("val", "test")) -> set[str]:
     """UTKFace sha1s (the shards' person ids) of the FaceAge benchmark's ``splits``: faces it never trained on."""
-    from fahr.data.build import resolve_train_shards
-    from fahr.data.shards import read_shard
+    from fahr.data.shard_index import resolve_shard_spec
+    from fahr.data.shard_reader import read_shard
 
     out: set[str] = set()
     for split in splits:
-        for url in resolve_train_shards(f"{index}#{split}"):
+        for url in resolve_shard_spec(f"{index}#{split}"):
             out.update(json.loads(s["json"])["person"] for s in read_shard(url))
     return out
 

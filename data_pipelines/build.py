@@ -85,15 +85,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_pipelines.records import Record, RejectedError, Rejection
+from data_pipelines.records import Record, check_labels
+from fahr.faces.rejection import RejectedError, Rejection
 from fahr.boundary import InputError, check_output_dir, printable_path, read_json_file
+from fahr.data import shard_index
 from fahr.utils.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = "fahr-shards-splits/1"
 #: the chunk marks' format; part of every fingerprint: bump it when the written shards change
-CHUNK_FORMAT = "fahr-shards-chunk/2"
+CHUNK_FORMAT = "fahr-shards-chunk/3"
 
 #: option bounds (checked before any work by :func:`check_options`)
 IMAGE_SIZE_RANGE = (16, 1024)  # align.image_size 100000 once allocated 22 GB per photo
@@ -212,11 +213,12 @@ STAGING = "staging"
 
 
 def _is_our_index(path: Path) -> bool:
+    """A ``fahr shards`` output's index (a fahr shard index with this module's counts)."""
     try:
-        index = read_json_file(path, "index")
+        index = shard_index.read_index(path)
     except InputError:
         return False
-    return isinstance(index, dict) and index.get("format") == INDEX_FORMAT
+    return all(k in index for k in ("read", "written", "rejected"))
 
 
 def _kind(mode: int) -> str:
@@ -232,8 +234,8 @@ def check_output(output: str | os.PathLike, inputs: tuple[str | os.PathLike | No
 
     Raises:
         InputError: ``output`` is a file; is one of ``inputs`` or holds one; is a non-empty directory
-            that is not a ``fahr shards`` output (no ``parts/`` folder and no ``index.json`` of format
-            ``fahr-shards-splits/1``); holds an ``index.json``, a ``parts`` entry, a chunk mark or a
+            that is not a ``fahr shards`` output (no ``parts/`` folder and no ``index.json`` a ``fahr
+            shards`` run wrote); holds an ``index.json``, a ``parts`` entry, a chunk mark or a
             flat shard name that is not what this command writes there (a directory named
             ``train-000000.tar``, a symbolic link, ...); or cannot be created or written to.
     """
@@ -259,7 +261,7 @@ def check_output(output: str | os.PathLike, inputs: tuple[str | os.PathLike | No
         ours = parts.is_dir() and not parts.is_symlink() or (index.is_file() and _is_our_index(index))
         if entries and not ours:
             raise InputError(f"{where} is a non-empty directory that is not a `fahr shards` output (no parts/ "
-                             f"folder, no index.json of format {INDEX_FORMAT}); refusing to write into it: "
+                             "folder, no index.json written by `fahr shards`); refusing to write into it: "
                              "choose a new or empty directory")
         if os.path.lexists(index) and not stat.S_ISREG(os.lstat(index).st_mode):
             raise InputError(f"{printable_path(index)} is {_kind(os.lstat(index).st_mode)}; `fahr shards` writes "
@@ -342,7 +344,7 @@ def _fingerprint(data: bytes, hashes: bool = True) -> tuple[str, int | None, int
     :func:`~data_pipelines.dedup.fingerprint` (SHA-256 and, if ``hashes``, pHashes of a thumbnail),
     or the rejection reason if it does not decode."""
     from data_pipelines.dedup import fingerprint
-    from data_pipelines.imageio import decode_photo
+    from fahr.faces.decode import decode_photo
 
     try:
         image = decode_photo(data)
@@ -415,7 +417,7 @@ _ALIGNERS: dict[AlignOptions, Any] = {}
 def _aligner(options: AlignOptions):
     """One aligner per process and options: building MTCNN costs more than aligning a photo."""
     if options not in _ALIGNERS:
-        from data_pipelines.align import FaceAligner
+        from fahr.faces.align import FaceAligner
 
         _ALIGNERS[options] = FaceAligner(
             image_size=options.image_size, margin=options.margin, multi_face=options.multi_face,
@@ -432,14 +434,8 @@ def _labels_for_shard(record: Record) -> dict[str, Any]:
     return out
 
 
-def _histograms(labels: dict[str, Any], counters: dict[str, Counter]) -> None:
-    from data_pipelines.splits import age_bin
-
-    if labels.get("age") is not None:
-        counters["age_decade"][str(age_bin(float(labels["age"])) * 10)] += 1
-    for key in ("sex", "race", "event"):
-        if labels.get(key) is not None:
-            counters[key][str(labels[key])] += 1
+#: what each split's index entry summarises of the labels (counts only: they add up over chunks)
+LABEL_SUMMARIES = {"age": ("decades",), "sex": ("counts",), "race": ("counts",), "event": ("counts",)}
 
 
 def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, options: BuildOptions,
@@ -450,7 +446,7 @@ def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, opti
     ``plan_`` needs only the split (and, de-identifying, the anchor) of the chunk's persons.
     """
     from data_pipelines.deid import deidentify
-    from data_pipelines.imageio import decode_photo
+    from fahr.faces.decode import decode_photo
     from fahr.data.shard_writer import ShardWriter
 
     out = Path(output)
@@ -470,7 +466,6 @@ def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, opti
     aligned = _aligner(options.align).align(images) if images else []
     del images
     writers: dict[str, ShardWriter] = {}
-    hist: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     written: Counter = Counter()
     try:
         for (item_id, record), face in zip(kept, aligned):
@@ -486,19 +481,19 @@ def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, opti
             labels = {**_labels_for_shard(record), "person": record.person_id}
             if split not in writers:
                 writers[split] = ShardWriter(chunk_dir / split, prefix=split, samples_per_shard=options.samples_per_shard,
-                                             source=source, image_size=options.align.image_size)
+                                             image_size=options.align.image_size, summaries=LABEL_SUMMARIES,
+                                             check_labels=check_labels)
             writers[split].write(key, face.crop, labels)
-            _histograms(labels, hist[split])
             written[split] += 1
-        indexes = {split: w.close() for split, w in writers.items()}
+        entries = {split: w.close() for split, w in writers.items()}
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
     shards: dict[str, list[dict[str, Any]]] = {}
-    for split, idx in indexes.items():
+    for split, entry in entries.items():
         shards[split] = []
-        for s in idx["shards"]:
+        for s in entry["shards"]:
             info = os.stat(chunk_dir / split / s["name"])  # the identity a rename keeps: how reruns find it
             shards[split].append({**s, "name": f"parts/c{chunk:06d}/{split}/{s['name']}",
                                   "ino": info.st_ino, "mtime_ns": info.st_mtime_ns})
@@ -506,7 +501,7 @@ def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, opti
         "format": CHUNK_FORMAT, "fingerprint": fingerprint,
         "chunk": chunk, "read": len(records), "rejected": dict(rejected), "written": dict(written),
         "shards": shards,
-        "histograms": {split: {k: dict(v) for k, v in h.items()} for split, h in hist.items()},
+        "labels": {split: entry["labels"] for split, entry in entries.items()},
     }
     atomic_write_json(out / "parts" / f"c{chunk:06d}.json", summary)  # the chunk's completion mark
     return summary
@@ -598,12 +593,12 @@ def _valid_mark(mark: Any, chunk: int, splits: set[str]) -> bool:
     if not (isinstance(mark, dict) and mark.get("format") == CHUNK_FORMAT and mark.get("chunk") == chunk
             and isinstance(mark.get("fingerprint"), str) and isinstance(mark.get("rejected"), dict)
             and isinstance(mark.get("written"), dict) and isinstance(mark.get("shards"), dict)
-            and isinstance(mark.get("histograms"), dict)):
+            and isinstance(mark.get("labels"), dict)):
         return False
     if not all(isinstance(k, str) and _is_int(v) and v > 0 for k, v in mark["rejected"].items()):
         return False
     written, shards = mark["written"], mark["shards"]
-    if set(written) != set(shards) or not set(written) <= splits or not set(mark["histograms"]) <= set(written):
+    if set(written) != set(shards) or not set(written) <= splits or not set(mark["labels"]) <= set(written):
         return False
     for split, series in shards.items():
         if not isinstance(series, list) or not _is_int(written[split]):
@@ -616,9 +611,13 @@ def _valid_mark(mark: Any, chunk: int, splits: set[str]) -> bool:
                 return False
         if sum(s["num_samples"] for s in series) != written[split]:
             return False
-    for h in mark["histograms"].values():
-        if not isinstance(h, dict) or not all(
-                isinstance(c, dict) and all(isinstance(k, str) and _is_int(v) for k, v in c.items()) for c in h.values()):
+    for summary in mark["labels"].values():
+        if not isinstance(summary, dict) or not all(
+                isinstance(kinds, dict) and all(isinstance(table, dict) and all(isinstance(k, str) and _is_int(v)
+                                                                             for k, v in table.items())
+                                                for table in kinds.values()) if name != "present" else
+                isinstance(kinds, dict) and all(isinstance(k, str) and _is_int(v) for k, v in kinds.items())
+                for name, kinds in summary.items()):
             return False
     return True
 
@@ -877,11 +876,11 @@ def _place(output: Path, moves: dict[str, list[tuple[Path, dict[str, Any]]]], in
     targets = {dst.name for _, dst, _ in wanted}
     present = {p.name for p in output.iterdir() if _FLAT_NAME.fullmatch(p.name)}
     try:
-        current = read_json_file(index_path, "index") if os.path.lexists(index_path) else None
+        current = shard_index.read_index(output) if os.path.lexists(index_path) else None
     except InputError:
         current = None
     if any(where != dst for where, dst, _ in wanted) or present - targets or current != index:
-        index_path.unlink(missing_ok=True)  # a half-placed output has no index
+        shard_index.remove_index(output)  # a half-placed output has no index
         _fsync_dir(output)
     # 1. needed shards at another flat name move aside, so that no rename below clobbers a needed one
     placed = []
@@ -911,7 +910,7 @@ def _place(output: Path, moves: dict[str, list[tuple[Path, dict[str, Any]]]], in
     for path in output.glob(".index.json.*.tmp"):  # an atomic write killed before its rename
         path.unlink(missing_ok=True)
     if current != index or not index_path.is_file():
-        atomic_write_json(index_path, index)
+        shard_index.write_index(output, index)
 
 
 def _refresh_identities(output: Path, mark: dict[str, Any], index: dict[str, Any]) -> None:
@@ -934,27 +933,27 @@ def _fsync_dir(path: Path) -> None:
 
 def _merge(source: str, plan_: Plan, summaries: list[dict[str, Any]], options: BuildOptions,
            moves: dict[str, list[tuple[Path, dict[str, Any]]]]) -> dict[str, Any]:
+    from fahr.data.shard_writer import LabelSummary
+
     rejected = Counter(plan_.rejected.values())
-    splits: dict[str, dict[str, Any]] = {}
+    counts: Counter = Counter()
+    labels: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in summaries:
         rejected.update(s["rejected"])
-        for split, n in s["written"].items():
-            entry = splits.setdefault(split, {"count": 0, "shards": [], "labels": defaultdict(Counter)})
-            entry["count"] += n
-            for key, counts in s["histograms"].get(split, {}).items():
-                entry["labels"][key].update(counts)
-    for split, entry in splits.items():
-        entry["shards"] = [shard for _, shard in moves.get(split, [])]  # under their final, flat names
-        entry["labels"] = {k: dict(sorted(v.items())) for k, v in entry["labels"].items()}
-    written = sum(e["count"] for e in splits.values())
+        counts.update(s["written"])
+        for split, summary in s["labels"].items():
+            labels[split].append(summary)
+    splits = {split: {"count": counts[split],
+                      "shards": [shard for _, shard in moves.get(split, [])],  # under their final, flat names
+                      "labels": LabelSummary.merge(labels[split])}
+              for split in sorted(counts)}
+    written = sum(counts.values())
     read = plan_.read
     if read != written + sum(rejected.values()):
         raise AssertionError(f"records lost: read {read} != written {written} + rejected {sum(rejected.values())}")
-    return {
-        "format": INDEX_FORMAT, "source": source, "image_size": options.align.image_size,
-        "read": read, "written": written, "rejected": dict(sorted(rejected.items())), "splits": splits,
-        "options": {"fractions": options.fractions, "stratify": options.stratify, "dedup": options.dedup,
-                    "deidentified": options.deidentify, "skip_detection": options.align.skip_detection,
-                    # what `fahr predict` must redo on new photos (recorded in fine-tuned model cards)
-                    "align": {k: getattr(options.align, k) for k in ("image_size", "margin", "multi_face", "min_confidence")}},
-    }
+    return shard_index.make_index(
+        source, options.align.image_size, splits, read=read, written=written, rejected=dict(sorted(rejected.items())),
+        options={"fractions": options.fractions, "stratify": options.stratify, "dedup": options.dedup,
+                 "deidentified": options.deidentify, "skip_detection": options.align.skip_detection,
+                 # what `fahr predict` must redo on new photos (recorded in fine-tuned model cards)
+                 "align": {k: getattr(options.align, k) for k in ("image_size", "margin", "multi_face", "min_confidence")}})

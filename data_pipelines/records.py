@@ -9,10 +9,13 @@ de-identification stage turns dates into days and patient ids into salted hashes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from fahr.boundary import InputError
 
 
 @dataclass
@@ -35,20 +38,17 @@ class Record:
     landmarks: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """A record that will not be written, and why. ``reason`` is a stable short id that the summary
-    counts (e.g. ``"image:unreadable"``, ``"face:none"``, ``"label:age"``); ``detail`` is for humans."""
-
-    source_id: str
-    reason: str
-    detail: str = ""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class RejectedError(Exception):
-    """Raised inside a stage for one record; the caller turns it into a :class:`Rejection`."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+def check_labels(key: str, labels: dict[str, Any]) -> None:
+    """The label conventions above, for the shard writer (``ShardWriter(check_labels=...)``); None
+    means unknown. Raises :class:`InputError` naming the sample key and the label."""
+    age, sex, health = labels.get("age"), labels.get("sex"), labels.get("health")
+    if age is not None and not (_is_number(age) and age >= 0):
+        raise InputError(f"labels for key {key!r}: age must be a non-negative number of years or null, got {age!r}")
+    if sex is not None and (isinstance(sex, bool) or sex not in (0, 1)):
+        raise InputError(f"labels for key {key!r}: sex must be 0 (male), 1 (female) or null, got {sex!r}")
+    if health is not None and not (_is_number(health) and 0.0 <= health <= 1.0):
+        raise InputError(f"labels for key {key!r}: health must be a number in [0, 1] or null, got {health!r}")

@@ -195,26 +195,34 @@ def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_JSON
     Raises:
         InputError: as :func:`read_text_file`, or not valid JSON (naming the line and column).
     """
-    text = read_text_file(path, what, max_bytes)
+    return parse_json_text(read_text_file(path, what, max_bytes), _where(path, what))
+
+
+def parse_json_text(text: str, where: str) -> Any:
+    """JSON text, strictly: no NaN/Infinity constants, no duplicate keys. ``where`` names the source
+    in messages (``"shard index data/x/index.json"``).
+
+    Raises:
+        InputError: not valid JSON (naming the line and column), a duplicated key or a constant.
+    """
 
     def strict_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:
-                raise InputError(f"{_where(path, what)}: key {key!r} appears twice in one object")
+                raise InputError(f"{where}: key {key!r} appears twice in one object")
             out[key] = value
         return out
 
     def no_constants(name: str) -> Any:
-        raise InputError(f"{_where(path, what)}: {name} is not JSON (write null or a finite number)")
+        raise InputError(f"{where}: {name} is not JSON (write null or a finite number)")
 
     try:
         return json.loads(text, object_pairs_hook=strict_pairs, parse_constant=no_constants)
     except json.JSONDecodeError as err:
-        raise InputError(f"{_where(path, what)}: not valid JSON ({err.msg} at line {err.lineno}, "
-                         f"column {err.colno})") from None
+        raise InputError(f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     except RecursionError:
-        raise InputError(f"{_where(path, what)}: nested too deeply to be a fahr file") from None
+        raise InputError(f"{where}: nested too deeply to be a fahr file") from None
 
 
 @dataclass(frozen=True)

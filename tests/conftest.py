@@ -60,6 +60,34 @@ def tiny_cfg(tiny_overrides) -> DictConfig:
     return compose_config("pretrain", tiny_overrides)
 
 
+def write_shard_index(folder: Path, splits: dict[str, list[tuple[str, int]]], image_size: int = 112) -> dict:
+    """An index.json (through fahr.data.shard_index, as every writer does) for tars already in
+    ``folder``: split -> [(shard path, samples)]; sizes and sha256 read from the files."""
+    import hashlib
+
+    from fahr.data.shard_index import make_index, write_index
+
+    entries = {}
+    for split, shards in splits.items():
+        listed = [{"name": Path(p).name, "num_samples": n, "bytes": Path(p).stat().st_size,
+                   "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()} for p, n in shards]
+        entries[split] = {"count": sum(n for _, n in shards), "shards": listed, "labels": {}}
+    index = make_index("test", image_size, entries)
+    write_index(folder, index)
+    return index
+
+
+def write_described_index(folder: Path, source: str = "test", image_size: int = 112, **provenance) -> Path:
+    """A valid index.json (one split of one listed shard, which need not exist) with ``provenance``
+    (e.g. ``options=...``): for code that reads what an index says, not its shards."""
+    from fahr.data.shard_index import make_index, write_index
+
+    shard = {"name": "train-000000.tar", "num_samples": 1, "bytes": 0, "sha256": "0" * 64}
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_index(folder, make_index(source, image_size, {"train": {"count": 1, "shards": [shard], "labels": {}}},
+                                          **provenance))
+
+
 def shared_data(sub: str) -> Path:
     """Path under ../shared/data, skipping the test with a reason when it is absent."""
     path = SHARED_DATA / sub
@@ -68,7 +96,7 @@ def shared_data(sub: str) -> Path:
     return path
 
 
-__all__ = ["compose_config", "open_dict", "shared_data", "TINY_DATA", "REPO"]
+__all__ = ["compose_config", "open_dict", "shared_data", "write_shard_index", "write_described_index", "TINY_DATA", "REPO"]
 
 
 class FahrRun:

@@ -1,4 +1,4 @@
-"""Photo decoding (data_pipelines.imageio) and face alignment (data_pipelines.align).
+"""Photo decoding (fahr.faces.decode) and face alignment (fahr.faces.align).
 
 Pure geometry and decoding tests always run; tests on real faces read ../shared/data (FG-NET raw
 photos with 68-point landmarks, UTKFace crops) and skip when it is absent. CPU only, no downloads.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from data_pipelines.align import (
+from fahr.faces.align import (
     ARCFACE_TEMPLATE_112,
     AlignedFace,
     FaceAligner,
@@ -28,8 +28,8 @@ from data_pipelines.align import (
     template,
     warp,
 )
-from data_pipelines.imageio import decode_photo
-from data_pipelines.records import RejectedError
+from fahr.faces.decode import decode_photo
+from fahr.faces.rejection import RejectedError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FGNET = SHARED_DATA / "fgnet"
@@ -363,7 +363,7 @@ def test_fast_mtcnn_matches_facenet_detect():
     landmarks differ by a median 2-4% (max 11%) of the box width (~100 px here: a few pixels)."""
     from facenet_pytorch import MTCNN
 
-    from data_pipelines.mtcnn_fast import MTCNNDetector
+    from fahr.faces.mtcnn import MTCNNDetector
 
     ours = MTCNNDetector()  # facenet's defaults: thresholds 0.6/0.7/0.7, factor 0.709, NMS 0.7/0.7
     photos = _detection_inputs(FGNET, 16) + _detection_inputs(UTKFACE, 16)
@@ -387,7 +387,7 @@ def test_fast_mtcnn_matches_facenet_detect():
 
 
 def test_fast_mtcnn_rejects_bad_input_and_finds_nothing_in_flat_images():
-    from data_pipelines.mtcnn_fast import MTCNNDetector
+    from fahr.faces.mtcnn import MTCNNDetector
 
     det = MTCNNDetector()
     with pytest.raises(ValueError):

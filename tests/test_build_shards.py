@@ -18,7 +18,7 @@ from conftest import shared_data
 from data_pipelines import build as build_mod
 from data_pipelines.build import AlignOptions, BuildOptions, build_shards
 from data_pipelines.sources import get_source
-from fahr.data.build import resolve_train_shards
+from fahr.data.shard_index import resolve_shard_spec
 
 
 def _utk_subset(tmp_path: Path, n: int) -> Path:
@@ -34,7 +34,7 @@ def _utk_subset(tmp_path: Path, n: int) -> Path:
 
 def _samples(index_path: Path, split: str) -> list[dict]:
     out = []
-    for shard in resolve_train_shards(f"{index_path}#{split}"):
+    for shard in resolve_shard_spec(f"{index_path}#{split}"):
         for s in wds.WebDataset(shard, shardshuffle=False).decode("pil"):
             out.append(s)
     return out
@@ -68,8 +68,10 @@ def test_utkface_to_split_shards_and_back(tmp_path):
     assert len(seen_ages) == index["written"]
     # UTKFace person ids are image hashes, so a near-duplicate photo is always "two persons"
     assert set(index["rejected"]) <= {"duplicate:conflicting_persons", "duplicate:exact", "duplicate:near"}
-    hist = index["splits"]["train"]["labels"]["age_decade"]
-    assert sum(hist.values()) == index["splits"]["train"]["count"]
+    train = index["splits"]["train"]
+    assert sum(train["labels"]["age"]["decades"].values()) == train["count"] == train["labels"]["present"]["age"]
+    train_ages = [s["json"]["age"] for s in _samples(out / "index.json", "train")]
+    assert train["labels"]["age"]["decades"].get("20-29", 0) == sum(20 <= a < 30 for a in train_ages)
 
 
 def test_rerun_after_a_crash_resumes_and_matches_a_clean_build(tmp_path, monkeypatch):
@@ -110,7 +112,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_flat_shard_series_per_split_and_a_crash_mid_move_resumes(tmp_path, monkeypatch):
     """Shards end as <split>-000000.tar, ... (webdataset convention, brace patterns work); the move out
     of parts/ survives a crash, and a rerun repairs a finished shard that holds other bytes."""
-    from fahr.data.shards import expand_shards
+    from fahr.data.shard_reader import expand_shards
 
     root = _utk_subset(tmp_path, 120)
     options = BuildOptions(align=AlignOptions(skip_detection=True), chunk_size=40, samples_per_shard=10,
@@ -232,15 +234,15 @@ def test_fahr_shards_command_config_and_summary(tmp_path, capsys):
         validate(compose_config("shards", ["source=utkface", "input=x", "output=y", "+align.skip_detectoin=true"]),
                  ShardsConfig)
     # the trainer reads a split of it
-    from fahr.data.shards import ShardStream, make_loader
+    from fahr.data.shard_reader import ShardStream, make_loader
 
-    urls = resolve_train_shards(f"{tmp_path / 'out'}/index.json#train")
+    urls = resolve_shard_spec(f"{tmp_path / 'out'}/index.json#train")
     stream = ShardStream(urls, samples_per_epoch=index["splits"]["train"]["count"], batch_size=8, seed=0,
                          shuffle_buffer=0, world_size=1, rank=0, num_workers=0, label_keys=("age",))
     batches = list(make_loader(stream, num_workers=0))
     assert batches[0]["image"].shape[1:] == (3, 112, 112) and batches[0]["age"].dtype.is_floating_point
     with pytest.raises(ValueError, match="no split 'holdout'"):
-        resolve_train_shards(f"{tmp_path / 'out'}/index.json#holdout")
+        resolve_shard_spec(f"{tmp_path / 'out'}/index.json#holdout")
 
 
 def test_parallel_build_equals_sequential(tmp_path, monkeypatch):
@@ -349,7 +351,7 @@ def test_built_shards_stream_over_http_and_pipe(tmp_path):
     import http.server
     import threading
 
-    from fahr.data.shards import ShardStream, make_loader
+    from fahr.data.shard_reader import ShardStream, make_loader
 
     root = _utk_subset(tmp_path, 80)
     out = tmp_path / "out"
@@ -361,16 +363,16 @@ def test_built_shards_stream_over_http_and_pipe(tmp_path):
                              world_size=1, rank=0, num_workers=0, label_keys=("age",))
         return sorted(k for b in make_loader(stream, num_workers=0) for k in b["__key__"])
 
-    local = stream_keys(resolve_train_shards(f"{out}/index.json#train"))
+    local = stream_keys(resolve_shard_spec(f"{out}/index.json#train"))
     assert len(local) == expected
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
     handler.log_message = lambda *a, **k: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        urls = resolve_train_shards(f"http://127.0.0.1:{server.server_address[1]}/index.json#train")
+        urls = resolve_shard_spec(f"http://127.0.0.1:{server.server_address[1]}/index.json#train")
         assert all(u.startswith("http://127.0.0.1") for u in urls)
         assert stream_keys(urls) == local
     finally:
         server.shutdown()
-    assert stream_keys([f"pipe:cat {u}" for u in resolve_train_shards(f"{out}/index.json#train")]) == local
+    assert stream_keys([f"pipe:cat {u}" for u in resolve_shard_spec(f"{out}/index.json#train")]) == local

@@ -56,7 +56,7 @@ def test_worker_tracebacks_collapse_to_their_message():
 
     wrapped = ("Caught ShardReadError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                "  File \"x.py\", line 3, in f\n    raise ShardReadError(m)\n"
-               "fahr.data.shards.ShardReadError: cannot read shard /d/x-000001.tar: invalid tar header at byte 0\n")
+               "fahr.data.shard_reader.ShardReadError: cannot read shard /d/x-000001.tar: invalid tar header at byte 0\n")
     assert _one_line(wrapped) == "cannot read shard /d/x-000001.tar: invalid tar header at byte 0"
     assert _one_line("two\nlines") == "two lines"
 

@@ -14,7 +14,7 @@ from fahr.losses.age import gaussian_label_distribution, l1_age_loss, label_dist
 from fahr.metrics.age import age_metrics, apply_bias_correction, fit_bias_correction
 from fahr.models import AgeHead, load_face_model
 
-from conftest import compose_config
+from conftest import write_described_index, compose_config
 
 
 def test_balanced_sampler_gives_near_uniform_histogram_on_skewed_ages():
@@ -208,12 +208,8 @@ def test_card_records_how_the_training_crops_were_made(tmp_path):
     from fahr.inference.predict import training_crops
 
     def index(folder: str, **options):
-        d = tmp_path / folder
-        d.mkdir()
         align = {"image_size": 112, "margin": 0.2, "multi_face": "largest", "min_confidence": 0.9}
-        (d / "index.json").write_text(json.dumps({"format": "fahr-shards-splits/1", "source": "utkface",
-                                                  "image_size": 112, "options": {**options, "align": align}}))
-        return d / "index.json"
+        return write_described_index(tmp_path / folder, "utkface", options={**options, "align": align})
 
     detected = preprocessing_of(f"{index('detected', skip_detection=False)}#train", 64)
     assert {k: detected[k] for k in ("crops", "detect", "image_size", "margin", "multi_face", "min_confidence")} == {
@@ -256,9 +252,9 @@ def test_an_index_with_bad_crop_options_is_refused_in_one_line(tmp_path):
     from fahr.boundary import InputError
     from fahr.pipeline.finetune_age import preprocessing_of
 
-    (tmp_path / "index.json").write_text(json.dumps({"source": "utkface", "image_size": 112, "options": {
-        "skip_detection": False, "align": {"margin": "wide", "multi_face": "reject", "min_confidence": 0.9}}}))
+    write_described_index(tmp_path, "utkface", options={
+        "skip_detection": False, "align": {"margin": "wide", "multi_face": "reject", "min_confidence": 0.9}})
     with pytest.raises(InputError, match=r"index\.json: options\.align\.margin must be a number in \[0, 2\]"):
         preprocessing_of(str(tmp_path / "index.json"), 64)
-    (tmp_path / "index.json").write_text(json.dumps({"source": "utkface", "options": {"align": "none"}}))
+    write_described_index(tmp_path, "utkface", options={"align": "none"})
     assert preprocessing_of(str(tmp_path / "index.json"), 64)["crops"] == "external"

@@ -193,8 +193,8 @@ class _FirstKeys(L.Callback):
 def test_resume_in_a_later_epoch_streams_that_epochs_order(tiny_overrides):
     """With real workers, the first batch after resuming at batch 2 of epoch 1 is batch 2 of epoch 1's
     order (the epoch is continued, not restarted)."""
-    from fahr.data.shards import ShardStream, make_loader
-    from fahr.data.build import resolve_train_shards
+    from fahr.data.shard_reader import ShardStream, make_loader
+    from fahr.data.shard_index import resolve_shard_spec
 
     overrides = tiny_overrides + ["trainer.max_steps=20", "data.num_workers=2", "callbacks.checkpoint.every_n_train_steps=18"]
     cfg = compose_config("pretrain", overrides)
@@ -203,7 +203,7 @@ def test_resume_in_a_later_epoch_streams_that_epochs_order(tiny_overrides):
     probe = _FirstKeys()
     result = pretrain(cfg, extra_callbacks=[probe])
     assert result.resumed_from is not None and result.global_step == 20
-    shards = resolve_train_shards(f"{cfg.data.generate.out_dir}/index.json")
+    shards = resolve_shard_spec(f"{cfg.data.generate.out_dir}/index.json")
     stream = ShardStream(shards, samples_per_epoch=256, batch_size=16, seed=0, shuffle_buffer=64,
                          world_size=1, rank=0, num_workers=2)
     expected = {}

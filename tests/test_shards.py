@@ -1,4 +1,4 @@
-"""Shard streaming (fahr.data.shards) and its DataModule: epoch arithmetic, DDP splits, bad data."""
+"""Shard streaming (fahr.data.shard_reader) and its DataModule: epoch arithmetic, DDP splits, bad data."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import webdataset as wds
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
+from conftest import write_shard_index
 from fahr.boundary import InputError
 from fahr.data.datamodule import ShardDataModule
-from fahr.data.shards import ShardReadError, ShardStream, expand_shards, make_loader, read_shard
+from fahr.data.shard_reader import ShardReadError, ShardStream, expand_shards, make_loader, read_shard
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -202,7 +203,7 @@ def _bad_data(tmp_path, prefix):
 
 def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     paths, _ = _bad_data(tmp_path, "bad")
-    caplog.set_level(logging.WARNING, logger="fahr.data.shards")
+    caplog.set_level(logging.WARNING, logger="fahr.data.shard_reader")
     stream = ShardStream(paths, samples_per_epoch=27, batch_size=9, label_keys=("age",), world_size=1, rank=0,
                          num_workers=0)
     batches = list(stream)
@@ -295,8 +296,7 @@ def test_datamodule_resizes_and_fails_early(data8, tmp_path):
     with pytest.raises(ValueError, match="set val_samples"):
         ShardDataModule(paths, samples_per_epoch=8, batch_size=4, num_workers=0, val_shards=paths[:2]).setup("fit")
     val_paths, _ = write_shards(tmp_path, 2, 6, prefix="indexed")  # val_samples=0: counted from index.json
-    index = {"shards": [{"name": os.path.basename(p), "num_samples": 6} for p in val_paths]}
-    (tmp_path / "index.json").write_text(json.dumps(index))
+    write_shard_index(tmp_path, {"val": [(p, 6) for p in val_paths]})
     dm = ShardDataModule(paths, samples_per_epoch=8, batch_size=4, num_workers=0, val_shards=val_paths)
     dm.setup("validate")
     assert dm.train_stream is None and dm.val_stream.samples_per_epoch == 12 and len(_keys(dm.val_dataloader())) == 12
@@ -335,8 +335,7 @@ def test_mid_epoch_start_continues_the_uninterrupted_order(tmp_path, num_workers
     """set_epoch(e, start_batch=k) yields exactly batches k.. of the uninterrupted epoch e, for every
     k, through a real DataLoader; with an index.json and no buffer, skipped shards are never opened."""
     paths, _ = write_shards(tmp_path, 4, 12)  # 48 samples; 150 per epoch: the workers make extra passes
-    index = {"shards": [{"name": os.path.basename(p), "num_samples": 12} for p in paths]}
-    (tmp_path / "index.json").write_text(json.dumps(index))
+    write_shard_index(tmp_path, {"train": [(p, 12) for p in paths]})
     for rank in (0, 1):
         stream = ShardStream(paths, samples_per_epoch=150, batch_size=5, seed=3, shuffle_buffer=shuffle_buffer,
                              world_size=2, rank=rank, num_workers=num_workers)
@@ -354,11 +353,10 @@ def test_mid_epoch_start_continues_the_uninterrupted_order(tmp_path, num_workers
 
 
 def test_mid_epoch_start_skips_whole_shards_unopened(tmp_path, monkeypatch):
-    import fahr.data.shards as shards_module
+    import fahr.data.shard_reader as shards_module
 
     paths, _ = write_shards(tmp_path, 4, 10)
-    (tmp_path / "index.json").write_text(json.dumps(
-        {"shards": [{"name": os.path.basename(p), "num_samples": 10} for p in paths]}))
+    write_shard_index(tmp_path, {"train": [(p, 10) for p in paths]})
     stream = ShardStream(paths, samples_per_epoch=40, batch_size=5, seed=0, shuffle_buffer=0,
                          world_size=1, rank=0, num_workers=0)
     full = _keys(stream)

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import shared_data
-from data_pipelines.records import Record, Rejection
+from data_pipelines.records import Record
+from fahr.faces.rejection import Rejection
 from data_pipelines.sources import SOURCES, layout_doc
 from data_pipelines.sources import appa_real, cohort, fgnet, folder, identity_folders, imdb_wiki, utkface
 from fahr.boundary import InputError

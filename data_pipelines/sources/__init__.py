@@ -14,7 +14,8 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from data_pipelines.records import Record, Rejection
+from data_pipelines.records import Record
+from fahr.faces.rejection import Rejection
 
 _MODULES = {
     "folder": "data_pipelines.sources.folder",

@@ -32,7 +32,8 @@ import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from data_pipelines.records import Record, RejectedError, Rejection
+from data_pipelines.records import Record
+from fahr.faces.rejection import RejectedError, Rejection
 from data_pipelines.sources.folder import parse_age, parse_float, read_csv, read_image, reject, require_dir
 from fahr.boundary import InputError
 

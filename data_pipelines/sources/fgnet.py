@@ -48,7 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.records import Record, RejectedError, Rejection
+from data_pipelines.records import Record
+from fahr.faces.rejection import RejectedError, Rejection
 from data_pipelines.sources.folder import (
     _inside,
     is_image,

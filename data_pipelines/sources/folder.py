@@ -41,7 +41,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.records import Record, RejectedError, Rejection
+from data_pipelines.records import Record
+from fahr.faces.rejection import RejectedError, Rejection
 from fahr.boundary import MAX_PHOTO_BYTES, FileRefused, InputError, read_csv_table, read_regular_file
 
 MANIFEST = "manifest.csv"

@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_pipelines.records import Record, RejectedError, Rejection
+from data_pipelines.records import Record
+from fahr.faces.rejection import RejectedError, Rejection
 from data_pipelines.sources.folder import is_image, read_image, reject, require_dir
 
 

@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.records import Record, RejectedError, Rejection
+from data_pipelines.records import Record
+from fahr.faces.rejection import RejectedError, Rejection
 from data_pipelines.sources.folder import parse_age, read_image, reject, require_dir
 from fahr.boundary import FileRefused, InputError, read_regular_file
 

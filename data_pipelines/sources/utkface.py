@@ -43,7 +43,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.records import Record, RejectedError, Rejection
+from data_pipelines.records import Record
+from fahr.faces.rejection import RejectedError, Rejection
 from data_pipelines.sources.folder import (
     is_image, parse_age, parse_int_code, parse_race, read_csv, read_image, reject, require_dir,
     unique_manifest_rows,

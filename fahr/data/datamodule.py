@@ -1,4 +1,4 @@
-"""Lightning DataModule streaming webdataset face shards through :class:`fahr.data.shards.ShardStream`."""
+"""Lightning DataModule streaming webdataset face shards through :class:`fahr.data.shard_reader.ShardStream`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import lightning
 
 from fahr.boundary import InputError
-from fahr.data.shards import (
+from fahr.data.shard_reader import (
     EvalStream,
     LabelAcceptance,
     ShardStream,
@@ -46,7 +46,7 @@ class ShardDataModule(lightning.LightningDataModule):
     """Train (and optionally validation) batches streamed from webdataset shards.
 
     Batches are dicts ``{"image": uint8 (B, 3, image_size, image_size), <label>: float32 (B,),
-    "__key__": list[str], "n_skipped": int64 ()}`` (see :class:`~fahr.data.shards.ShardStream`).
+    "__key__": list[str], "n_skipped": int64 ()}`` (see :class:`~fahr.data.shard_reader.ShardStream`).
     ``batch_size`` is per device; ``samples_per_epoch`` is the nominal, global epoch size.
 
     The stream splits the shards by rank itself, so the Trainer must be built with
@@ -54,7 +54,7 @@ class ShardDataModule(lightning.LightningDataModule):
     DistributedSampler; Lightning 2.6 happens to skip iterable datasets, but do not rely on it).
     Call :meth:`set_epoch` from ``on_train_epoch_start`` so each epoch gets its own shard order.
 
-    Validation, ``val_exact=True`` (the fine-tunes): an :class:`~fahr.data.shards.EvalStream` over
+    Validation, ``val_exact=True`` (the fine-tunes): an :class:`~fahr.data.shard_reader.EvalStream` over
     ``val_shards``: every validation sample exactly once over all ranks, batches of
     ``val_batch_size``, ``val_required`` / ``val_optional`` labels (ranks may get different batch
     counts: gather the results at the epoch end).
@@ -255,3 +255,29 @@ class ShardDataModule(lightning.LightningDataModule):
             return len(self.train_stream)
         world_size, _ = self._world()
         return batches_per_rank(self.samples_per_epoch, self.batch_size, world_size, self.num_workers)
+
+
+def datamodule_from_config(data: Any) -> "ShardDataModule":
+    """The :class:`ShardDataModule` of a pretraining ``data`` config node (its shards must exist;
+    index references resolved by :func:`fahr.data.shard_index.resolve_shard_spec`)."""
+    from omegaconf import OmegaConf
+
+    from fahr.data.shard_index import resolve_shard_spec
+
+    val = data.val_shards
+    return ShardDataModule(
+        train_shards=resolve_shard_spec(OmegaConf.to_object(data.train_shards)
+                                          if OmegaConf.is_config(data.train_shards) else data.train_shards),
+        samples_per_epoch=data.samples_per_epoch,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        seed=data.seed,
+        shuffle_buffer=data.shuffle_buffer,
+        label_keys=tuple(data.label_keys),
+        image_size=data.image_size,
+        on_error=data.on_error,
+        val_shards=resolve_shard_spec(OmegaConf.to_object(val) if OmegaConf.is_config(val) else val) if val else None,
+        val_samples=data.val_samples,
+        persistent_workers=data.persistent_workers,
+        pin_memory=data.pin_memory,
+    )

@@ -1,7 +1,7 @@
 """Labels of labelled shards, age balancing, and (for benchmarks and small tools) faces in memory.
 
-The fine-tunes stream their photos (:class:`fahr.data.shards.ShardStream` for training,
-:class:`fahr.data.shards.EvalStream` for evaluation), so memory per rank stays flat as the data
+The fine-tunes stream their photos (:class:`fahr.data.shard_reader.ShardStream` for training,
+:class:`fahr.data.shard_reader.EvalStream` for evaluation), so memory per rank stays flat as the data
 grows. What they need of a whole split before training is only its labels:
 :func:`read_label_columns` reads the json members of every sample, never the images (~10 us per
 sample), and :func:`save_label_columns` / :func:`load_label_columns` keep them in the run directory
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fahr.boundary import InputError
-from fahr.data.shards import decode_rgb, expand_shards, read_shard
+from fahr.data.shard_reader import decode_rgb, expand_shards, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,12 @@ def load_labelled_faces(shards: str | Sequence[str], required: Sequence[str], op
     """Read every sample of ``shards`` (URLs, brace patterns, or a list) into memory.
 
     Args:
-        shards: what :func:`fahr.data.shards.expand_shards` accepts, or a list of URLs.
+        shards: what :func:`fahr.data.shard_reader.expand_shards` accepts, or a list of URLs.
         required: label keys every kept sample must have as finite numbers (e.g. ``["age"]``).
         optional: label keys kept when present and numeric, NaN otherwise (e.g. ``["sex", "race"]``).
         image_size: side of the returned crops in pixels (others are resized).
 
-    A broken shard raises :class:`fahr.data.shards.ShardReadError`; bad samples are skipped and
+    A broken shard raises :class:`fahr.data.shard_reader.ShardReadError`; bad samples are skipped and
     counted by reason (logged once), so ``read = len(dataset) + sum(skipped)``.
     """
     urls = expand_shards(shards) if isinstance(shards, str) else list(shards)
@@ -113,10 +113,10 @@ def load_split_faces(spec: Any, required: Sequence[str], optional: Sequence[str]
     list of shards); see :func:`load_labelled_faces`."""
     from omegaconf import OmegaConf
 
-    from fahr.data.build import resolve_train_shards
+    from fahr.data.shard_index import resolve_shard_spec
 
     spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
-    return load_labelled_faces(resolve_train_shards(spec), required=required, optional=optional, image_size=image_size)
+    return load_labelled_faces(resolve_shard_spec(spec), required=required, optional=optional, image_size=image_size)
 
 
 def _check_sample(sample: dict[str, Any], required: Sequence[str]) -> str | None:

@@ -1,22 +1,15 @@
-"""Write face crops + labels as webdataset tar shards with a checksummed ``index.json`` (fahr-shards/1).
+"""Write face crops + labels as webdataset tar shards: one split of a shard folder.
 
 Each sample is ``{key}.jpg`` (JPEG quality 95, RGB, no EXIF or other metadata) and ``{key}.json``
-(UTF-8 label dict, e.g. ``{"age": 43.2, "sex": 1, "health": 0.71}``; age in years). Shards are named
-``{prefix}-{shard:06d}.tar`` and ``index.json`` lists them with sample counts, byte sizes and sha256,
-plus free-form provenance (e.g. ``"generator"``) and label summaries::
+(the sample's labels as compact UTF-8 JSON, e.g. ``{"age": 43.2, "sex": 1}``). Shards are named
+``{prefix}-{shard:06d}.tar``; each is written under a temporary name and renamed when complete, and
+a writer that exits with an exception removes its temporary file and the shards it already
+finished. :meth:`ShardWriter.close` returns the split's entry of the folder's ``index.json``
+(``{"count", "shards", "labels"}``), which the caller writes with :mod:`fahr.data.shard_index` once
+every split is done: a folder with an ``index.json`` is always a complete data set.
 
-    "labels": {"present": {"age": n, "sex": n, ...},      # samples carrying each label
-               "age": {"count", "mean", "std", "min", "max",
-                       "histogram_by_decade": {"10-19": n, "20-29": n, ...}},
-               "sex": {"0": n, "1": n, "null": n},
-               "health": {"count", "mean", "std", "min", "max"}}
-
-Writing is all-or-nothing: each shard is written under a temporary name and renamed when complete,
-``index.json`` is written (atomically) last, and a writer that exits with an exception removes its
-temporary file and the shards it already finished, so a directory with an ``index.json`` is always a
-complete dataset. One writer per directory at a time.
-
-Used by the synthetic generator (:func:`write_synthetic_shards`) and by the real-data pipelines.
+The writer knows no label names: labels are any JSON data, checked by the caller's ``check_labels``
+if given, and summarised as the caller asks (``summaries``, see :class:`LabelSummary`).
 """
 
 from __future__ import annotations
@@ -29,27 +22,21 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import webdataset
 from PIL import Image
 
-from fahr.boundary import InputError, read_json_file
-from fahr.data.synthetic import GENERATOR_VERSION, synthetic_face
-from fahr.utils.atomic import atomic_write_json
+from fahr.boundary import InputError
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "fahr-shards/1"
-INDEX_NAME = "index.json"
 JPEG_QUALITY = 95
-_RESERVED_INDEX_KEYS = frozenset(
-    {"format", "source", "synthetic", "image_size", "num_samples", "num_shards", "shards", "labels"}
-)
-_REQUIRED_INDEX_KEYS = ("format", "num_samples", "num_shards", "shards")
 # a key becomes a tar member name "{key}.jpg"; webdataset splits the name at the first dot
 _BAD_KEY = re.compile(r"[./\\\s]|^$")
+#: the summaries a label can ask for (see LabelSummary)
+SUMMARY_KINDS = ("moments", "decades", "counts")
 
 
 class _HashingFile:
@@ -141,7 +128,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _labels_json(key: str, labels: Any) -> tuple[dict, bytes]:
-    """Validate a label dict and encode it as compact UTF-8 JSON."""
+    """Validate a label dict as finite JSON data and encode it as compact UTF-8 JSON."""
     if not isinstance(labels, dict):
         raise InputError(f"labels for key {key!r} must be a dict, got {type(labels).__name__}")
     clean: dict[str, Any] = {}
@@ -156,76 +143,115 @@ def _labels_json(key: str, labels: Any) -> tuple[dict, bytes]:
                 f"labels for key {key!r}: label {name!r}={value!r} is not finite, JSON-serialisable data ({e})"
             ) from e
         clean[name] = value
-    # the shared label conventions; None means "unknown"
-    age, sex, health = clean.get("age"), clean.get("sex"), clean.get("health")
-    if age is not None and not (_is_number(age) and age >= 0):
-        raise InputError(f"labels for key {key!r}: age must be a non-negative number of years or null, got {age!r}")
-    if sex is not None and (isinstance(sex, bool) or sex not in (0, 1)):
-        raise InputError(f"labels for key {key!r}: sex must be 0 (male), 1 (female) or null, got {sex!r}")
-    if health is not None and not (_is_number(health) and 0.0 <= health <= 1.0):
-        raise InputError(f"labels for key {key!r}: health must be a number in [0, 1] or null, got {health!r}")
     return clean, json.dumps(clean, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-class _LabelStats:
-    """Running label summaries for index.json."""
+class LabelSummary:
+    """Summaries of the labels written, for ``index.json``, as the caller asks: ``spec`` maps a label
+    name to kinds among ``moments`` (count, mean, std, min, max of a number), ``decades`` (counts per
+    10-unit bin, ``"20-29"``) and ``counts`` (counts per value, ``"null"`` for None). Every label name
+    seen is counted in ``present``. Summaries of ``counts`` and ``decades`` (and ``present``) add up
+    exactly over writers (:meth:`merge`); ``moments`` do not and are refused there."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.spec = {name: tuple(kinds) for name, kinds in (spec or {}).items()}
+        for name, kinds in self.spec.items():
+            unknown = sorted(set(kinds) - set(SUMMARY_KINDS))
+            if unknown:
+                raise InputError(f"label summary of {name!r}: unknown kind(s) {unknown} (known: {SUMMARY_KINDS})")
         self.present: dict[str, int] = {}
-        self.age_hist: dict[int, int] = {}
-        self.sex: dict[str, int] = {}
-        self.moments = {name: [0, 0.0, 0.0, math.inf, -math.inf] for name in ("age", "health")}
+        self.moments: dict[str, list[float]] = {n: [0, 0.0, 0.0, math.inf, -math.inf]
+                                                for n, k in self.spec.items() if "moments" in k}
+        self.tallies: dict[tuple[str, str], dict[str, int]] = {}
 
-    def add(self, labels: dict) -> None:
+    def add(self, labels: Mapping[str, Any]) -> None:
         for name in labels:
             self.present[name] = self.present.get(name, 0) + 1
-        for name, m in self.moments.items():
+        for name, kinds in self.spec.items():
             x = labels.get(name)
-            if x is not None:
+            if "counts" in kinds and name in labels:
+                self._tally(name, "counts", "null" if x is None else str(x))
+            if x is None or not _is_number(x):
+                continue
+            if "moments" in kinds:
+                m = self.moments[name]
                 m[0] += 1
                 m[1] += x
                 m[2] += x * x
                 m[3] = min(m[3], x)
                 m[4] = max(m[4], x)
-        if labels.get("age") is not None:
-            decade = int(labels["age"] // 10)
-            self.age_hist[decade] = self.age_hist.get(decade, 0) + 1
-        if "sex" in labels:
-            s = "null" if labels["sex"] is None else str(labels["sex"])
-            self.sex[s] = self.sex.get(s, 0) + 1
+            if "decades" in kinds:
+                d = int(x // 10)
+                self._tally(name, "decades", f"{10 * d}-{10 * d + 9}")
 
-    def summary(self) -> dict:
+    def _tally(self, name: str, kind: str, value: str) -> None:
+        table = self.tallies.setdefault((name, kind), {})
+        table[value] = table.get(value, 0) + 1
+
+    def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"present": dict(sorted(self.present.items()))}
-        for name, (n, s, ss, lo, hi) in self.moments.items():
+        for name, (n, total, squares, lo, hi) in self.moments.items():
             if n:
-                mean = s / n
-                out[name] = {"count": n, "mean": mean, "std": math.sqrt(max(ss / n - mean * mean, 0.0)), "min": lo, "max": hi}
-        if self.age_hist:
-            out["age"]["histogram_by_decade"] = {f"{10 * d}-{10 * d + 9}": c for d, c in sorted(self.age_hist.items())}
-        if self.sex:
-            out["sex"] = dict(sorted(self.sex.items()))
+                mean = total / n
+                out.setdefault(name, {}).update(count=n, mean=mean, std=math.sqrt(max(squares / n - mean * mean, 0.0)),
+                                                min=lo, max=hi)
+        for (name, kind), table in sorted(self.tallies.items()):
+            out.setdefault(name, {})[kind] = dict(sorted(table.items(), key=lambda kv: _bin_order(kv[0])))
+        return out
+
+    @staticmethod
+    def merge(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One summary of several writers' summaries of ``counts`` / ``decades`` kinds."""
+        out: dict[str, Any] = {"present": {}}
+        for summary in summaries:
+            for name, n in summary.get("present", {}).items():
+                out["present"][name] = out["present"].get(name, 0) + n
+            for name, kinds in summary.items():
+                if name == "present":
+                    continue
+                if set(kinds) - {"counts", "decades"}:
+                    raise InputError(f"label summary of {name!r}: only counts and decades can be merged")
+                for kind, table in kinds.items():
+                    target = out.setdefault(name, {}).setdefault(kind, {})
+                    for value, n in table.items():
+                        target[value] = target.get(value, 0) + n
+        out["present"] = dict(sorted(out["present"].items()))
+        for name, kinds in out.items():
+            if name != "present":
+                for kind in kinds:
+                    kinds[kind] = dict(sorted(kinds[kind].items(), key=lambda kv: _bin_order(kv[0])))
         return out
 
 
+def _bin_order(value: str) -> tuple:
+    """Numeric order for "20-29" / "3" / "0.5" values, then the rest ("null", text) by name."""
+    head = value.split("-", 1)[0] if value[:1] != "-" else value
+    try:
+        return (0, float(head), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
 class ShardWriter:
-    """Context manager writing (key, image, labels) samples into webdataset shards + index.json.
+    """Context manager writing (key, image, labels) samples into webdataset shards ``{prefix}-*.tar``.
 
     Args:
-        out_dir: output directory (created if missing).
-        prefix: shard name prefix; shards are ``{prefix}-{shard:06d}.tar``.
+        out_dir: the shard folder (created if missing).
+        prefix: shard name prefix (the split's name in a ``fahr shards`` folder); shards are
+            ``{prefix}-{shard:06d}.tar``.
         samples_per_shard: samples per shard (the last one may hold fewer).
-        source: dataset source recorded in index.json (e.g. "synthetic", "utkface").
-        synthetic: whether the images are synthetic (recorded in index.json).
         image_size: required side of the square crops, in pixels.
-        extra_index: extra top-level index.json entries (e.g. ``{"generator": {...}}``).
-        overwrite: if False, refuse a directory that already holds an index.json or shards with this
-            prefix; if True, the old index.json is removed at once and stale ``{prefix}-*.tar`` shards
-            not in the new dataset are deleted on successful close.
+        summaries: label name -> summary kinds for the index (:class:`LabelSummary`).
+        check_labels: called as ``check_labels(key, labels)`` for every sample before it is written;
+            raises :class:`InputError` for labels the caller's conventions refuse.
+        overwrite: if False, refuse a folder that already holds an ``index.json`` or shards with this
+            prefix; if True, stale ``{prefix}-*.tar`` shards not in the new data set are deleted on a
+            successful close (the caller removes the old ``index.json`` first).
 
     ``write(key, image, labels)`` takes an (image_size, image_size, 3) uint8 RGB array (encoded to
     JPEG q95) or already-encoded JPEG bytes (checked, metadata stripped). ``close()`` (or leaving the
-    ``with`` block normally) finishes the last shard and writes index.json; leaving it with an
-    exception calls ``abort()``.
+    ``with`` block normally) finishes the last shard and returns the split's index entry; leaving it
+    with an exception calls ``abort()``.
     """
 
     def __init__(
@@ -233,57 +259,44 @@ class ShardWriter:
         out_dir: str | os.PathLike,
         prefix: str = "shard",
         samples_per_shard: int = 1000,
-        source: str = "unknown",
-        synthetic: bool = False,
         image_size: int = 112,
-        extra_index: dict | None = None,
+        summaries: Mapping[str, Sequence[str]] | None = None,
+        check_labels: Callable[[str, dict], None] | None = None,
         overwrite: bool = False,
     ) -> None:
+        from fahr.data.shard_index import index_path
+
         if not prefix or _BAD_KEY.search(prefix):
             raise InputError(f"shard prefix must be non-empty without '.', '/', '\\' or whitespace, got {prefix!r}")
         if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
             raise InputError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
         if not isinstance(image_size, int) or image_size < 1:
             raise InputError(f"image_size must be a positive int, got {image_size!r}")
-        extra_index = dict(extra_index or {})
-        clash = _RESERVED_INDEX_KEYS & extra_index.keys()
-        if clash:
-            raise InputError(f"extra_index may not set reserved index.json keys {sorted(clash)}")
-        try:
-            json.dumps(extra_index, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"extra_index is not finite, JSON-serialisable data: {e}") from e
-
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
-        self.source = source
-        self.synthetic = bool(synthetic)
         self.image_size = image_size
-        self.extra_index = extra_index
+        self.check_labels = check_labels
         self._shard_re = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        index_path = self.out_dir / INDEX_NAME
         existing = sorted(p.name for p in self.out_dir.iterdir() if self._shard_re.fullmatch(p.name))
-        if not overwrite and (index_path.exists() or existing):
+        if not overwrite and (index_path(self.out_dir).exists() or existing):
             raise InputError(
-                f"{self.out_dir} already holds a dataset ({INDEX_NAME} or {prefix}-*.tar); "
+                f"{self.out_dir} already holds a data set (index.json or {prefix}-*.tar); "
                 "pass overwrite=True to replace it"
             )
-        if index_path.exists():
-            index_path.unlink()  # the old dataset stops being valid before any of its shards is replaced
 
         self._keys: set[str] = set()
         self._shards: list[dict] = []
-        self._stats = _LabelStats()
+        self._stats = LabelSummary(summaries)
         self._tar: webdataset.TarWriter | None = None
         self._file = None
         self._hashing: _HashingFile | None = None
         self._tmp_path: Path | None = None
         self._in_shard = 0
         self._closed = False
-        self.index: dict | None = None
+        self.entry: dict | None = None
 
     # -- context manager ------------------------------------------------------------------------
     def __enter__(self) -> ShardWriter:
@@ -337,6 +350,8 @@ class ShardWriter:
         if key in self._keys:
             raise InputError(f"duplicate sample key {key!r}")
         clean, label_bytes = _labels_json(key, labels)
+        if self.check_labels is not None:
+            self.check_labels(key, clean)
         jpg = _jpeg_bytes(key, image, self.image_size)
         if self._tar is None:
             self._open_shard()
@@ -348,11 +363,12 @@ class ShardWriter:
             self._finish_shard()
 
     def close(self) -> dict:
-        """Finish the last shard, delete stale shards of this prefix, write index.json; returns the index."""
+        """Finish the last shard and delete stale shards of this prefix; returns the split's index
+        entry ``{"count", "shards": [{"name", "num_samples", "bytes", "sha256"}], "labels"}``."""
         if self._closed:
-            if self.index is None:
-                raise RuntimeError("ShardWriter was aborted; there is no index")
-            return self.index
+            if self.entry is None:
+                raise RuntimeError("ShardWriter was aborted; there is nothing to index")
+            return self.entry
         if self._tar is not None:
             self._finish_shard()
         names = {s["name"] for s in self._shards}
@@ -360,22 +376,10 @@ class ShardWriter:
             if self._shard_re.fullmatch(p.name) and p.name not in names:
                 logger.info("removing stale shard %s", p)
                 p.unlink()
-        index = {
-            "format": FORMAT,
-            "source": self.source,
-            "synthetic": self.synthetic,
-            "image_size": self.image_size,
-            "num_samples": len(self._keys),
-            "num_shards": len(self._shards),
-            "shards": self._shards,
-            "labels": self._stats.summary(),
-            **self.extra_index,
-        }
-        atomic_write_json(self.out_dir / INDEX_NAME, index)
+        self.entry = {"count": len(self._keys), "shards": self._shards, "labels": self._stats.summary()}
         self._closed = True
-        self.index = index
-        logger.info("wrote %d samples in %d shards to %s", index["num_samples"], index["num_shards"], self.out_dir)
-        return index
+        logger.info("wrote %d samples in %d shards to %s", len(self._keys), len(self._shards), self.out_dir)
+        return self.entry
 
     def abort(self) -> None:
         """Discard everything this writer wrote: the open temp shard and the finished shards."""
@@ -395,113 +399,4 @@ class ShardWriter:
         logger.warning("aborted writing %s: removed partial output", self.out_dir)
 
 
-def read_index(out_dir: str | os.PathLike) -> dict:
-    """Load and sanity-check ``out_dir/index.json`` (format fahr-shards/1)."""
-    path = Path(out_dir) / INDEX_NAME
-    if not path.exists():
-        raise InputError(f"{path} not found: not a fahr shard directory, or writing did not finish")
-    index = read_json_file(path, "shard index")
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        got = index.get("format") if isinstance(index, dict) else type(index).__name__
-        raise InputError(f"{path}: expected format {FORMAT!r}, got {got!r}")
-    missing = [k for k in _REQUIRED_INDEX_KEYS if k not in index]
-    if missing:
-        raise InputError(f"{path}: missing keys {missing}")
-    return index
-
-
-def verify_shards(out_dir: str | os.PathLike, check_hashes: bool = True) -> None:
-    """Check every shard listed in index.json exists with the recorded size (and sha256).
-
-    Raises FileNotFoundError for a missing shard and ValueError for an inconsistent index or a
-    shard whose size or hash differs, naming the shard.
-    """
-    out_dir = Path(out_dir)
-    index = read_index(out_dir)
-    shards = index["shards"]
-    if len(shards) != index["num_shards"]:
-        raise InputError(f"{out_dir / INDEX_NAME}: num_shards={index['num_shards']} but {len(shards)} shards listed")
-    total = sum(s["num_samples"] for s in shards)
-    if total != index["num_samples"]:
-        raise InputError(f"{out_dir / INDEX_NAME}: num_samples={index['num_samples']} but shards hold {total}")
-    for s in shards:
-        path = out_dir / s["name"]
-        if not path.is_file():
-            raise InputError(f"shard {path} listed in {INDEX_NAME} is missing")
-        size = path.stat().st_size
-        if size != s["bytes"]:
-            raise InputError(f"shard {path}: {size} bytes on disk, {s['bytes']} in {INDEX_NAME}")
-        if check_hashes:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            if h.hexdigest() != s["sha256"]:
-                raise InputError(f"shard {path}: sha256 {h.hexdigest()} does not match {INDEX_NAME} ({s['sha256']})")
-
-
-def synthetic_generator(num_samples: int, samples_per_shard: int, seed: int, image_size: int) -> dict:
-    """The generator parameters recorded in a synthetic index.json (equal parameters = same shards)."""
-    return {"name": "fahr.data.synthetic", "version": GENERATOR_VERSION, "num_samples": num_samples,
-            "samples_per_shard": samples_per_shard, "seed": seed, "image_size": image_size}
-
-
-def synthetic_shards_ready(out_dir: str | os.PathLike, generator: dict) -> bool:
-    """True if ``out_dir`` holds finished synthetic shards made with ``generator`` (sizes checked)."""
-    try:
-        index = read_index(out_dir)
-        if index.get("generator") != generator:
-            return False
-        verify_shards(out_dir, check_hashes=False)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
-def write_synthetic_shards(
-    out_dir: str | os.PathLike, num_samples: int, samples_per_shard: int, seed: int = 0, image_size: int = 112
-) -> dict:
-    """Write (or reuse) SYNTHETIC face shards ``synthetic-{i:06d}.tar`` with keys ``"%09d" % index``.
-
-    An existing index.json with the same generator parameters (num_samples, samples_per_shard, seed,
-    image_size, generator version) whose shards exist with the recorded sizes is reused as is; other
-    synthetic shards in ``out_dir`` are replaced, but a directory whose index.json describes a
-    non-synthetic dataset raises InputError. Returns the index dict.
-    """
-    if num_samples < 1:
-        raise InputError(f"num_samples must be >= 1, got {num_samples}")
-    generator = synthetic_generator(num_samples, samples_per_shard, seed, image_size)
-    try:
-        index = read_index(out_dir)
-    except InputError as e:  # none yet, or unreadable: (re)write
-        index = None
-        logger.info("writing synthetic shards: %s", e)
-    if index is not None:
-        if index.get("source") != "synthetic":
-            raise InputError(
-                f"{out_dir} holds a non-synthetic dataset (source={index.get('source')!r}); refusing to overwrite it"
-            )
-        if index.get("generator") == generator:
-            try:
-                verify_shards(out_dir, check_hashes=False)
-                logger.info("reusing %d synthetic samples in %s", index["num_samples"], out_dir)
-                return index
-            except InputError as e:
-                logger.warning("regenerating synthetic shards in %s: %s", out_dir, e)
-        else:
-            logger.info("synthetic shards in %s have other parameters: regenerating", out_dir)
-    with ShardWriter(
-        out_dir,
-        prefix="synthetic",
-        samples_per_shard=samples_per_shard,
-        source="synthetic",
-        synthetic=True,
-        image_size=image_size,
-        extra_index={"generator": generator},
-        overwrite=True,
-    ) as writer:
-        for i in range(num_samples):
-            image, labels = synthetic_face(i, seed, image_size)
-            writer.write(f"{i:09d}", image, labels)
-    assert writer.index is not None
-    return writer.index
+__all__ = ["ShardWriter", "LabelSummary", "JPEG_QUALITY", "SUMMARY_KINDS"]

@@ -25,14 +25,12 @@ Rendering is a pure function of the spec (its ``texture_seed`` drives the random
 Images are byte-identical for a given numpy build and CPU; float32 transcendental functions may
 differ by an ulp elsewhere, so compare across machines with a tolerance, not by hash.
 
-Command line (writes webdataset shards + index.json via :mod:`fahr.data.shard_writer`)::
-
-    python -m fahr.data.synthetic --out DIR --num-samples N --samples-per-shard K --seed S
+Shards of synthetic faces: :mod:`fahr.data.synthetic_shards` (which feeds the shard writer; this
+module only draws faces).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import math
@@ -527,25 +525,3 @@ def synthetic_face(index: int, seed: int, size: int = 112) -> tuple[np.ndarray, 
     spec = sample_spec(index, seed)
     labels = {"age": spec.age, "sex": spec.sex, "health": spec.health, "synthetic": True}
     return render_face(spec, size), labels
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m fahr.data.synthetic --out DIR --num-samples N --samples-per-shard K --seed S``."""
-    from fahr.data.shard_writer import write_synthetic_shards  # late import: shard_writer imports us
-
-    p = argparse.ArgumentParser(prog="python -m fahr.data.synthetic", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output directory for shards + index.json")
-    p.add_argument("--num-samples", type=int, required=True)
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=112)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    index = write_synthetic_shards(
-        args.out, args.num_samples, args.samples_per_shard, seed=args.seed, image_size=args.image_size
-    )
-    logger.info("%d synthetic samples in %d shards under %s", index["num_samples"], index["num_shards"], args.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.imageio import decode_photo
-from data_pipelines.records import RejectedError
+from fahr.faces.decode import decode_photo
+from fahr.faces.rejection import RejectedError
 from fahr.boundary import (
     MAX_PHOTO_BYTES,
     FileRefused,

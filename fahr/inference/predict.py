@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipelines.records import RejectedError
+from fahr.faces.rejection import RejectedError
 from fahr.boundary import InputError
 from fahr.inference.photos import Photo, load_photo, status_of
 from fahr.metrics.age import apply_bias_correction
@@ -105,7 +105,7 @@ def resolve_preprocessing(card: dict[str, Any], overrides: dict[str, Any] | None
 
 def make_aligner(prep: dict[str, Any]):
     """A ``FaceAligner`` doing what ``prep`` (from :func:`resolve_preprocessing`) says."""
-    from data_pipelines.align import FaceAligner
+    from fahr.faces.align import FaceAligner
 
     return FaceAligner(image_size=int(prep["image_size"]), margin=float(prep["margin"]),
                        multi_face=prep["multi_face"], min_confidence=float(prep["min_confidence"]),

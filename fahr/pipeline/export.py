@@ -53,15 +53,15 @@ def _training_data(run_cfg: dict[str, Any]) -> dict[str, Any]:
     facts = {"name": data["name"], "synthetic": data.get("synthetic", False), "clinical": data.get("clinical", False),
              "samples_per_epoch": data["samples_per_epoch"]}
     gen = data.get("generate")
-    index_path = Path(gen["out_dir"]) / "index.json" if gen else None
-    if index_path is not None and index_path.is_file():
+    if gen and (Path(gen["out_dir"]) / "index.json").is_file():
+        from fahr.data.shard_index import read_index
+
         try:
-            index = read_json_file(index_path, "shard index")
+            index = read_index(gen["out_dir"])
         except InputError as err:
             log.warning("training data facts left out of the card: %s", err)
             return facts
-        if isinstance(index, dict):
-            facts.update(num_samples=index.get("num_samples"), source=index.get("source"))
+        facts.update(num_samples=sum(e["count"] for e in index["splits"].values()), source=index.get("source"))
     return facts
 
 

@@ -8,7 +8,7 @@ One command runs both stages in one run directory (derived from the config like 
     <run_dir>/export/                              model.safetensors + model_card.json (fahr-model/1)
 
 Runs as a :class:`fahr.job.TrainingJob` (one process, or one per GPU under srun/torchrun). The
-training split streams from its shards (:class:`fahr.data.shards.ShardStream`; memory per rank does
+training split streams from its shards (:class:`fahr.data.shard_reader.ShardStream`; memory per rank does
 not grow with the data), age-balanced by per-sample acceptance: a photo in age bin ``b`` is kept with
 probability ``w_b / max w`` (``w`` from :func:`fahr.data.labelled.balancing_weights`), which draws bins
 as weighted sampling does. The bin counts come from one pass over the split's labels (json only,
@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from fahr.boundary import InputError, check_output_dir, printable_path, read_json_file
 from fahr.config.finetune_schema import FinetuneAgeConfig
 from fahr.config.schema import validate
-from fahr.data.build import resolve_train_shards
+from fahr.data.shard_index import resolve_shard_spec
 from fahr.data.datamodule import ShardDataModule
 from fahr.data.labelled import (
     LabelColumns,
@@ -51,7 +51,7 @@ from fahr.data.labelled import (
     read_label_columns,
     save_label_columns,
 )
-from fahr.data.shards import EvalStream, LabelAcceptance, eval_loader, expand_shards
+from fahr.data.shard_reader import EvalStream, LabelAcceptance, eval_loader, expand_shards
 from fahr.job import TrainingJob
 from fahr.metrics.age import age_metrics, apply_bias_correction, decide_bias_correction
 from fahr.models.backbone import create_backbone
@@ -83,17 +83,17 @@ def ensure_synthetic_splits(data: DictConfig) -> None:
     """Generate (or reuse) synthetic train/val/test shards, one generator seed per split."""
     if data.get("generate") is None:
         return
-    from fahr.data.shard_writer import write_synthetic_shards
+    from fahr.data.synthetic_shards import write_synthetic_shards
 
     g = data.generate
     for i, split in enumerate(("train", "val", "test")):
-        write_synthetic_shards(Path(g.out_dir) / split, num_samples=int(g[split]),
-                               samples_per_shard=g.samples_per_shard, seed=g.seed * 1000 + i, image_size=data.image_size)
+        write_synthetic_shards(Path(g.out_dir) / split, num_samples=int(g[split]), samples_per_shard=g.samples_per_shard,
+                               seed=g.seed * 1000 + i, image_size=data.image_size, split=split)
 
 
 def split_shards(spec: Any) -> list[str]:
     """The shard URLs of one split (``index.json[#split]``, a brace pattern or a list)."""
-    resolved = resolve_train_shards(OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec)
+    resolved = resolve_shard_spec(OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec)
     return expand_shards(resolved)
 
 
@@ -186,23 +186,6 @@ def predict_split(job: TrainingJob, model: torch.nn.Module, shards: list[str], c
     return out
 
 
-def _index_path_of(spec: Any) -> Path | None:
-    """The local ``index.json`` a training-shards spec names (``DIR/index.json[#split]``, ``DIR``)
-    or sits beside (tar paths or brace patterns in one folder); None when there is none."""
-    specs = [spec] if isinstance(spec, str) else list(spec) if spec is not None else []
-    candidates = set()
-    for item in specs:
-        if not isinstance(item, str) or "://" in item or item.startswith("pipe:"):
-            return None
-        path = Path(item.split("#")[0])
-        candidates.add(path if path.name == "index.json" else path / "index.json" if path.is_dir()
-                       else path.parent / "index.json")
-    if len(candidates) != 1:
-        return None
-    (path,) = candidates
-    return path if path.is_file() else None
-
-
 def preprocessing_of(spec: Any, image_size: int) -> dict[str, Any]:
     """How the training crops were made, for the model card's ``preprocessing`` (``fahr predict``
     reads it: see :func:`fahr.inference.predict.resolve_preprocessing`), from the ``index.json`` of
@@ -214,11 +197,13 @@ def preprocessing_of(spec: Any, image_size: int) -> dict[str, Any]:
       ``crops: external`` and a ``source`` line saying which;
     - no index (shards given as tar paths elsewhere): ``crops: unknown``.
     """
-    path = _index_path_of(spec)
+    from fahr.data.shard_index import index_location, read_index
+
+    path = index_location(spec)
     if path is None:
         return {"crops": "unknown", "detect": False, "image_size": image_size,
                 "source": "shards without an index.json, so the cropping is not recorded"}
-    index = read_json_file(path, "shard index", 256 * 1024 * 1024)
+    index = read_index(path)
     name = str(index.get("source", "unnamed"))[:40]
     if index.get("synthetic") or index.get("source") == "synthetic":
         return {"crops": "external", "detect": False, "image_size": image_size,

@@ -23,7 +23,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from fahr.config.schema import validate
-from fahr.data.build import build_datamodule, ensure_synthetic_shards
+from fahr.data.datamodule import datamodule_from_config
+from fahr.data.synthetic_shards import ensure_synthetic_shards
 from fahr.job import TrainingJob
 from fahr.tasks.pretrain import MAEPretrainTask
 from fahr.utils.atomic import atomic_write_json
@@ -61,7 +62,7 @@ def pretrain(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> RunRe
         job.prepare_once("synthetic shards", lambda: ensure_synthetic_shards(cfg.data, cfg.model.img_size))
         job.prepare_run_dir()
         log.info("run directory: %s", run_dir)
-        datamodule = build_datamodule(cfg.data)
+        datamodule = datamodule_from_config(cfg.data)
         task = MAEPretrainTask(
             model=OmegaConf.to_container(cfg.model, resolve=True),
             task=OmegaConf.to_container(cfg.task, resolve=True),

@@ -21,7 +21,7 @@ What happens:
   :meth:`PreemptionCheckpoint.requeue_if_requested`, after the loggers are closed: a requeue makes
   SLURM SIGTERM every process of the job at once, W&B's service process included, so requeueing
   before W&B has flushed would cut the run's last steps.
-- DataLoader workers ignore the stop signals (:func:`fahr.data.shards.ignore_stop_signals`): SLURM
+- DataLoader workers ignore the stop signals (:func:`fahr.data.shard_reader.ignore_stop_signals`): SLURM
   signals all processes, and a worker killed by SIGTERM would crash the training process before it
   saves. So ``scontrol requeue``, ``scancel`` (without ``--signal``) and SLURM preemption, which
   SIGTERM every process and SIGKILL them ``KillWait`` seconds later, still get their save when a

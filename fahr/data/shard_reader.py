@@ -160,37 +160,12 @@ def _env_int(name: str, default: int) -> int:
         raise InputError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def shard_sample_counts(shards: list[str]) -> dict[str, int] | None:
-    """Samples per shard URL of local ``shards`` according to the ``index.json`` next to them (the
-    shard writer's ``{"shards": [{"name", "num_samples"}, ...]}``), or None if any shard is not listed."""
-    counts: dict[str, int] = {}
-    indexes: dict[str, dict[str, int]] = {}
-    for url in shards:
-        if not _is_local(url):
-            return None
-        path = _local_path(url)
-        folder = os.path.dirname(os.path.abspath(path))
-        if folder not in indexes:
-            index_path = os.path.join(folder, "index.json")
-            if not os.path.isfile(index_path):
-                return None
-            try:
-                with open(index_path, encoding="utf-8") as f:
-                    entries = json.load(f)["shards"]
-                indexes[folder] = {e["name"]: int(e["num_samples"]) for e in entries}
-            except (OSError, ValueError, KeyError, TypeError) as exn:
-                raise InputError(f"malformed shard index {index_path}: {exn!r}") from exn
-        n = indexes[folder].get(os.path.basename(path))
-        if n is None:
-            return None
-        counts[url] = n
-    return counts
-
-
 def num_samples_from_index(shards: list[str]) -> int | None:
     """Total samples of local ``shards`` according to the ``index.json`` next to them, or None if
-    any shard is not listed (see :func:`shard_sample_counts`)."""
-    counts = shard_sample_counts(shards)
+    any shard is not listed (see :func:`fahr.data.shard_index.sample_counts`)."""
+    from fahr.data.shard_index import sample_counts
+
+    counts = sample_counts(shards)
     return None if counts is None else sum(counts[url] for url in shards)
 
 
@@ -597,7 +572,9 @@ class ShardStream(IterableDataset):
     def _skip_counts(self) -> dict[str, int] | None:
         """Per-shard sample counts from index.json (looked up once per process), or None."""
         if self._shard_counts is False:
-            self._shard_counts = shard_sample_counts(self.shards)
+            from fahr.data.shard_index import sample_counts
+
+            self._shard_counts = sample_counts(self.shards)
         return self._shard_counts
 
     def _raw_samples(self, shards: list[str], epoch: int, rank: int, worker_id: int, skip: int = 0,

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from data_pipelines.records import RejectedError
+from fahr.faces.rejection import RejectedError
 
 __all__ = ["decode_photo"]
 

@@ -3,7 +3,7 @@
 Coordinates are (x, y) pixel *indices* (pixel centres at integers), as in insightface / OpenCV
 ``warpAffine``. ``AlignedFace.matrix`` maps source pixels to crop pixels.
 
-Speed (CPU): one MTCNN (:mod:`data_pipelines.mtcnn_fast`, facenet-pytorch's weights) per
+Speed (CPU): one MTCNN (:mod:`fahr.faces.mtcnn`, facenet-pytorch's weights) per
 :class:`FaceAligner`; photos are downscaled so that their longest side is at most
 ``detect_max_side`` before detection (landmarks are mapped back to source pixels), the detector's
 minimum face size is a fraction of the detection image (fewer pyramid levels), candidate crops are
@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipelines.mtcnn_fast import MTCNNDetector
-from data_pipelines.records import RejectedError
+from fahr.faces.mtcnn import MTCNNDetector
+from fahr.faces.rejection import RejectedError
 
 __all__ = [
     "ARCFACE_TEMPLATE_112",
@@ -195,7 +195,7 @@ class FaceAligner:
             whose size falls between two levels, e.g. one FG-NET photo).
         thresholds: MTCNN P/R/O-net thresholds.
         nms: IoU thresholds of the detector's cross-level and post-R-Net NMS (see
-            :class:`~data_pipelines.mtcnn_fast.MTCNNDetector`).
+            :class:`~fahr.faces.mtcnn.MTCNNDetector`).
         num_threads: if given, ``torch.set_num_threads`` (process-wide) at construction.
         device: torch device for the detector (CPU only: the batched MTCNN crops with PIL).
     """
