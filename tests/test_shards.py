@@ -103,12 +103,13 @@ def test_pipe_and_gzip_shards(data8, tmp_path):
 # ---- epoch arithmetic and DDP splits ------------------------------------------------------------------
 
 
-def test_simulated_two_ranks_two_workers_exactly_once(data8):
+@pytest.mark.parametrize("interleave", [1, 2])
+def test_simulated_two_ranks_two_workers_exactly_once(data8, interleave):
     paths, _ = data8
     everything = sorted(f"{i:09d}" for i in range(80))
     orders = []
     for epoch in (0, 1):
-        streams = [_stream(paths, rank=r) for r in (0, 1)]
+        streams = [_stream(paths, rank=r, interleave=interleave) for r in (0, 1)]
         assert streams[0].shard_order(epoch) == streams[1].shard_order(epoch)
         per_worker = {(r, w): list(streams[r]._iter_worker(epoch, r, w)) for r in (0, 1) for w in (0, 1)}
         for (r, w), batches in per_worker.items():
@@ -123,8 +124,8 @@ def test_simulated_two_ranks_two_workers_exactly_once(data8):
         orders.append(seen)
     assert orders[0] != orders[1]
     assert _stream(paths, rank=0).shard_order(0) != _stream(paths, rank=0).shard_order(1)
-    again = _stream(paths, rank=1)
-    assert _keys(again._iter_worker(1, 1, 0)) == _keys(_stream(paths, rank=1)._iter_worker(1, 1, 0))  # deterministic
+    again = _stream(paths, rank=1, interleave=interleave)
+    assert _keys(again._iter_worker(1, 1, 0)) == _keys(_stream(paths, rank=1, interleave=interleave)._iter_worker(1, 1, 0))
 
 
 def test_real_dataloader_matches_simulation_and_follows_set_epoch(data8):
@@ -330,15 +331,15 @@ def test_http_shards_stream_like_local_ones(data8):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("shuffle_buffer", [0, 16])
-def test_mid_epoch_start_continues_the_uninterrupted_order(tmp_path, num_workers, shuffle_buffer):
+@pytest.mark.parametrize("shuffle_buffer, interleave", [(0, 1), (16, 1), (0, 2), (16, 3)])
+def test_mid_epoch_start_continues_the_uninterrupted_order(tmp_path, num_workers, shuffle_buffer, interleave):
     """set_epoch(e, start_batch=k) yields exactly batches k.. of the uninterrupted epoch e, for every
     k, through a real DataLoader; with an index.json and no buffer, skipped shards are never opened."""
     paths, _ = write_shards(tmp_path, 4, 12)  # 48 samples; 150 per epoch: the workers make extra passes
     write_shard_index(tmp_path, {"train": [(p, 12) for p in paths]})
     for rank in (0, 1):
         stream = ShardStream(paths, samples_per_epoch=150, batch_size=5, seed=3, shuffle_buffer=shuffle_buffer,
-                             world_size=2, rank=rank, num_workers=num_workers)
+                             world_size=2, rank=rank, num_workers=num_workers, interleave=interleave)
         stream.set_epoch(1)
         full = [list(b["__key__"]) for b in make_loader(stream, num_workers)]
         assert len(full) == len(stream) == 15 + (num_workers == 2)
@@ -366,3 +367,21 @@ def test_mid_epoch_start_skips_whole_shards_unopened(tmp_path, monkeypatch):
     stream.set_epoch(0, start_batch=5)  # 25 samples in: shards 1 and 2 of the order are skipped
     assert _keys(stream) == full[25:]
     assert opened == stream.shard_order(0)[2:]
+
+
+def test_interleaving_mixes_shards_written_in_sorted_order(tmp_path):
+    """Shards written in a data set's file order (here: each shard one age) stream as a mix: with one
+    shard at a time and a small buffer a batch holds one or two ages, read 8 at once it holds many."""
+    paths, _ = write_shards(tmp_path, 8, 40, mutate=lambda i, sample: {**sample, "json": json.dumps(
+        {"age": float(i // 40), "sex": 0}).encode()})  # shard s: age s for all its samples
+
+    def ages_per_batch(interleave: int) -> list[int]:
+        stream = ShardStream(paths, samples_per_epoch=320, batch_size=16, seed=0, shuffle_buffer=20,
+                             label_keys=("age",), world_size=1, rank=0, num_workers=0, interleave=interleave)
+        return [len(set(b["age"].tolist())) for b in stream]
+
+    one_at_a_time, mixed = ages_per_batch(1), ages_per_batch(8)
+    assert sorted(one_at_a_time)[len(one_at_a_time) // 2] <= 2, one_at_a_time
+    assert min(mixed[:10]) >= 5, mixed  # while all 8 shards are open, every batch spans most ages
+    with pytest.raises(InputError, match="interleave must be an integer >= 1"):
+        ShardStream(paths, samples_per_epoch=8, batch_size=4, interleave=0)

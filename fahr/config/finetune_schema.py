@@ -43,6 +43,7 @@ class LabelledDataConfig:
     eval_batch_size: int = bounded(128, lo=1, hi=65536)
     num_workers: int = bounded(2, lo=0, hi=256)  # per device: decoding workers of each stream
     shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)  # training photos mixed per worker (streamed shards)
+    interleave: int = bounded(16, lo=1, hi=1024)  # training shards each worker reads at once (mixing)
     clinical: bool = False
     synthetic: bool = False
     mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))
@@ -151,6 +152,7 @@ class SurvivalDataConfig:
     eval_batch_size: int = bounded(128, lo=1, hi=65536)
     num_workers: int = bounded(2, lo=0, hi=256)  # per device: decoding workers of each stream
     shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)  # images: training photos mixed per worker
+    interleave: int = bounded(16, lo=1, hi=1024)  # images: training shards each worker reads at once (mixing)
     clinical: bool = True
     synthetic: bool = False
     mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))

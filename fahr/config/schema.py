@@ -57,6 +57,7 @@ class DataConfig:
     batch_size: int = bounded(64, lo=1, hi=65536)  # per device
     num_workers: int = bounded(2, lo=0, hi=256)
     shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)
+    interleave: int = bounded(16, lo=1, hi=1024)  # shards each worker reads at once (mixing)
     image_size: int = bounded(112, lo=16, hi=1024)
     on_error: str = bounded("skip", choices=("skip", "raise"))  # bad samples: "skip" (counted, logged) or "raise"
     seed: int = 0

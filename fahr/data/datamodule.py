@@ -73,6 +73,7 @@ class ShardDataModule(lightning.LightningDataModule):
         num_workers: DataLoader workers per device.
         seed: seed of all shuffling (shard order, sample buffer).
         shuffle_buffer: training sample shuffle buffer per worker (0 = off).
+        interleave: training shards each worker reads at once (see :class:`ShardStream`).
         label_keys: json label keys returned as float32 tensors (e.g. ``("age",)``, years).
         image_size: image side in pixels (other sizes are resized).
         on_error: bad samples: "skip" (counted in ``n_skipped``, logged) or "raise".
@@ -92,6 +93,7 @@ class ShardDataModule(lightning.LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        interleave: int = 16,
         label_keys: tuple = (),
         image_size: int = 112,
         on_error: str = "skip",
@@ -114,6 +116,7 @@ class ShardDataModule(lightning.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.interleave = interleave
         self.label_keys = tuple(label_keys)
         self.image_size = image_size
         self.on_error = on_error
@@ -152,6 +155,7 @@ class ShardDataModule(lightning.LightningDataModule):
                 batch_size=self.batch_size,
                 seed=self.seed,
                 shuffle_buffer=self.shuffle_buffer,
+                interleave=self.interleave,
                 label_keys=self.label_keys,
                 image_size=self.image_size,
                 on_error=self.on_error,
@@ -273,6 +277,7 @@ def datamodule_from_config(data: Any) -> "ShardDataModule":
         num_workers=data.num_workers,
         seed=data.seed,
         shuffle_buffer=data.shuffle_buffer,
+        interleave=data.interleave,
         label_keys=tuple(data.label_keys),
         image_size=data.image_size,
         on_error=data.on_error,

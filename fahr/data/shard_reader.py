@@ -370,6 +370,27 @@ def _new_batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     return base.new(storage).view(shape)
 
 
+def _interleave(urls: list[str], at_once: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """The samples of ``urls``, reading ``at_once`` shards at a time: each sample comes from one of
+    the open shards chosen by ``rng``; a finished shard is replaced by the next one of ``urls``."""
+    pending = iter(urls)
+    open_shards = [read_shard(url) for url in itertools.islice(pending, at_once)]
+    try:
+        while open_shards:
+            i = rng.randrange(len(open_shards))
+            try:
+                yield next(open_shards[i])
+            except StopIteration:
+                following = next(pending, None)
+                if following is None:
+                    open_shards.pop(i)
+                else:
+                    open_shards[i] = read_shard(following)
+    finally:
+        for shard in open_shards:
+            shard.close()
+
+
 class ShardStream(IterableDataset):
     """Batches of decoded face crops from webdataset shards, identical batch counts on every rank.
 
@@ -399,9 +420,15 @@ class ShardStream(IterableDataset):
     (seed, epoch, rank, worker, pass), and it stops exactly at its quota. Samples thus repeat only if
     the epoch asks for more than the worker's shards hold. When samples_per_epoch equals the data
     size, shards are equal-sized and the shard count is a multiple of world_size * num_workers whose
-    per-worker share is a whole number of batches, every sample is seen exactly once per epoch. The
-    sample shuffle buffer (``shuffle_buffer`` samples, 0 = off) is per worker and per pass, seeded by
-    (seed, epoch, rank, worker, pass): deterministic, different across ranks and workers.
+    per-worker share is a whole number of batches, every sample is seen exactly once per epoch.
+
+    Mixing: a worker reads ``interleave`` of its shards at once, taking each sample from one of the
+    open shards at random (a finished shard is replaced by the next of its order), and then passes
+    the samples through a shuffle buffer (``shuffle_buffer`` samples, 0 = off). Both are per worker and
+    per pass, seeded by (seed, epoch, rank, worker, pass): deterministic, different across ranks and
+    workers. Interleaving matters because shards hold their samples in the order they were written
+    (a data set's file order: UTKFace's sorts by age, so one shard can hold nothing but 1-year-olds),
+    and a buffer only mixes the few shards it has seen lately.
 
     Call :meth:`set_epoch` before iterating an epoch; the value lives in shared memory, so it also
     reaches persistent DataLoader workers. Iterated outside a DataLoader worker with
@@ -411,8 +438,8 @@ class ShardStream(IterableDataset):
     iteration yield batches k, k+1, ... of that epoch's rank-local order, exactly as the uninterrupted
     iteration would have yielded them. Batch i of a rank comes from worker i % W (W = max(1,
     num_workers)), so the DataLoader worker j plays worker (j + k) % W and each skips its own share.
-    Skipping reads no pixels: with no sample shuffle buffer and per-shard counts in ``index.json``,
-    whole shards are passed over unopened; otherwise undecoded samples are read and dropped (~7 us
+    Skipping reads no pixels: with no sample shuffle buffer, no interleaving, no acceptance and
+    per-shard counts in ``index.json``, whole shards are passed over unopened; otherwise undecoded samples are read and dropped (~7 us
     each). Every skipped sample is counted as good, so the resumed order is exact unless the skipped
     part held bad samples (each one shifts the rest of the epoch by one sample).
 
@@ -427,6 +454,7 @@ class ShardStream(IterableDataset):
         batch_size: samples per batch, per rank.
         seed: base seed of all shuffling.
         shuffle_buffer: sample shuffle buffer per worker (0 = no sample shuffling).
+        interleave: shards each worker reads at once (1 = one after the other).
         label_keys: json label keys returned as float32 tensors.
         image_size: output side length in pixels; other sizes are resized (bilinear, antialiased).
         on_error: "skip" or "raise" for bad samples.
@@ -455,6 +483,7 @@ class ShardStream(IterableDataset):
         num_workers: int = 0,
         shuffle_shards: bool = True,
         accept: "LabelAcceptance | None" = None,
+        interleave: int = 1,
     ):
         super().__init__()
         self.accept = accept
@@ -469,7 +498,7 @@ class ShardStream(IterableDataset):
             raise InputError(f"label keys {sorted(clash)} clash with batch fields {sorted(_RESERVED_KEYS)}")
         for name, value, low in (("samples_per_epoch", samples_per_epoch, 1), ("batch_size", batch_size, 1),
                                  ("image_size", image_size, 1), ("shuffle_buffer", shuffle_buffer, 0),
-                                 ("num_workers", num_workers, 0)):
+                                 ("num_workers", num_workers, 0), ("interleave", interleave, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
         if on_error not in ("skip", "raise"):
@@ -478,6 +507,7 @@ class ShardStream(IterableDataset):
         self.batch_size = batch_size
         self.seed = int(seed)
         self.shuffle_buffer = shuffle_buffer
+        self.interleave = interleave
         self.image_size = image_size
         self.on_error = on_error
         self.num_workers = num_workers
@@ -582,7 +612,8 @@ class ShardStream(IterableDataset):
         """Undecoded samples of ``shards``, pass after pass, each pass followed by _END_OF_PASS,
         without the first ``skip`` kept samples (whole shards passed over unopened where possible).
         Samples ``accept`` drops are counted in ``rejected[0]`` (per pass: reset at each pass end)."""
-        counts = self._skip_counts() if skip and self.shuffle_buffer <= 1 and self.accept is None else None
+        counts = (self._skip_counts() if skip and self.shuffle_buffer <= 1 and self.accept is None
+                  and self.interleave == 1 else None)
         for p in itertools.count():
             order = list(shards)
             if p > 0 and self.shuffle_shards:
@@ -590,7 +621,11 @@ class ShardStream(IterableDataset):
             skipped_here = skip > 0
             while counts and order and 0 < counts[order[0]] <= skip:
                 skip -= counts[order.pop(0)]
-            reader = (s for url in order for s in read_shard(url))
+            if self.interleave > 1:
+                reader = _interleave(order, self.interleave,
+                                     random.Random(f"fahr-interleave:{self.seed}:{epoch}:{rank}:{worker_id}:{p}"))
+            else:
+                reader = (s for url in order for s in read_shard(url))
             samples = reader
             if self.shuffle_buffer > 1:
                 rng = random.Random(f"fahr-buffer:{self.seed}:{epoch}:{rank}:{worker_id}:{p}")
