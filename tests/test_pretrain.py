@@ -205,7 +205,7 @@ def test_resume_in_a_later_epoch_streams_that_epochs_order(tiny_overrides):
     assert result.resumed_from is not None and result.global_step == 20
     shards = resolve_shard_spec(f"{cfg.data.generate.out_dir}/index.json")
     stream = ShardStream(shards, samples_per_epoch=256, batch_size=16, seed=0, shuffle_buffer=64,
-                         world_size=1, rank=0, num_workers=2)
+                         world_size=1, rank=0, num_workers=2, interleave=cfg.data.interleave)
     expected = {}
     for epoch in (0, 1):
         stream.set_epoch(epoch)
