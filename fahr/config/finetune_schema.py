@@ -117,6 +117,18 @@ class FinetuneAgeConfig(FinetuneConfig):
 
 
 @dataclass
+class SimulatedCohortConfig:
+    """``data.generate``: the demo's semi-synthetic cohort (fahr.data.cohort_simulator), written to
+    ``out_dir`` once and reused while these settings stay the same."""
+    out_dir: str = MISSING
+    n_patients: int = bounded(600, lo=10, hi=1_000_000)
+    seed: int = 0
+    photos_per_patient: int = bounded(1, lo=1, hi=100)
+    image_size: int = bounded(112, lo=16, hi=1024)
+    samples_per_shard: int = bounded(256, lo=1, hi=1_000_000)
+
+
+@dataclass
 class SurvivalDataConfig(StreamedPhotosConfig):
     """``mode: images``: labelled shards (``fahr shards source=cohort``: json with ``followup_days``,
     ``event``, ``person``, covariates). ``mode: table``: CSVs where every column but ``time`` and
@@ -134,7 +146,7 @@ class SurvivalDataConfig(StreamedPhotosConfig):
     batch_size: int = bounded(64, lo=0, hi=65536)  # per device; table mode: 0 = the whole training table in one batch
     eval_batch_size: int = bounded(128, lo=1, hi=65536)
     clinical: bool = True
-    generate: Optional[dict[str, Any]] = None  # the demo's semi-synthetic cohort (fahr.data.cohort_simulator)
+    generate: Optional[SimulatedCohortConfig] = None  # the demo's semi-synthetic cohort
 
 
 @dataclass
