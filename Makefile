@@ -35,6 +35,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fahr demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 # the hyperparameter search (~50 min) is a tuning tool, not a measurement: only on request

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +17,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+
+    def line(r: tuple[str, ...]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+
     text = "\n".join([f"### {title}", "", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
                       *map(line, rows)])
     print(text, flush=True)
@@ -47,3 +53,26 @@ def step_clock() -> Any:
             self.stamps.append(time.perf_counter())
 
     return StepClock()
+
+
+def child_peak_rss_mb(code: str) -> float:
+    """Run ``code`` in a fresh interpreter; its peak RSS in MB: the process plus its largest child
+    (``resource.getrusage``: ru_maxrss of RUSAGE_SELF + RUSAGE_CHILDREN)."""
+    code += ("\nimport resource\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
+             " + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"the RSS run failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def step_benchmark_parser(description: str, samples_help: str) -> argparse.ArgumentParser:
+    """The arguments shared by the step-rate benchmarks (pretrain, finetune)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader workers in the step test (0: loading in-process, no core contention)")
+    parser.add_argument("--samples", type=int, default=2048, help=samples_help)
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser

@@ -37,7 +37,7 @@ def worker(batch: int, steps: int, warmup: int, arch: str) -> None:
 
     from fahr.models import MaskedAutoencoder, create_backbone
     from fahr.tasks.optim import param_groups
-    from fahr.tasks.pretrain import normalize_uint8
+    from fahr.models.face_model import normalize_uint8
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

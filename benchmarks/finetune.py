@@ -13,10 +13,8 @@ Prints a table and writes benchmarks/results/finetune.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_rate, print_table, step_clock, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    child_peak_rss_mb, median_rate, print_table, step_benchmark_parser, step_clock, write_result,
+)
 
 BATCH = 64
 SHARD = 256
@@ -116,29 +116,18 @@ def bare_rate(data_root: Path, train: int, steps: int, warmup: int, workers: int
 def peak_rss_mb(data_root: Path, runs_root: Path, train: int, steps: int) -> float:
     """Peak RSS (MB) of `fahr finetune-age` in a child process (1 loader worker): the process plus its
     largest child, as resource.getrusage reports them."""
-    code = f"""
-import resource, sys
+    return child_peak_rss_mb(f"""
+import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from finetune import finetune_config
 from fahr.pipeline.finetune_age import finetune_age
 finetune_age(finetune_config({str(data_root)!r}, {str(runs_root)!r}, {train}, {steps}, 1))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"the RSS run failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return int(out.stdout.split()[-1]) / 1024
+""")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=0,
-                        help="DataLoader workers in the step test (0: loading in-process, no core contention)")
-    parser.add_argument("--samples", type=int, default=2048, help="training photos of the 1x data set (10x is also built)")
+    parser = step_benchmark_parser(__doc__.splitlines()[0], "training photos of the 1x data set (10x is also built)")
     parser.add_argument("--rss-steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a smoke run of everything; no result file")
     args = parser.parse_args()
     if args.quick:

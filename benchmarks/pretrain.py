@@ -13,11 +13,9 @@ Prints a table and writes benchmarks/results/pretrain.json.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -28,7 +26,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_rate, print_table, step_clock, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    child_peak_rss_mb, median_rate, print_table, step_benchmark_parser, step_clock, write_result,
+)
 
 BATCH = 64
 SHARD = 256
@@ -94,7 +94,7 @@ def bare_loop_rate(shards: list[str], steps: int, warmup: int, workers: int) -> 
     from fahr.data.shard_reader import ShardStream, make_loader
     from fahr.models import MaskedAutoencoder, create_backbone
     from fahr.tasks.optim import param_groups
-    from fahr.tasks.pretrain import normalize_uint8
+    from fahr.models.face_model import normalize_uint8
     from fahr.tasks.schedules import warmup_cosine
 
     torch.manual_seed(0)
@@ -147,8 +147,7 @@ def lightning_rate(data_root: Path, runs_root: Path, num_samples: int, steps: in
 
 def peak_rss_mb(shards: list[str], epochs: int = 1) -> float:
     """Peak RSS (MB) of a child process streaming ``shards`` through the loader with 2 workers."""
-    code = f"""
-import resource, sys
+    return child_peak_rss_mb(f"""
 from fahr.data.shard_reader import ShardStream, make_loader
 shards = {shards!r}
 stream = ShardStream(shards, samples_per_epoch={len(shards) * SHARD}, batch_size={BATCH}, seed=0,
@@ -157,22 +156,11 @@ for epoch in range({epochs}):
     stream.set_epoch(epoch)
     for batch in make_loader(stream, num_workers=2):
         pass
-self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(self_kb + child_kb)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 1024
+""")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=0,
-                        help="DataLoader workers in the step test (0: loading in-process, no core contention)")
-    parser.add_argument("--samples", type=int, default=2048, help="the 1x data set (10x is also built)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = step_benchmark_parser(__doc__.splitlines()[0], "the 1x data set (10x is also built)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -207,7 +195,10 @@ def main() -> None:
     }
     result["pass"] = {"loader_ratio": result["loader_ratio"] >= 0.9, "step_ratio": result["step_ratio"] >= 0.97,
                       "rss_growth": result["rss_growth"] < 0.10}
-    ok = lambda k: "yes" if result["pass"][k] else "NO"
+
+    def ok(k: str) -> str:
+        return "yes" if result["pass"][k] else "NO"
+
     print_table("pretrain benchmark (vit_tiny/16 @ 112 px, batch 64, CPU)", [
         ("loader (1 process)", f"{loader:.0f} img/s", f"raw PIL decode {raw:.0f} img/s", f"{result['loader_ratio']:.3f}", ">= 0.9", ok("loader_ratio")),
         ("loader (1 process)", f"{loader:.0f} img/s", f"torchvision decode_jpeg {tv:.0f} img/s", f"{loader / tv:.3f}", "(info)", "-"),

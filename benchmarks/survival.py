@@ -12,7 +12,7 @@
     Methodol. 18:24): METABRIC 0.643, SUPPORT 0.618, GBSG 0.668, WHAS 0.863. The paper scored its own
     test sets; ours are held out from its training splits, so the numbers are comparable, not identical;
     for a table with copies (WHAS) they are not comparable and no pass/fail is given (docs/benchmarks.md).
-(b) Semi-synthetic linear recovery: fahr.data.cohort.simulate_survival on the synthetic faces'
+(b) Semi-synthetic linear recovery: fahr.data.cohort_simulator.simulate_survival on the synthetic faces'
     covariates (age, health) for several seeds; lifelines Cox on (age - 60) / 10 and health:
     mean estimated HR vs the true HR and coverage of the 95% confidence intervals.
 (c) FaceSurvival on images: the demo cohort (synthetic faces, Weibull-Cox survival from age and a
@@ -22,7 +22,7 @@
 (d) FaceSurvival on real faces, as FAHR-FaceSurvival is meant to be trained: from a FaceAge export
     (`make bench-faceage`'s, skipped with the reason when absent). The cohort is every adult UTKFace
     face of that benchmark's val and test splits (never trained on), with survival simulated from age
-    alone (HR 2 per 10 years; fahr.data.cohort.write_cohort(only_sha1=...)), over several seeds.
+    alone (HR 2 per 10 years; fahr.data.cohort_simulator.write_cohort(only_sha1=...)), over several seeds.
     FaceSurvival (photo only) is scored against true age and against the export's FaceAge used
     directly as risk scores, on the same test patients.
 Prints tables and writes benchmarks/results/survival.json. ``--quick`` shrinks everything for a smoke run.
@@ -252,7 +252,7 @@ def mean_ci95(values: list[float], test_over_train: float = 0.0) -> list[float] 
 def linear_recovery(n_seeds: int, n: int) -> dict[str, Any]:
     from lifelines import CoxPHFitter
 
-    from fahr.data.cohort import BETA_AGE, BETA_HEALTH, sample_synthetic_covariates, simulate_survival
+    from fahr.data.cohort_simulator import BETA_AGE, BETA_HEALTH, sample_synthetic_covariates, simulate_survival
 
     truth = {"age_per_10y": BETA_AGE, "health": BETA_HEALTH}
     est: dict[str, list[float]] = {k: [] for k in truth}
@@ -376,7 +376,7 @@ def faces_benchmark(export: Path, index: Path, root: Path, seeds: list[int], ste
     split of the same faces) and trains with that seed."""
     import torch
 
-    from fahr.data.cohort import write_cohort
+    from fahr.data.cohort_simulator import write_cohort
     from fahr.metrics.survival import harrell_c
     from fahr.pipeline.cohort_shards import cohort_to_shards
     from fahr.pipeline.demo import evaluation_table

@@ -1,8 +1,9 @@
 """Raw photos -> detected, aligned, de-identified, split webdataset shards (`fahr shards`).
 
-Before any work, the options are checked (:func:`check_options`, one-line errors naming the config
-key) and so is the output (:func:`check_output`): it must be a new or empty directory, or an earlier
-``fahr shards`` output (a ``parts/`` folder or an ``index.json`` of format ``fahr-shards-splits/1``);
+Before any work, the options are checked (:func:`data_pipelines.options.check_options`, one-line
+errors naming the config key) and so is the output (:func:`check_output`): it must be a new or empty
+directory, or an earlier ``fahr shards`` output (a ``parts/`` folder or an ``index.json`` a ``fahr
+shards`` run wrote);
 a file, a non-empty foreign directory, one of the inputs, a folder holding an input, and a folder
 that cannot be written are refused. Entries named like shards or chunk marks that are not regular
 files (a directory ``train-000000.tar``, ``index.json`` as a folder) are refused too. A lock
@@ -69,7 +70,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import multiprocessing
 import os
 import re
@@ -85,6 +85,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_pipelines.options import AlignOptions, BuildOptions, check_options
 from data_pipelines.records import Record, check_labels
 from fahr.faces.rejection import RejectedError, Rejection
 from fahr.boundary import InputError, check_output_dir, printable_path, read_json_file
@@ -96,113 +97,10 @@ log = logging.getLogger(__name__)
 #: the chunk marks' format; part of every fingerprint: bump it when the written shards change
 CHUNK_FORMAT = "fahr-shards-chunk/3"
 
-#: option bounds (checked before any work by :func:`check_options`)
-IMAGE_SIZE_RANGE = (16, 1024)  # align.image_size 100000 once allocated 22 GB per photo
-MARGIN_RANGE = (0.0, 2.0)
-MAX_CHUNK_SIZE = 100_000  # a chunk's photo bytes are held in memory, per process
-MAX_SAMPLES_PER_SHARD = 1_000_000
-MAX_NEAR_THRESHOLD = 7  # multi-index hashing finds every pair only below 8 bits
-MULTI_FACE = ("reject", "largest", "central")
-STRATIFY = ("age", "event", "none")
-#: split names become file names (``<split>-000000.tar``) and ``index.json#<split>``
-SPLIT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
-
-
-@dataclass(frozen=True)
-class AlignOptions:
-    image_size: int = 112
-    margin: float = 0.0
-    multi_face: str = "reject"
-    min_confidence: float = 0.95
-    skip_detection: bool = False
-
-
-@dataclass
-class BuildOptions:
-    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
-    split_seed: str = "fahr"
-    stratify: str = "age"  # "age" (decade of the person's first photo), "event", or "none"
-    dedup: bool = True
-    near_threshold: int = 6
-    deidentify: bool = False  # cohorts: hashed ids, relative days, whitelisted labels
-    salt_key_file: str | None = None
-    allowed_labels: tuple[str, ...] = ("age", "sex", "race", "followup_days", "event", "diagnosis")
-    samples_per_shard: int = 1000
-    chunk_size: int = 2000
-    processes: int = 1
-    align: AlignOptions = field(default_factory=AlignOptions)
-
-
 # ---- checks before any work -----------------------------------------------------------------------
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def max_processes() -> int:
-    """The largest ``processes`` accepted: 4 per usable CPU (at least 4); each process holds a
-    chunk's photos and a face detector, and more processes than cores only add memory."""
-    return max(4, 4 * _usable_cpus())
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_options(options: BuildOptions) -> None:
-    """Every build option, before any work; raises :class:`InputError` naming the config key
-    (``conf/shards.yaml``) and what is accepted."""
-
-    def int_in(key: str, value: Any, low: int, high: int, why: str = "") -> None:
-        if not _is_int(value) or not low <= value <= high:
-            raise InputError(f"{key} must be an integer in [{low}, {high}]{why}, got {value!r}")
-
-    fractions = options.fractions
-    if not isinstance(fractions, dict) or not fractions:
-        raise InputError(f"split.fractions must map split names to fractions, e.g. {{train: 0.8, test: 0.2}}, "
-                         f"got {fractions!r}")
-    for name, fraction in fractions.items():
-        if not isinstance(name, str) or not SPLIT_NAME.fullmatch(name):
-            raise InputError(f"split.fractions: split name {name!r} must be 1-64 letters, digits or '_' "
-                             "(it becomes a file name, <split>-000000.tar)")
-        if not _is_number(fraction) or fraction < 0:
-            raise InputError(f"split.fractions.{name} must be a finite number >= 0, got {fraction!r}")
-    if abs(sum(fractions.values()) - 1.0) > 1e-9:
-        raise InputError(f"split.fractions must sum to 1, got {sum(fractions.values())!r} ({dict(fractions)})")
-    if not isinstance(options.split_seed, str):
-        raise InputError(f"split.seed must be a string, got {type(options.split_seed).__name__}")
-    if options.stratify not in STRATIFY:
-        raise InputError(f"split.stratify must be auto, {', '.join(STRATIFY)}; got {options.stratify!r}")
-    if not isinstance(options.dedup, bool):
-        raise InputError(f"dedup.enabled must be true or false, got {options.dedup!r}")
-    int_in("dedup.near_threshold", options.near_threshold, 0, MAX_NEAR_THRESHOLD,
-           " (pHash bits; the duplicate search finds every pair only below 8)")
-    if not isinstance(options.deidentify, bool):
-        raise InputError(f"deid.enabled must be auto, true or false, got {options.deidentify!r}")
-    labels = options.allowed_labels
-    if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) and x for x in labels):
-        raise InputError(f"deid.allowed_labels must be a list of label names, got {labels!r}")
-    int_in("samples_per_shard", options.samples_per_shard, 1, MAX_SAMPLES_PER_SHARD)
-    int_in("chunk_size", options.chunk_size, 1, MAX_CHUNK_SIZE, " (photos per chunk, held in memory)")
-    int_in("processes", options.processes, 1, max_processes(), f" (4 per usable CPU; {_usable_cpus()} here)")
-    align = options.align
-    int_in("align.image_size", align.image_size, *IMAGE_SIZE_RANGE, " (pixels per side of the crop)")
-    if not _is_number(align.margin) or not MARGIN_RANGE[0] <= align.margin <= MARGIN_RANGE[1]:
-        raise InputError(f"align.margin must be a number in [{MARGIN_RANGE[0]:g}, {MARGIN_RANGE[1]:g}] "
-                         f"(zoom-out around the face, e.g. 0.25), got {align.margin!r}")
-    if align.multi_face not in MULTI_FACE:
-        raise InputError(f"align.multi_face must be one of {', '.join(MULTI_FACE)}, got {align.multi_face!r}")
-    if not _is_number(align.min_confidence) or not 0.0 <= align.min_confidence <= 1.0:
-        raise InputError(f"align.min_confidence must be a number in [0, 1], got {align.min_confidence!r}")
-    if not isinstance(align.skip_detection, bool):
-        raise InputError(f"align.skip_detection must be true or false, got {align.skip_detection!r}")
 
 
 #: flat shard names in the output folder: ``<split>-NNNNNN.tar``
@@ -364,12 +262,12 @@ def plan(items: Iterable[Record | Rejection], options: BuildOptions, pool: Any =
     from data_pipelines.splits import split_persons
 
     result = Plan()
-    dedup = Deduplicator(options.near_threshold)
+    dedup = Deduplicator(options.dedup.near_threshold)
     strata: dict[str, Any] = {}
     kept: list[Record] = []
     batch: list[tuple[str, Record]] = []
 
-    work = functools.partial(_fingerprint, hashes=options.dedup)  # without dedup: decode check only
+    work = functools.partial(_fingerprint, hashes=options.dedup.enabled)  # without dedup: decode check only
 
     def decide_batch() -> None:
         data = [item.image for _, item in batch]
@@ -378,9 +276,9 @@ def plan(items: Iterable[Record | Rejection], options: BuildOptions, pool: Any =
             if isinstance(fp, str):
                 result.rejected[item_id] = fp
                 continue
-            if options.dedup:
+            if options.dedup.enabled:
                 dedup.add_fingerprint(item_id, item.person_id, fp)
-            strata.setdefault(item.person_id, _stratum(item, options.stratify))
+            strata.setdefault(item.person_id, _stratum(item, options.split.stratify))
             kept.append(Record(item_id, item.person_id, b"", item.labels))
         batch.clear()
 
@@ -394,10 +292,10 @@ def plan(items: Iterable[Record | Rejection], options: BuildOptions, pool: Any =
         if len(batch) >= PLAN_BATCH:
             decide_batch()
     decide_batch()
-    if options.dedup:
+    if options.dedup.enabled:
         result.rejected.update(dedup.decide())
-    result.split_of_person = split_persons(strata, options.fractions, options.split_seed)
-    if options.deidentify:
+    result.split_of_person = split_persons(strata, options.split.fractions, options.split.seed)
+    if options.deid.enabled:
         result.anchors = patient_anchors(r for r in kept if r.source_id not in result.rejected)
     return result
 
@@ -473,8 +371,8 @@ def write_chunk(chunk: int, records: list[tuple[str, Record]], plan_: Plan, opti
                 rejected[face.reason] += 1
                 continue
             split = plan_.split_of_person[record.person_id]
-            if options.deidentify:
-                record = deidentify(record, salt, plan_.anchors.get(record.person_id), options.allowed_labels)
+            if options.deid.enabled:
+                record = deidentify(record, salt, plan_.anchors.get(record.person_id), options.deid.allowed_labels)
                 key = record.source_id
             else:
                 key = hashlib.sha256(f"{source}\x00{record.source_id}".encode()).hexdigest()[:24]
@@ -555,11 +453,11 @@ def chunk_fingerprint(chunk: int, entries: list[tuple[str, Record | None]], plan
     the plan rejected."""
     from data_pipelines.deid import pseudonym
 
-    key = hmac.new(salt, b"fahr-chunk-fingerprint", hashlib.sha256).digest() if options.deidentify else None
+    key = hmac.new(salt, b"fahr-chunk-fingerprint", hashlib.sha256).digest() if options.deid.enabled else None
     digest = _Digest(key)
     digest.add({"format": CHUNK_FORMAT, "versions": versions, "source": source, "chunk": chunk,
-                "align": asdict(options.align), "deidentify": options.deidentify,
-                "allowed_labels": sorted(set(options.allowed_labels)),
+                "align": asdict(options.align), "deidentify": options.deid.enabled,
+                "allowed_labels": sorted(set(options.deid.allowed_labels)),
                 "samples_per_shard": options.samples_per_shard})
     for item_id, record in entries:
         if record is None:
@@ -567,7 +465,7 @@ def chunk_fingerprint(chunk: int, entries: list[tuple[str, Record | None]], plan
             continue
         person, source_id = record.person_id, record.source_id
         anchor = None
-        if options.deidentify:
+        if options.deid.enabled:
             anchor = plan_.anchors.get(person)
             person, source_id = pseudonym(person, salt), pseudonym(source_id, salt, length=24)
         digest.add({
@@ -767,7 +665,8 @@ def build_shards(
     from data_pipelines.deid import load_salt
 
     check_options(options)
-    salt = load_salt(options.salt_key_file) if options.deidentify else None
+    options = options.resolved(source)
+    salt = load_salt(options.deid.key_file) if options.deid.enabled else None
     output = check_output(output, inputs)
     (output / "parts").mkdir(exist_ok=True)
     lock = _Lock(output / "parts")
@@ -781,7 +680,7 @@ def _build(source: str, make_items: Callable[[], Iterable[Record | Rejection]], 
            options: BuildOptions, progress: Callable[[int], None] | None, salt: bytes | None) -> dict[str, Any]:
     inventory = _Inventory(output)
     versions = library_versions()
-    splits = set(options.fractions)
+    splits = set(options.split.fractions)
     summaries: list[dict[str, Any]] = []
     located: dict[int, dict[str, list[Path]]] = {}
     rehashed: list[int] = []
@@ -953,7 +852,7 @@ def _merge(source: str, plan_: Plan, summaries: list[dict[str, Any]], options: B
         raise AssertionError(f"records lost: read {read} != written {written} + rejected {sum(rejected.values())}")
     return shard_index.make_index(
         source, options.align.image_size, splits, read=read, written=written, rejected=dict(sorted(rejected.items())),
-        options={"fractions": options.fractions, "stratify": options.stratify, "dedup": options.dedup,
-                 "deidentified": options.deidentify, "skip_detection": options.align.skip_detection,
+        options={"fractions": options.split.fractions, "stratify": options.split.stratify, "dedup": options.dedup.enabled,
+                 "deidentified": options.deid.enabled, "skip_detection": options.align.skip_detection,
                  # what `fahr predict` must redo on new photos (recorded in fine-tuned model cards)
                  "align": {k: getattr(options.align, k) for k in ("image_size", "margin", "multi_face", "min_confidence")}})

@@ -15,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from fahr.cli._hydra import config_dir
+from data_pipelines.options import register_shards_schema
 from fahr.config.finetune_schema import register_finetune_schemas
 from fahr.config.schema import register_schemas
 
@@ -30,6 +31,7 @@ os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".cache" / "matplotlib"))
 def compose_config(config_name: str = "pretrain", overrides: list[str] | None = None) -> DictConfig:
     register_schemas()
     register_finetune_schemas()
+    register_shards_schema()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides or []))
@@ -88,8 +90,26 @@ def write_described_index(folder: Path, source: str = "test", image_size: int = 
                                           **provenance))
 
 
+_RUNNING: list[pytest.Item] = []
+
+
+@pytest.fixture(autouse=True)
+def _running_test(request):
+    """The test being run, so that helpers can check its marks (see :func:`require_mark`)."""
+    _RUNNING.append(request.node)
+    yield
+    _RUNNING.pop()
+
+
+def require_mark(name: str, why: str) -> None:
+    """Fail a test that uses a resource without the mark that lets users select or skip it (-m)."""
+    if _RUNNING and _RUNNING[-1].get_closest_marker(name) is None:
+        pytest.fail(f"{_RUNNING[-1].nodeid} {why}: mark it @pytest.mark.{name}", pytrace=False)
+
+
 def shared_data(sub: str) -> Path:
     """Path under ../shared/data, skipping the test with a reason when it is absent."""
+    require_mark("real_data", "reads ../shared/data")
     path = SHARED_DATA / sub
     if not path.exists():
         pytest.skip(f"real data not available: {path} (CI always has ../shared/data)")

@@ -3,7 +3,6 @@ and the cluster itself."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,13 +17,18 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 def ensure_cluster() -> None:
-    """The local one-node cluster running (started here if needed), or the test skipped saying why."""
+    """The local one-node cluster running (started here if SLURM is installed), or the test skipped saying why.
+
+    Tests never install packages: `.ci/run` (or the user, `slurm/local-cluster.sh start`) installs SLURM."""
+    from conftest import require_mark
+
+    require_mark("slurm", "submits jobs to SLURM")
     if shutil.which("sinfo") is not None:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30)
         if out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated")):
             return
-    if os.geteuid() != 0 and shutil.which("slurmctld") is None:
-        pytest.skip("SLURM is not installed and installing it needs root: run `sudo slurm/local-cluster.sh start`")
+    if shutil.which("slurmctld") is None:
+        pytest.skip("SLURM is not installed: run `sudo slurm/local-cluster.sh start` once (installs and starts it)")
     proc = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"slurm/local-cluster.sh start failed:\n{proc.stdout}\n{proc.stderr}"
 

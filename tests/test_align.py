@@ -31,13 +31,21 @@ from fahr.faces.align import (
 from fahr.faces.decode import decode_photo
 from fahr.faces.rejection import RejectedError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA
+
 FGNET = SHARED_DATA / "fgnet"
 UTKFACE = SHARED_DATA / "utkface"
-needs_fgnet = pytest.mark.skipif(not (FGNET / "manifest.csv").is_file(),
-                                 reason=f"FG-NET test data not found at {FGNET} (shared data folder absent)")
-needs_utkface = pytest.mark.skipif(not (UTKFACE / "manifest.csv").is_file(),
-                                   reason=f"UTKFace test data not found at {UTKFACE} (shared data folder absent)")
+
+
+def _needs(folder: Path, name: str):
+    """Mark a test real_data and skip it, saying why, when ../shared/data lacks ``folder``."""
+    skip = pytest.mark.skipif(not (folder / "manifest.csv").is_file(),
+                              reason=f"{name} test data not found at {folder} (shared data folder absent)")
+    return lambda test: pytest.mark.real_data(skip(test))
+
+
+needs_fgnet = _needs(FGNET, "FG-NET")
+needs_utkface = _needs(UTKFACE, "UTKFace")
 
 
 def _png(im: Image.Image) -> bytes:

@@ -125,7 +125,8 @@ def test_only_the_index_module_opens_index_json(tmp_path):
 
     from PIL import Image
 
-    from data_pipelines.build import AlignOptions, BuildOptions, build_shards
+    from data_pipelines.build import build_shards
+    from data_pipelines.options import AlignOptions, BuildOptions, DedupOptions
     from data_pipelines.sources import get_source
     from fahr.data.shard_index import index_location, resolve_shard_spec, sample_counts
     from fahr.data.shard_reader import expand_shards
@@ -161,7 +162,8 @@ def test_only_the_index_module_opens_index_json(tmp_path):
         write_synthetic_shards(tmp_path / "synthetic", num_samples=8, samples_per_shard=4, seed=0)
         synthetic = expand_shards(resolve_shard_spec(str(tmp_path / "synthetic" / "index.json")))
         assert sample_counts(synthetic) == {url: 4 for url in synthetic}
-        options = BuildOptions(dedup=False, samples_per_shard=4, align=AlignOptions(skip_detection=True))
+        options = BuildOptions(dedup=DedupOptions(enabled=False), samples_per_shard=4,
+                               align=AlignOptions(skip_detection=True))
         build_shards("utkface", lambda: get_source("utkface")(str(photos)), tmp_path / "built", options)
         built = str(tmp_path / "built" / "index.json")
         assert expand_shards(resolve_shard_spec([f"{built}#train"]))

@@ -16,7 +16,8 @@ import webdataset as wds
 
 from conftest import shared_data
 from data_pipelines import build as build_mod
-from data_pipelines.build import AlignOptions, BuildOptions, build_shards
+from data_pipelines.build import build_shards
+from data_pipelines.options import AlignOptions, BuildOptions, DedupOptions, DeidOptions, SplitOptions
 from data_pipelines.sources import get_source
 from fahr.data.shard_index import resolve_shard_spec
 
@@ -45,6 +46,7 @@ def _utk_options(**kw) -> BuildOptions:
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.real_data
 def test_utkface_to_split_shards_and_back(tmp_path):
     root = _utk_subset(tmp_path, 300)
     out = tmp_path / "shards"
@@ -52,7 +54,10 @@ def test_utkface_to_split_shards_and_back(tmp_path):
     assert index["read"] == 300 == index["written"] + sum(index["rejected"].values())
     assert set(index["splits"]) == {"train", "val", "test"}
     assert abs(index["splits"]["test"]["count"] - 30) <= 5
-    key = lambda file: hashlib.sha256(f"utkface\x00{file}".encode()).hexdigest()[:24]
+
+    def key(file: str) -> str:
+        return hashlib.sha256(f"utkface\x00{file}".encode()).hexdigest()[:24]
+
     ages = {key(r["file"]): float(r["age"]) for r in csv.DictReader(open(root / "manifest.csv"))}
     persons: dict[str, set] = defaultdict(set)
     seen_ages = []
@@ -74,6 +79,7 @@ def test_utkface_to_split_shards_and_back(tmp_path):
     assert train["labels"]["age"]["decades"].get("20-29", 0) == sum(20 <= a < 30 for a in train_ages)
 
 
+@pytest.mark.real_data
 def test_rerun_after_a_crash_resumes_and_matches_a_clean_build(tmp_path, monkeypatch):
     root = _utk_subset(tmp_path, 250)
     clean = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "clean", _utk_options())
@@ -109,6 +115,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.real_data
 def test_flat_shard_series_per_split_and_a_crash_mid_move_resumes(tmp_path, monkeypatch):
     """Shards end as <split>-000000.tar, ... (webdataset convention, brace patterns work); the move out
     of parts/ survives a crash, and a rerun repairs a finished shard that holds other bytes."""
@@ -116,7 +123,7 @@ def test_flat_shard_series_per_split_and_a_crash_mid_move_resumes(tmp_path, monk
 
     root = _utk_subset(tmp_path, 120)
     options = BuildOptions(align=AlignOptions(skip_detection=True), chunk_size=40, samples_per_shard=10,
-                           fractions={"train": 0.7, "test": 0.3})
+                           split=SplitOptions(fractions={"train": 0.7, "test": 0.3}))
     build = lambda out: build_shards("utkface", lambda: get_source("utkface")(root), out, options)  # noqa: E731
     clean_dir = tmp_path / "clean"
     clean = build(clean_dir)
@@ -176,11 +183,12 @@ def test_flat_shard_series_per_split_and_a_crash_mid_move_resumes(tmp_path, monk
     assert build(out) == clean and _tree(out) == _tree(clean_dir)
 
 
+@pytest.mark.real_data
 def test_fgnet_raw_photos_detected_and_aligned(tmp_path):
     root = shared_data("fgnet")
     index = build_shards("fgnet", lambda: get_source("fgnet")(root), tmp_path / "fg",
-                         BuildOptions(stratify="none", chunk_size=32, samples_per_shard=16,
-                                      fractions={"train": 0.6, "test": 0.4}))
+                         BuildOptions(chunk_size=32, samples_per_shard=16,
+                                      split=SplitOptions(fractions={"train": 0.6, "test": 0.4}, stratify="none")))
     assert index["read"] == 61 == index["written"] + sum(index["rejected"].values())
     assert index["written"] >= 58  # >= 95% found
     # FG-NET: 5 people; each lands in exactly one split
@@ -191,6 +199,7 @@ def test_fgnet_raw_photos_detected_and_aligned(tmp_path):
     assert len(persons) == 5 and all(len(v) == 1 for v in persons.values())
 
 
+@pytest.mark.real_data
 def test_cohort_leaves_no_identifier_in_any_byte(tmp_path, monkeypatch):
     utk = shared_data("utkface")
     photos = sorted((utk / "images").iterdir())[:12]
@@ -207,8 +216,9 @@ def test_cohort_leaves_no_identifier_in_any_byte(tmp_path, monkeypatch):
     monkeypatch.setenv("FAHR_DEID_SALT", "a-test-salt-of-32-bytes-........")
     out = tmp_path / "out"
     index = build_shards("cohort", lambda: get_source("cohort")(root), out,
-                         BuildOptions(deidentify=True, stratify="event", dedup=False, chunk_size=5,
-                                      fractions={"train": 0.5, "test": 0.5}, align=AlignOptions(skip_detection=True)))
+                         BuildOptions(deid=DeidOptions(enabled=True), dedup=DedupOptions(enabled=False), chunk_size=5,
+                                      split=SplitOptions(fractions={"train": 0.5, "test": 0.5}, stratify="event"),
+                                      align=AlignOptions(skip_detection=True)))
     assert index["read"] == 12 == index["written"] + sum(index["rejected"].values())
     blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     for secret in (b"MRN", b"Smith", b"John", b"Elm", b"1950", b"2015-", b"2018", b"a-test-salt"):
@@ -218,9 +228,11 @@ def test_cohort_leaves_no_identifier_in_any_byte(tmp_path, monkeypatch):
     assert labels["person"].startswith("p") and "photo_day" in labels and "notes" not in labels
 
 
+@pytest.mark.real_data
 def test_fahr_shards_command_config_and_summary(tmp_path, capsys):
     from conftest import compose_config
-    from fahr.config.schema import ShardsConfig, validate
+    from data_pipelines.options import ShardsConfig
+    from fahr.config.schema import validate
     from fahr.pipeline.shards import shards
 
     root = _utk_subset(tmp_path, 60)
@@ -245,6 +257,7 @@ def test_fahr_shards_command_config_and_summary(tmp_path, capsys):
         resolve_shard_spec(f"{tmp_path / 'out'}/index.json#holdout")
 
 
+@pytest.mark.real_data
 def test_parallel_build_equals_sequential(tmp_path, monkeypatch):
     """Both passes in 2 worker processes (pass 1 in rounds of 16 photos) give exactly the sequential
     build: same duplicate decisions, splits, counts, shard names and sha256s."""
@@ -275,6 +288,7 @@ def _png_claiming_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.real_data
 def test_bad_input_through_the_whole_command(tmp_path):
     """Every kind of bad input gives a counted rejection or a clear error, and nothing is lost."""
     import io
@@ -325,7 +339,8 @@ def test_bad_input_through_the_whole_command(tmp_path):
         csv.writer(f).writerows([("file", "person_id", "age"), *rows])
 
     out = tmp_path / "out"
-    options = BuildOptions(stratify="none", fractions={"train": 0.5, "test": 0.5}, chunk_size=4, samples_per_shard=2)
+    options = BuildOptions(split=SplitOptions(fractions={"train": 0.5, "test": 0.5}, stratify="none"), chunk_size=4,
+                           samples_per_shard=2)
     index = build_shards("folder", lambda: get_source("folder")(root), out, options)
     assert index["read"] == len(rows) == index["written"] + sum(index["rejected"].values())
     assert index["written"] == 4  # good, alpha (on white), CMYK, 16-bit: converted to 8-bit RGB
@@ -345,6 +360,7 @@ def test_bad_input_through_the_whole_command(tmp_path):
         build_shards("folder", lambda: get_source("folder")(root), tmp_path / "o3", options)
 
 
+@pytest.mark.real_data
 def test_built_shards_stream_over_http_and_pipe(tmp_path):
     """As from object storage: index.json#split over a loopback HTTP server, and shards via pipe:."""
     import functools

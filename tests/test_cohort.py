@@ -12,7 +12,7 @@ from conftest import shared_data
 
 from data_pipelines.records import Record
 from data_pipelines.sources import cohort as cohort_source
-from fahr.data.cohort import (
+from fahr.data.cohort_simulator import (
     BETA_AGE, BETA_HEALTH, expected_event_rate, sample_synthetic_covariates, simulate_survival, write_cohort,
 )
 
@@ -109,6 +109,7 @@ def test_synthetic_cohort_parses(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.real_data
 def test_utkface_cohort_parses(tmp_path):
     utkface = shared_data("utkface")
     info = write_cohort(tmp_path / "c", "utkface", n_patients=25, seed=1, utkface_dir=utkface)
@@ -121,6 +122,7 @@ def test_utkface_cohort_parses(tmp_path):
     assert not (tmp_path / "d" / "utkface").exists()
 
 
+@pytest.mark.real_data
 def test_utkface_cohort_draws_only_listed_photos(tmp_path):
     import pandas as pd
 
@@ -138,6 +140,7 @@ def test_utkface_cohort_draws_only_listed_photos(tmp_path):
         write_cohort(tmp_path / "e", "utkface", n_patients=None, utkface_dir=utkface, only_sha1=set())
 
 
+@pytest.mark.real_data
 def test_utkface_cohort_to_shards_keeps_every_photo_and_hides_ids(tmp_path):
     from fahr.pipeline.cohort_shards import cohort_to_shards
     from fahr.data.labelled import load_split_faces

@@ -426,7 +426,7 @@ def test_event_yes_no(case):
     df = cohort()
     df["event"] = df["event"].map({1: "yes", 0: "no"})
     case.write(df)
-    assert "must be 0 or 1 (or true/false), got non-numeric values (200 cell(s), first at line 2)" in case.error()
+    assert "must be 0 or 1 (or true/false), got non-numeric values (200 cell(s) are not numbers, first at line 2)" in case.error()
 
 
 def test_event_missing_cell(case):

@@ -24,7 +24,8 @@ from PIL import Image
 
 from conftest import shared_data
 from data_pipelines import build as build_mod
-from data_pipelines.build import AlignOptions, BuildOptions, build_shards
+from data_pipelines.build import build_shards
+from data_pipelines.options import AlignOptions, BuildOptions, SplitOptions
 from data_pipelines.sources import folder as folder_src
 from data_pipelines.sources import get_source
 from fahr.boundary import InputError
@@ -219,7 +220,7 @@ def test_cohort_table_errors_never_echo_cells(tmp_path, run_fahr, monkeypatch):
     (["split.fractions={train:0.5,val:0,test:0.6}"], r"split\.fractions must sum to 1, got 1\.1"),
     (["split.fractions={train:-0.5,val:0,test:1.5}"], r"split\.fractions\.train must be a finite number >= 0"),
     (["split.fractions={train:nan,val:0,test:1.0}"], r"split\.fractions\.train must be a finite number >= 0"),
-    (["+split.fractions.x-y=0"], r"split\.fractions: split name 'x-y' must be 1-64 letters, digits or '_'"),
+    (["+split.fractions.x-y=0"], r"split\.fractions: split name 'x-y' must be a letter then up to 31 letters, digits or '_'"),
     (["split.stratify=sometimes"], r"split\.stratify must be one of auto, age, event, none"),
     (["chunk_size=0"], r"chunk_size must be an integer in \[1, 100000\]"),
     (["chunk_size=-5"], r"chunk_size must be an integer in \[1, 100000\]"),
@@ -234,7 +235,6 @@ def test_cohort_table_errors_never_echo_cells(tmp_path, run_fahr, monkeypatch):
     (["align.margin=inf"], r"align\.margin must be a number in \[0, 2\]"),
     (["align.min_confidence=1.5"], r"align\.min_confidence must be a number in \[0, 1\]"),
     (["align.multi_face=all"], r"align\.multi_face must be one of reject, largest, central"),
-    (["deid.enabled=maybe"], r"deid\.enabled must be auto, true or false"),
     (["deid.enabled=true", "deid.key_file=/nonexistent/salt.key"], r"deid\.key_file=/nonexistent/salt\.key does not exist"),
     (["deid.enabled=true", "deid.key_file=/dev/zero"], r"deid\.key_file=/dev/zero is not a regular file"),
     (["deid.key_file=/dev/null"], r"deid\.key_file is set but de-identification is off"),
@@ -250,6 +250,12 @@ def test_bad_option_is_one_line_naming_the_key(tmp_path, run_fahr, overrides, ex
     assert r.status == 2 and re.search(r"^fahr shards: error: .*" + expected, r.error_line), r
     assert "Traceback" not in r.err
     assert not out.exists()  # refused before any work
+
+
+def test_a_mistyped_option_is_refused_by_the_schema_naming_it(tmp_path, run_fahr):
+    """deid.enabled is a bool or null (on for cohorts): Hydra refuses anything else, naming the key."""
+    r = run_fahr("shards", "source=folder", f"input={tmp_path}", f"output={tmp_path / 'out'}", "deid.enabled=maybe")
+    assert r.status == 2 and "deid.enabled=maybe" in r.err and "not a valid bool" in r.err and "Traceback" not in r.err
 
 
 def test_bad_source_key_file_and_source_options(tmp_path, run_fahr):
@@ -330,6 +336,7 @@ def test_a_second_build_into_a_busy_output_is_refused(tmp_path):
 
 # ---- detection: a two-face photo is rejected whatever shares its chunk ----------------------------
 
+@pytest.mark.real_data
 def test_two_faces_rejected_whatever_else_is_in_the_chunk(tmp_path):
     fg = shared_data("fgnet") / "images"
     a, b = (Image.open(fg / n).convert("RGB") for n in ("003A25.JPG", "017A22.JPG"))
@@ -342,8 +349,8 @@ def test_two_faces_rejected_whatever_else_is_in_the_chunk(tmp_path):
     for name, face in (("big_a.jpg", a), ("big_b.jpg", b)):  # large photos around it (~4x the pixels)
         face.resize((face.width * 2, face.height * 2)).save(root / name, quality=95)
     rows = [("big_a.jpg", "pa", "25"), ("two.jpg", "pt", "30"), ("big_b.jpg", "pb", "22")]
-    options = BuildOptions(stratify="none", fractions={"train": 1.0}, chunk_size=3, samples_per_shard=8,
-                           align=AlignOptions(multi_face="reject"))
+    options = BuildOptions(split=SplitOptions(fractions={"train": 1.0}, stratify="none"), chunk_size=3,
+                           samples_per_shard=8, align=AlignOptions(multi_face="reject"))
     with open(root / "manifest.csv", "w", newline="") as f:
         csv.writer(f).writerows([("file", "person_id", "age"), *rows])
     together = build_shards("folder", lambda: get_source("folder")(root), tmp_path / "together", options)
@@ -356,10 +363,10 @@ def test_two_faces_rejected_whatever_else_is_in_the_chunk(tmp_path):
 
 # ---- reruns never reuse stale work ----------------------------------------------------------------
 
-def _options(**kw) -> BuildOptions:
-    align = kw.pop("align", AlignOptions(skip_detection=True))
-    base = dict(stratify="none", fractions={"train": 0.5, "test": 0.5}, chunk_size=3, samples_per_shard=2)
-    return BuildOptions(align=align, **{**base, **kw})
+def _options(fractions: dict[str, float] | None = None, **kw) -> BuildOptions:
+    base = dict(align=AlignOptions(skip_detection=True), chunk_size=3, samples_per_shard=2,
+                split=SplitOptions(fractions=fractions or {"train": 0.5, "test": 0.5}, stratify="none"))
+    return BuildOptions(**{**base, **kw})
 
 
 def _build(root: Path, out: Path, options: BuildOptions) -> dict:

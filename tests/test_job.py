@@ -126,7 +126,7 @@ AGE = ["experiment=demo_faceage", "backbone=null", "model=vit_test", "data.gener
        "task.stage1.val_every_n_steps=3", "task.stage2.val_every_n_steps=3", "trainer.log_every_n_steps=1",
        "trainer.enable_progress_bar=false"]
 SURVIVAL = ["experiment=demo_facesurvival", "backbone=null", "model=vit_test", "data.generate.n_patients=240",
-            "+data.generate.samples_per_shard=32", "data.eval_batch_size=8", "data.num_workers=0",
+            "data.generate.samples_per_shard=32", "data.eval_batch_size=8", "data.num_workers=0",
             "task.max_steps=6", "task.val_every_n_steps=3", "trainer.log_every_n_steps=1",
             "trainer.enable_progress_bar=false"]
 

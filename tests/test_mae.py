@@ -84,15 +84,34 @@ def test_reconstruction_keeps_visible_pixels(mae):
     assert torch.allclose(patchify(recon, 16)[vis], patchify(x, 16)[vis], atol=1e-5)
 
 
-def test_gradient_checkpointing_gives_same_loss():
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """Recomputing the blocks in backward (with drop path active, so the RNG replay matters) changes
+    neither the loss nor any gradient, and really recomputes (each block runs twice per step)."""
     torch.manual_seed(0)
-    a = MaskedAutoencoder(create_backbone("vit_test"))
-    b = MaskedAutoencoder(create_backbone("vit_test", grad_checkpointing=True))
+    a = MaskedAutoencoder(create_backbone("vit_test", drop_path_rate=0.2))
+    b = MaskedAutoencoder(create_backbone("vit_test", drop_path_rate=0.2, grad_checkpointing=True))
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 112, 112)
-    la = a(x, generator=torch.Generator().manual_seed(0))["loss"]
-    lb = b(x, generator=torch.Generator().manual_seed(0))["loss"]
-    assert la.item() == pytest.approx(lb.item(), rel=1e-6)
+    calls = {"a": 0, "b": 0}
+    a.encoder.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1))
+    b.encoder.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("b", calls["b"] + 1))
+    losses = {}
+    for name, model in (("a", a), ("b", b)):
+        model.train()
+        torch.manual_seed(1)  # the same drop-path draws in both models
+        losses[name] = model(x, generator=torch.Generator().manual_seed(0))["loss"]
+        losses[name].backward()
+    assert calls == {"a": 1, "b": 2}
+    assert losses["a"].item() == pytest.approx(losses["b"].item(), rel=1e-6)
+    grads_b = dict(b.named_parameters())
+    checked = 0
+    for name, p in a.named_parameters():
+        if p.grad is None:
+            assert grads_b[name].grad is None, name
+            continue
+        torch.testing.assert_close(grads_b[name].grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        checked += 1
+    assert checked > 10 and a.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("patch", [8, 16])

@@ -90,6 +90,7 @@ def test_person_disjoint_check_catches_a_leak():
         assert_person_disjoint({"r1": "train", "r2": "test", "r3": "test"}, persons)
 
 
+@pytest.mark.real_data
 def test_utkface_splits_by_sha1_are_stratified_by_age():
     import csv
 
@@ -127,6 +128,7 @@ def test_phash_is_robust_to_reencoding_and_resizing_but_not_to_other_faces():
     assert min(hamming(phash(a), phash(f)) for f in faces[1:]) > 6
 
 
+@pytest.mark.real_data
 def test_aligned_faces_of_different_people_are_not_near_duplicates():
     """Two UTKFace crops of different children (ages 1 and 16) whose 64-bit pHashes are only 6 bits
     apart (aligned faces share one layout) are not grouped: the 255-bit pHash tells them apart, while

@@ -347,7 +347,7 @@ AGE_JOB = ["experiment=demo_faceage", "backbone=null", "model=vit_test", "data.g
            "task.stage1.val_every_n_steps=2", "task.stage2.val_every_n_steps=4", "trainer.log_every_n_steps=1",
            "trainer.enable_progress_bar=false"]
 SURVIVAL_JOB = ["experiment=demo_facesurvival", "backbone=null", "model=vit_test", "data.generate.n_patients=240",
-                "+data.generate.samples_per_shard=32", "data.batch_size=16", "data.num_workers=1", "task.max_steps=30",
+                "data.generate.samples_per_shard=32", "data.batch_size=16", "data.num_workers=1", "task.max_steps=30",
                 "task.val_every_n_steps=4", "task.freeze_backbone=false", "trainer.log_every_n_steps=1",
                 "trainer.enable_progress_bar=false"]
 

@@ -137,7 +137,7 @@ FINETUNE_AGE = ["experiment=demo_faceage", "backbone=null", "model=vit_test", "d
                 "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=1", "task.stage1.max_steps=4",
                 "task.stage1.val_every_n_steps=2", "task.stage2.max_steps=60", "task.stage2.val_every_n_steps=4"]
 FINETUNE_SURVIVAL = ["experiment=demo_facesurvival", "backbone=null", "model=vit_test",
-                     "data.generate.n_patients=240", "+data.generate.samples_per_shard=32", "data.batch_size=8",
+                     "data.generate.n_patients=240", "data.generate.samples_per_shard=32", "data.batch_size=8",
                      "data.eval_batch_size=16", "data.num_workers=1", "task.max_steps=60", "task.val_every_n_steps=4",
                      "task.freeze_backbone=false"]
 TWO_CPU_RANKS = ["trainer=cpu", "trainer.devices=auto", "trainer.strategy=ddp", "trainer.enable_progress_bar=false"]

@@ -56,6 +56,61 @@ def split(n, seed=0):
     return idx[: n // 2], idx[n // 2:]
 
 
+# ---- independent oracles: the published definitions, written out pair by pair (O(n^2)), so that a
+# wrapper is never checked only against the library call it makes.
+
+def harrell_by_pairs(time, event, risk):
+    """Harrell's C: pair (i, j) is comparable when i's event comes first, or at the same time as j's
+    censoring; concordant when i has the higher risk; risk ties count 1/2."""
+    num = den = 0.0
+    for i in np.flatnonzero(event):
+        j = (time > time[i]) | ((time == time[i]) & (event == 0))
+        den += j.sum()
+        num += (risk[i] > risk[j]).sum() + 0.5 * (risk[i] == risk[j]).sum()
+    return num / den
+
+
+def censoring_survival(time, event):
+    """G(t) = P(censoring > t): Kaplan-Meier with the censorings as the events; no tied times assumed."""
+    order = np.argsort(time)
+    t, censored = time[order], event[order] == 0
+    at_risk = t.size - np.arange(t.size)
+    g = np.cumprod(np.where(censored, 1.0 - 1.0 / at_risk, 1.0))
+    return lambda s: np.where(s < t[0], 1.0, g[np.searchsorted(t, s, side="right") - 1])
+
+
+def uno_by_pairs(train_time, train_event, time, event, risk, tau):
+    """Uno et al. (2011): comparable pairs as Harrell's with T_i < tau, weighted by G(T_i)^-2 (G from train)."""
+    g = censoring_survival(train_time, train_event)
+    num = den = 0.0
+    for i in np.flatnonzero((event == 1) & (time < tau)):
+        w = g(time[i]) ** -2.0
+        j = time > time[i]
+        den += w * j.sum()
+        num += w * ((risk[i] > risk[j]).sum() + 0.5 * (risk[i] == risk[j]).sum())
+    return num / den
+
+
+def cumulative_dynamic_auc_by_pairs(train_time, train_event, time, event, risk, horizon):
+    """Cases: an event by the horizon, weighted 1/G(T_i); controls: still event-free after it (Uno 2007)."""
+    g = censoring_survival(train_time, train_event)
+    cases = np.flatnonzero((time <= horizon) & (event == 1))
+    controls = risk[time > horizon]
+    w = 1.0 / g(time[cases])
+    wins = np.array([(risk[i] > controls).sum() + 0.5 * (risk[i] == controls).sum() for i in cases])
+    return float((w * wins).sum() / (w.sum() * controls.size))
+
+
+def simulated_cohort(n, seed):
+    """Continuous exponential event and censoring times (no ties), risk = a noisy copy of the true log-hazard."""
+    rng = np.random.default_rng(seed)
+    log_hazard = rng.normal(size=n)
+    t_event = rng.exponential(1.0 / np.exp(log_hazard)) * 365.0
+    t_censor = rng.exponential(2.0, size=n) * 365.0
+    time = np.minimum(t_event, t_censor)
+    return time, (t_event <= t_censor).astype(int), log_hazard + rng.normal(scale=0.7, size=n)
+
+
 @pytest.mark.parametrize("name", DATASETS)
 def test_harrell_c_matches_lifelines_and_sksurv(name):
     from lifelines.utils import concordance_index
@@ -67,31 +122,29 @@ def test_harrell_c_matches_lifelines_and_sksurv(name):
     assert c > 0.6  # sign: higher risk = shorter survival
     assert c == pytest.approx(concordance_index(time, -risk, event), abs=1e-12)
     assert c == pytest.approx(concordance_index_censored(event.astype(bool), time, risk)[0], abs=1e-12)
+    assert c == pytest.approx(harrell_by_pairs(time, event, risk), abs=1e-12)
     # a discrete score with many ties (first covariate rounded)
     coarse = np.round(x[:, 0] / 10.0)
-    assert harrell_c(time, event, coarse) == pytest.approx(
-        concordance_index_censored(event.astype(bool), time, coarse)[0], abs=1e-12)
+    assert harrell_c(time, event, coarse) == pytest.approx(harrell_by_pairs(time, event, coarse), abs=1e-12)
     # tensors work as well
     assert harrell_c(torch.tensor(time), torch.tensor(event), torch.tensor(risk)[:, None]) == pytest.approx(c)
 
 
-def test_uno_c():
-    from sksurv.metrics import concordance_index_ipcw
-    from sksurv.util import Surv
-
-    x, time, event = gbsg2()
-    risk, _, _ = cox_risk(x, time, event)
-    tr, te = split(len(time))
-    tau = float(np.quantile(time, 0.8))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_uno_c_matches_its_definition(seed):
+    time, event, risk = simulated_cohort(600, seed)
+    assert 0.2 < 1 - event.mean() < 0.5  # a real share of censoring, so the weights matter
+    tr, te = split(len(time), seed)
+    tau = float(np.quantile(time[tr], 0.8))
     got = uno_c(time[tr], event[tr], time[te], event[te], risk[te], tau=tau)
-    ref = concordance_index_ipcw(Surv.from_arrays(event[tr].astype(bool), time[tr]),
-                                 Surv.from_arrays(event[te].astype(bool), time[te]), risk[te], tau=tau)[0]
-    assert got == pytest.approx(ref, abs=1e-12) and got > 0.6
+    assert got == pytest.approx(uno_by_pairs(time[tr], event[tr], time[te], event[te], risk[te], tau), abs=1e-12)
+    assert got != pytest.approx(harrell_c(time[te], event[te], risk[te]), abs=1e-4)  # the weights act
+    assert got > 0.65
     # without censoring the IPC weights are all 1 and Uno's C is Harrell's C
-    rng = np.random.default_rng(0)
-    t = rng.exponential(np.exp(-x[:, 0] / 20.0))
-    full = np.ones_like(t, dtype=int)
-    assert uno_c(t[tr], full[tr], t[te], full[te], x[te, 0]) == pytest.approx(harrell_c(t[te], full[te], x[te, 0]))
+    full = np.ones_like(event)
+    inside = time[te] < time[tr].max()
+    assert uno_c(time[tr], full[tr], time[te][inside], full[te][inside], risk[te][inside]) == pytest.approx(
+        harrell_c(time[te][inside], full[te][inside], risk[te][inside]), abs=1e-12)
 
 
 def test_time_dependent_auc_without_censoring_is_roc_auc():
@@ -110,22 +163,23 @@ def test_time_dependent_auc_without_censoring_is_roc_auc():
     assert auc.shape == (3,) and 0.5 < mean_auc < 1.0
 
 
-def test_time_dependent_auc_matches_sksurv_on_whas500():
-    from sksurv.metrics import cumulative_dynamic_auc
-    from sksurv.util import Surv
+@pytest.mark.parametrize("seed", [0, 3])
+def test_time_dependent_auc_matches_its_definition_under_censoring(seed):
+    from lifelines import KaplanMeierFitter
 
-    x, time, event = whas500()
-    risk, _, _ = cox_risk(x, time, event)
-    tr, te = split(len(time), seed=2)
-    # scikit-survival refuses test times beyond the largest train time: keep the longest in train here
-    longest = np.flatnonzero(time == time.max())
-    tr, te = np.union1d(tr, longest), np.setdiff1d(te, longest)
-    horizons = np.quantile(time, [0.1, 0.3, 0.5])
+    time, event, risk = simulated_cohort(600, seed)
+    tr, te = split(len(time), seed)
+    # the largest time in train: the censoring weights are known over the whole test follow-up
+    longest = np.argmax(time)
+    tr, te = np.union1d(tr, [longest]), np.setdiff1d(te, [longest])
+    horizons = np.quantile(time[te], [0.1, 0.3, 0.5])
     auc, mean_auc = time_dependent_auc(time[tr], event[tr], time[te], event[te], risk[te], horizons)
-    ref = cumulative_dynamic_auc(Surv.from_arrays(event[tr].astype(bool), time[tr]),
-                                 Surv.from_arrays(event[te].astype(bool), time[te]), risk[te], horizons)
-    np.testing.assert_allclose(auc, ref[0], atol=1e-12)
-    assert mean_auc == pytest.approx(ref[1], abs=1e-12)
+    expected = [cumulative_dynamic_auc_by_pairs(time[tr], event[tr], time[te], event[te], risk[te], h) for h in horizons]
+    np.testing.assert_allclose(auc, expected, atol=1e-12)
+    # the mean weights each horizon by the drop of the test set's Kaplan-Meier curve over it
+    surv = KaplanMeierFitter().fit(time[te], event[te]).survival_function_at_times(horizons).to_numpy()
+    drops = -np.diff(np.r_[1.0, surv])
+    assert mean_auc == pytest.approx(float((drops * np.asarray(expected)).sum() / (1.0 - surv[-1])), abs=1e-12)
 
 
 @pytest.mark.parametrize("name", ["rossi", "gbsg2"])
@@ -146,7 +200,7 @@ def test_breslow_baseline_matches_lifelines(name):
     again = BreslowBaseline.from_dict(json.loads(json.dumps(base.to_dict())))
     np.testing.assert_array_equal(again.survival(risk, times), base.survival(risk, times))
     # before the first time H = 0; after the last it stays constant
-    assert base.baseline([0.0])[0] == 0.0 or time.min() == 0.0
+    assert base.baseline([np.nextafter(time.min(), -np.inf)])[0] == 0.0
     assert base.baseline([time.max() * 10])[0] == base.cumulative_hazard[-1]
 
 

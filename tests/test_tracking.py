@@ -56,7 +56,7 @@ def test_facesurvival_sends_final_metrics_and_export_to_wandb_and_tensorboard(tm
 
     if mode == "images":
         overrides = ["experiment=demo_facesurvival", "backbone=null", "model=vit_test", "data.generate.n_patients=120",
-                     "+data.generate.samples_per_shard=32", "data.batch_size=16", "data.num_workers=0",
+                     "data.generate.samples_per_shard=32", "data.batch_size=16", "data.num_workers=0",
                      "task.max_steps=2", "task.val_every_n_steps=2"]
     else:
         from lifelines.datasets import load_rossi

@@ -43,11 +43,11 @@ from typing import Any
 
 from data_pipelines.records import Record
 from fahr.faces.rejection import RejectedError, Rejection
+from fahr.faces.decode import is_photo_name
 from fahr.boundary import MAX_PHOTO_BYTES, FileRefused, InputError, read_csv_table, read_regular_file
 
 MANIFEST = "manifest.csv"
 LABEL_COLUMNS = ("age", "sex", "race")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -190,7 +190,7 @@ def is_image(path: Path) -> bool:
     Not-regular entries named like photos (a FIFO, a device, a dangling symlink) count: reading them
     gives a counted rejection (``image:not_regular``, ``image:missing``) instead of a silent skip.
     """
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and not path.is_dir()
+    return is_photo_name(path.name) and not path.is_dir()
 
 
 def reject(source_id: str, error: RejectedError) -> Rejection:

@@ -3,10 +3,10 @@
 import hydra
 from omegaconf import DictConfig
 
+from data_pipelines.options import register_shards_schema
 from fahr.cli._hydra import config_dir, run_command
-from fahr.config.schema import register_schemas
 
-register_schemas()
+register_shards_schema()
 
 
 @hydra.main(config_path=config_dir(), config_name="shards", version_base="1.3")

@@ -1,4 +1,5 @@
-"""Schemas of the fine-tuning commands (``fahr finetune-age``), strict like fahr.config.schema."""
+"""Schemas of the fine-tuning commands (``fahr finetune-age``, ``fahr finetune-survival``), strict like
+fahr.config.schema, sharing its run and streamed-photo parts."""
 
 from __future__ import annotations
 
@@ -7,15 +8,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from fahr.config.schema import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LoggerConfig,
-    ModelConfig,
-    PathsConfig,
-    TrainerConfig,
-    bounded,
-)
+from fahr.config.schema import ModelConfig, RunConfig, StreamedPhotosConfig, bounded
 
 
 @dataclass
@@ -30,7 +23,7 @@ class SyntheticSplitsConfig:
 
 
 @dataclass
-class LabelledDataConfig:
+class LabelledDataConfig(StreamedPhotosConfig):
     """Labelled shards: each of train/val/test is an ``index.json#<split>`` of ``fahr shards``, an
     ``index.json``, a brace pattern or a list of URLs."""
     name: str = MISSING
@@ -38,16 +31,7 @@ class LabelledDataConfig:
     train: Any = MISSING
     val: Any = MISSING
     test: Any = None
-    image_size: int = bounded(112, lo=16, hi=1024)
-    batch_size: int = bounded(64, lo=1, hi=65536)  # per device
     eval_batch_size: int = bounded(128, lo=1, hi=65536)
-    num_workers: int = bounded(2, lo=0, hi=256)  # per device: decoding workers of each stream
-    shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)  # training photos mixed per worker (streamed shards)
-    interleave: int = bounded(16, lo=1, hi=1024)  # training shards each worker reads at once (mixing)
-    clinical: bool = False
-    synthetic: bool = False
-    mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = bounded(above=0, hi=10, factory=lambda: list(IMAGENET_STD))
     generate: Optional[SyntheticSplitsConfig] = None
 
 
@@ -117,23 +101,35 @@ class AgeTaskConfig:
 
 
 @dataclass
-class FinetuneAgeConfig:
-    experiment_name: str = "faceage"
-    run_id: Optional[str] = None
-    seed: int = bounded(0, lo=0, hi=2**32 - 1)
-    resume: bool = True
-    backbone: Optional[str] = None  # a `fahr export` directory; None trains from scratch
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: LabelledDataConfig = field(default_factory=LabelledDataConfig)
+class FinetuneConfig(RunConfig):
+    """What both fine-tunes' configs hold besides the run: the backbone they start from and where the
+    export goes. Their training length is in ``task`` (``trainer.max_steps`` stays unset)."""
+    backbone: Optional[str] = None  # a `fahr export` directory; None trains from scratch (model.*)
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture when training from scratch
-    task: AgeTaskConfig = field(default_factory=AgeTaskConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=-1))  # steps: task.stageN
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
     export_dir: Optional[str] = None  # default: <run_dir>/export
 
 
 @dataclass
-class SurvivalDataConfig:
+class FinetuneAgeConfig(FinetuneConfig):
+    experiment_name: str = "faceage"
+    data: LabelledDataConfig = field(default_factory=LabelledDataConfig)
+    task: AgeTaskConfig = field(default_factory=AgeTaskConfig)
+
+
+@dataclass
+class SimulatedCohortConfig:
+    """``data.generate``: the demo's semi-synthetic cohort (fahr.data.cohort_simulator), written to
+    ``out_dir`` once and reused while these settings stay the same."""
+    out_dir: str = MISSING
+    n_patients: int = bounded(600, lo=10, hi=1_000_000)
+    seed: int = 0
+    photos_per_patient: int = bounded(1, lo=1, hi=100)
+    image_size: int = bounded(112, lo=16, hi=1024)
+    samples_per_shard: int = bounded(256, lo=1, hi=1_000_000)
+
+
+@dataclass
+class SurvivalDataConfig(StreamedPhotosConfig):
     """``mode: images``: labelled shards (``fahr shards source=cohort``: json with ``followup_days``,
     ``event``, ``person``, covariates). ``mode: table``: CSVs where every column but ``time`` and
     ``event`` is a feature (DeepSurv mode)."""
@@ -147,17 +143,10 @@ class SurvivalDataConfig:
     time: str = "followup_days"  # column / label of the follow-up time (days for cohorts)
     event: str = "event"  # 1 = death observed, 0 = censored
     covariates: list[str] = field(default_factory=list)  # images: clinical labels fed to the head too
-    image_size: int = bounded(112, lo=16, hi=1024)
     batch_size: int = bounded(64, lo=0, hi=65536)  # per device; table mode: 0 = the whole training table in one batch
     eval_batch_size: int = bounded(128, lo=1, hi=65536)
-    num_workers: int = bounded(2, lo=0, hi=256)  # per device: decoding workers of each stream
-    shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)  # images: training photos mixed per worker
-    interleave: int = bounded(16, lo=1, hi=1024)  # images: training shards each worker reads at once (mixing)
     clinical: bool = True
-    synthetic: bool = False
-    mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = bounded(above=0, hi=10, factory=lambda: list(IMAGENET_STD))
-    generate: Optional[dict[str, Any]] = None  # the demo's semi-synthetic cohort (fahr.data.cohort)
+    generate: Optional[SimulatedCohortConfig] = None  # the demo's semi-synthetic cohort
 
 
 @dataclass
@@ -187,19 +176,10 @@ class SurvivalTaskConfig:
 
 
 @dataclass
-class FinetuneSurvivalConfig:
+class FinetuneSurvivalConfig(FinetuneConfig):
     experiment_name: str = "facesurvival"
-    run_id: Optional[str] = None
-    seed: int = bounded(0, lo=0, hi=2**32 - 1)
-    resume: bool = True
-    backbone: Optional[str] = None  # images: a `fahr export` dir (MAE backbone or FaceAge model)
-    paths: PathsConfig = field(default_factory=PathsConfig)
     data: SurvivalDataConfig = field(default_factory=SurvivalDataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
     task: SurvivalTaskConfig = field(default_factory=SurvivalTaskConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=-1))  # steps: task.max_steps
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    export_dir: Optional[str] = None
 
 
 def register_finetune_schemas() -> None:

@@ -50,15 +50,25 @@ class SyntheticShardsConfig:
 
 
 @dataclass
-class DataConfig:
+class StreamedPhotosConfig:
+    """What every training command's data config holds: how photos stream from shards (per device)
+    and how they are normalised."""
+    image_size: int = bounded(112, lo=16, hi=1024)
+    batch_size: int = bounded(64, lo=1, hi=65536)  # per device
+    num_workers: int = bounded(2, lo=0, hi=256)  # per device: decoding workers of each stream
+    shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)  # training photos mixed per worker
+    interleave: int = bounded(16, lo=1, hi=1024)  # training shards each worker reads at once (mixing)
+    clinical: bool = False  # clinical photos are never logged as images unless task.log_clinical_images
+    synthetic: bool = False
+    mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = bounded(above=0, hi=10, factory=lambda: list(IMAGENET_STD))
+
+
+@dataclass
+class DataConfig(StreamedPhotosConfig):
     name: str = MISSING
     train_shards: Any = MISSING  # a brace pattern, `::`-separated string, or a list of shard URLs
     samples_per_epoch: int = bounded(lo=1)  # nominal, global over all ranks
-    batch_size: int = bounded(64, lo=1, hi=65536)  # per device
-    num_workers: int = bounded(2, lo=0, hi=256)
-    shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)
-    interleave: int = bounded(16, lo=1, hi=1024)  # shards each worker reads at once (mixing)
-    image_size: int = bounded(112, lo=16, hi=1024)
     on_error: str = bounded("skip", choices=("skip", "raise"))  # bad samples: "skip" (counted, logged) or "raise"
     seed: int = 0
     label_keys: list[str] = field(default_factory=list)
@@ -66,10 +76,6 @@ class DataConfig:
     val_samples: int = bounded(0, lo=0)
     persistent_workers: bool = False
     pin_memory: bool = False
-    clinical: bool = False  # clinical photos are never logged as images unless task.log_clinical_images
-    synthetic: bool = False
-    mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = bounded(above=0, hi=10, factory=lambda: list(IMAGENET_STD))
     generate: Optional[SyntheticShardsConfig] = None
 
 
@@ -145,7 +151,7 @@ class TrainerConfig:
     num_nodes: Any = 1  # int or "auto"
     strategy: Any = "auto"  # str or StrategyConfig mapping
     precision: Any = "32-true"
-    max_steps: int = bounded(lo=-1)
+    max_steps: Optional[int] = bounded(None, lo=1)  # pretraining's length; the fine-tunes count task.* steps
     max_epochs: int = bounded(-1, lo=-1)
     gradient_clip_val: Optional[float] = bounded(1.0, lo=0.0)
     accumulate_grad_batches: int = bounded(1, lo=1, hi=4096)
@@ -205,72 +211,31 @@ class ExportConfig:
 
 
 @dataclass
-class PretrainConfig:
+class RunConfig:
+    """What every training command's config holds: its run (identity, seed, resume, where files go)
+    and how it runs (trainer, loggers)."""
     experiment_name: str = "default"
     run_id: Optional[str] = None  # None: derived from a hash of the config (same command = same run)
     seed: int = bounded(0, lo=0, hi=2**32 - 1)
     resume: bool = True  # a run directory holding a checkpoint resumes it
     paths: PathsConfig = field(default_factory=PathsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class PretrainConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: PretrainTaskConfig = field(default_factory=PretrainTaskConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-
-
-@dataclass
-class ShardsSplitConfig:
-    # >= 0, sum 1; names of letters, digits, '_'. A command-line {..} is merged into this default:
-    # give every split (0 for one you do not want) or drop one with ~split.fractions.val
-    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
-    seed: str = "fahr"
-    stratify: str = "auto"  # "age", "event", "none"; auto: event for cohorts, age otherwise
-
-
-@dataclass
-class ShardsDedupConfig:
-    enabled: bool = True
-    near_threshold: int = 6  # pHash bits out of 64, 0-7
-
-
-@dataclass
-class ShardsDeidConfig:
-    enabled: str = "auto"  # "auto" (on for cohorts), "true", "false"
-    key_file: Optional[str] = None  # else $FAHR_DEID_SALT
-    allowed_labels: list[str] = field(default_factory=lambda: ["age", "sex", "race", "followup_days", "event", "diagnosis"])
-
-
-@dataclass
-class ShardsAlignConfig:
-    image_size: int = 112  # 16-1024
-    margin: float = 0.0  # 0-2
-    multi_face: str = "reject"  # "reject", "largest", "central"
-    min_confidence: float = 0.95  # 0-1
-    skip_detection: bool = False  # inputs are already aligned crops
-
-
-@dataclass
-class ShardsConfig:
-    source: str = MISSING
-    input: str = MISSING
-    output: str = MISSING
-    source_options: dict[str, Any] = field(default_factory=dict)  # +source_options.<key>=... (checked per source)
-    processes: int = 1  # 1 to 4 per usable CPU
-    chunk_size: int = 2000  # 1-100000 source items per chunk
-    samples_per_shard: int = 1000  # 1-1000000
-    split: ShardsSplitConfig = field(default_factory=ShardsSplitConfig)
-    dedup: ShardsDedupConfig = field(default_factory=ShardsDedupConfig)
-    deid: ShardsDeidConfig = field(default_factory=ShardsDeidConfig)
-    align: ShardsAlignConfig = field(default_factory=ShardsAlignConfig)
 
 
 def register_schemas() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
-    cs.store(name="shards_schema", node=ShardsConfig)
 
 
 def validate(cfg: Any, schema: type = PretrainConfig) -> None:

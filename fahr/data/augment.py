@@ -24,6 +24,13 @@ import torchvision.transforms.v2.functional as TF
 
 from fahr.boundary import InputError
 
+
+def random_hflip(images: torch.Tensor) -> torch.Tensor:
+    """Each image of (B, C, H, W) mirrored left-right with probability 1/2 (the global torch RNG,
+    which the job layer reseeds at every step)."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
 # Columns of a sample's row of draws (uniform in [0, 1)). Fixed order: turning one transform on or
 # off never changes the draws of another.
 (GREY, LIGHT, BRIGHTNESS, CONTRAST, GAMMA, TEMPERATURE, BLUR, SIGMA, JPEG, QUALITY, NOISE, NOISE_SEED,

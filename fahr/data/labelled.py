@@ -18,18 +18,17 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from fahr.boundary import InputError
-from fahr.data.shard_reader import decode_rgb, expand_shards, read_shard
+from fahr.data.shard_reader import IMAGE_MEMBERS, decode_rgb, expand_shards, read_shard
 
 log = logging.getLogger(__name__)
 
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass
@@ -82,22 +81,11 @@ def load_labelled_faces(shards: str | Sequence[str], required: Sequence[str], op
     persons: list[str] = []
     columns: dict[str, list[float]] = {k: [] for k in (*required, *optional)}
     skipped: Counter[str] = Counter()
-    for url in urls:
-        for sample in read_shard(url):
-            reason = _check_sample(sample, required)
-            if reason:
-                skipped[reason] += 1
-                continue
-            meta = json.loads(sample["json"])
-            for key in required:
-                columns[key].append(float(meta[key]))
-            for key in optional:
-                value = meta.get(key)
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                columns[key].append(float(value) if ok else math.nan)
-            images.append(bytes(next(sample[e] for e in _IMAGE_EXTS if e in sample)))
-            keys.append(sample["__key__"])
-            persons.append(str(meta.get("person", "")))
+    for sample, meta in _usable_samples(urls, required, skipped):
+        _append_labels(columns, meta, required, optional)
+        images.append(bytes(next(sample[e] for e in IMAGE_MEMBERS if e in sample)))
+        keys.append(sample["__key__"])
+        persons.append(str(meta.get("person", "")))
     if skipped:
         log.warning("skipped %d samples of %d shards: %s", sum(skipped.values()), len(urls), dict(skipped))
     if not images:
@@ -119,9 +107,32 @@ def load_split_faces(spec: Any, required: Sequence[str], optional: Sequence[str]
     return load_labelled_faces(resolve_shard_spec(spec), required=required, optional=optional, image_size=image_size)
 
 
+def _usable_samples(urls: list[str], required: Sequence[str], skipped: Counter) -> Iterator[tuple[dict, dict]]:
+    """``(sample, its labels)`` of every usable sample of ``urls``, in order; the others are counted in
+    ``skipped`` by reason."""
+    for url in urls:
+        for sample in read_shard(url):
+            reason = _check_sample(sample, required)
+            if reason:
+                skipped[reason] += 1
+                continue
+            yield sample, json.loads(sample["json"])
+
+
+def _append_labels(columns: dict[str, list[float]], meta: dict, required: Sequence[str],
+                   optional: Sequence[str]) -> None:
+    """The required labels (checked finite) and the optional ones (NaN when absent or not a number)."""
+    for key in required:
+        columns[key].append(float(meta[key]))
+    for key in optional:
+        value = meta.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        columns[key].append(float(value) if ok else math.nan)
+
+
 def _check_sample(sample: dict[str, Any], required: Sequence[str]) -> str | None:
     """The skip reason of a sample, or None when it is usable."""
-    if not any(e in sample and len(sample[e]) for e in _IMAGE_EXTS):
+    if not any(e in sample and len(sample[e]) for e in IMAGE_MEMBERS):
         return "no_image"
     if "json" not in sample:
         return "no_labels"
@@ -163,22 +174,10 @@ def read_label_columns(shards: str | Sequence[str], required: Sequence[str], opt
     columns: dict[str, list[float]] = {k: [] for k in (*required, *optional)}
     persons: list[str] = []
     skipped: Counter[str] = Counter()
-    read = 0
-    for url in urls:
-        for sample in read_shard(url):
-            read += 1
-            reason = _check_sample(sample, required)
-            if reason:
-                skipped[reason] += 1
-                continue
-            meta = json.loads(sample["json"])
-            for key in required:
-                columns[key].append(float(meta[key]))
-            for key in optional:
-                value = meta.get(key)
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                columns[key].append(float(value) if ok else math.nan)
-            persons.append(str(meta.get("person", "")))
+    for _, meta in _usable_samples(urls, required, skipped):
+        _append_labels(columns, meta, required, optional)
+        persons.append(str(meta.get("person", "")))
+    read = len(persons) + sum(skipped.values())
     if skipped:
         log.warning("%d of %d samples of %d shards lack a usable image or label: %s", sum(skipped.values()),
                     read, len(urls), dict(skipped))

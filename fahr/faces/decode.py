@@ -7,7 +7,7 @@
   PA, palette transparency) is composited on white, 16-bit and 32-bit integer greyscale (``I;16*``,
   ``I``) and float (``F``) are rescaled to 0-255 (float data within [0, 1] is scaled by 255, as
   scientific TIFFs store it; NaN or infinite pixels are ``image:unreadable``);
-- rejections (:class:`~data_pipelines.records.RejectedError`): ``image:empty`` (zero bytes),
+- rejections (:class:`~fahr.faces.rejection.RejectedError`): ``image:empty`` (zero bytes),
   ``image:unreadable`` (not an image, truncated, undecodable), ``image:too_large`` (more than
   ``max_pixels`` pixels according to the header, checked *before* any pixel is decoded).
 
@@ -26,7 +26,16 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from fahr.faces.rejection import RejectedError
 
-__all__ = ["decode_photo"]
+__all__ = ["decode_photo", "PHOTO_SUFFIXES", "is_photo_name"]
+
+#: file name endings of the photos fahr reads from folders (what :func:`decode_photo` decodes)
+PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+
+def is_photo_name(name: str) -> bool:
+    """True for a file name ending in one of :data:`PHOTO_SUFFIXES` (any case) that is not hidden."""
+    lower = name.lower()
+    return not name.startswith(".") and any(lower.endswith(s) for s in PHOTO_SUFFIXES)
 
 _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
 

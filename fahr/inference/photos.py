@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fahr.faces.decode import decode_photo
+from fahr.faces.decode import PHOTO_SUFFIXES, decode_photo
 from fahr.faces.rejection import RejectedError
 from fahr.boundary import (
     MAX_PHOTO_BYTES,
@@ -24,7 +24,6 @@ from fahr.boundary import (
     read_regular_file,
 )
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 #: status -> meaning (docs/predict.md repeats this table)
 STATUSES: dict[str, str] = {
@@ -65,7 +64,7 @@ def scan_directory(root: str | Path) -> list[Photo]:
     image extension, sorted by path. File names that are not UTF-8 are labelled with ``\\xNN``
     escapes, so writing the output never fails on them."""
     root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
     return [Photo(printable_path(p), p) for p in files]
 
 
@@ -93,7 +92,7 @@ def list_photos(input_path: str | Path) -> list[Photo]:
         return scan_directory(p)
     if not p.exists():
         raise InputError(f"input {printable_path(p)}: no such file or directory")
-    if p.suffix.lower() in IMAGE_EXTENSIONS:
+    if p.suffix.lower() in PHOTO_SUFFIXES:
         return [Photo(printable_path(p), p)]
     rows = read_csv_rows(p)
     return [Photo(row["path"], resolve(row["path"], p.parent) if row["path"] else None) for row in rows]

@@ -14,22 +14,23 @@ An export directory of a fine-tuned model holds ``model.safetensors`` (keys ``ba
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from fahr.boundary import InputError
 from fahr.models.backbone import backbone_config, create_backbone
 from fahr.models.heads import build_head
-from fahr.utils.atomic import atomic_write_json
+from fahr.models.weights import CARD_FILE, MODEL_FORMAT, WEIGHTS_FILE, write_export
 
-MODEL_FORMAT = "fahr-model/1"
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model_card.json"
+
+def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) in [0, 255] -> float (B, 3, H, W): (x / 255 - mean) / std, per channel
+    (``mean`` and ``std``: 3 values, any shape that holds them)."""
+    return (images.float().div_(255.0) - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
+
 
 # What `fahr shards` does by default (data_pipelines.build.AlignOptions): recorded when a model is
 # trained on shards whose index.json says nothing else.
@@ -64,7 +65,7 @@ class FaceModel(nn.Module):
         """uint8 (B, 3, S, S) in [0, 255] -> float (B, 3, S, S), (x / 255 - mean) / std."""
         if images.dtype != torch.uint8:
             raise TypeError(f"FaceModel takes uint8 images (B, 3, S, S), got {images.dtype}")
-        return (images.float() / 255.0 - self.mean) / self.std
+        return normalize_uint8(images, self.mean, self.std)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, S, S) -> pre-logits features (B, D); mirror-averaged in eval mode if ``flip_average``."""
@@ -88,14 +89,7 @@ def save_face_model(export_dir: str | Path, model: FaceModel, card: dict[str, An
     ``card`` holds the task facts (preprocessing, calibration, data, metrics); the architecture,
     head configs and normalisation are filled in from ``model``.
     """
-    export_dir = Path(export_dir)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = export_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": MODEL_FORMAT})
-    os.replace(tmp, export_dir / WEIGHTS_FILE)
     full = {
-        "format": MODEL_FORMAT,
         "backbone": backbone_config(model.backbone),
         "heads": {name: head.config for name, head in model.heads.items()},
         "normalization": {"input": "RGB uint8 / 255, then (x - mean) / std per channel",
@@ -104,8 +98,7 @@ def save_face_model(export_dir: str | Path, model: FaceModel, card: dict[str, An
         **card,
         "flip_average": model.flip_average,
     }
-    atomic_write_json(export_dir / CARD_FILE, full)
-    return export_dir
+    return write_export(export_dir, model.state_dict(), full, MODEL_FORMAT)
 
 
 def load_face_model(export_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[FaceModel, dict[str, Any]]:

@@ -20,9 +20,12 @@ from fahr.boundary import FileRefused, InputError, check_regular_file, printable
 from fahr.models.backbone import SUPPORTED_PATCH_SIZES, VIT_SIZES, backbone_config, create_backbone
 from fahr.utils.atomic import atomic_write_json
 
-CARD_FORMAT = "fahr-backbone/1"
+#: an export is a folder of these two files; the card's "format" says what the weights are
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
+CARD_FORMAT = "fahr-backbone/1"  # an encoder (fahr export of a pretraining run)
+MODEL_FORMAT = "fahr-model/1"  # a fine-tuned model (fahr.models.face_model): backbone.* + heads.*
+TABLE_FORMAT = "fahr-table-model/1"  # a survival head on a feature table (fahr finetune-survival data=table)
 
 # Wrappers that prefix parameter names: DDP/FSDP (`module.`), torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -41,19 +44,24 @@ def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, 
     return out
 
 
-def save_backbone(export_dir: str | Path, encoder_state: dict[str, torch.Tensor], card: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` and ``model_card.json`` atomically into ``export_dir``."""
+def write_export(export_dir: str | Path, state: dict[str, torch.Tensor], card: dict[str, Any], card_format: str) -> Path:
+    """Write ``model.safetensors`` (``state`` on the CPU, contiguous; the format in its metadata) and
+    then ``model_card.json`` (``{"format": card_format, **card}``), each atomically, into ``export_dir``."""
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in encoder_state.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     tmp = export_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": CARD_FORMAT})
+    save_file(tensors, str(tmp), metadata={"format": card_format})
     os.replace(tmp, export_dir / WEIGHTS_FILE)
-    atomic_write_json(export_dir / CARD_FILE, {"format": CARD_FORMAT, **card})
+    atomic_write_json(export_dir / CARD_FILE, {"format": card_format, **card})
     return export_dir
 
 
-MODEL_FORMAT = "fahr-model/1"  # a fine-tuned model (fahr.models.face_model): backbone.* + heads.*
+def save_backbone(export_dir: str | Path, encoder_state: dict[str, torch.Tensor], card: dict[str, Any]) -> Path:
+    """An encoder export (format ``fahr-backbone/1``): :func:`write_export`."""
+    return write_export(export_dir, encoder_state, card, CARD_FORMAT)
+
+
 #: largest weights file loaded (bytes): ViT-B with heads is ~350 MB
 MAX_WEIGHTS_BYTES = 16 * 1024**3
 #: image sides a card may name (pixels); beyond, a typo would allocate gigabytes before anything fails

@@ -1,6 +1,6 @@
 """Semi-synthetic clinical cohorts (the demo's synthetic faces, or UTKFace photos) -> de-identified shards.
 
-``write_cohort`` (fahr.data.cohort) writes ``cohort.csv`` + photos + ``true_hr.json`` in the format
+``write_cohort`` (fahr.data.cohort_simulator) writes ``cohort.csv`` + photos + ``true_hr.json`` in the format
 of the ``cohort`` source; this turns them into shards exactly as ``fahr shards source=cohort`` would
 (split by patient, stratified by event, ids hashed, dates relative), with a demo salt kept beside
 the data (a real cohort's salt lives outside the project: ``$FAHR_DEID_SALT`` or a key file).
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def ensure_cohort_shards(out_dir: str, n_patients: int = 600, seed: int = 0, photos_per_patient: int = 1,
                          image_size: int = 112, samples_per_shard: int = 256) -> Path:
     """Write (or reuse) ``<out_dir>/cohort`` and ``<out_dir>/shards``; returns the shards' index.json."""
-    from fahr.data.cohort import write_cohort
+    from fahr.data.cohort_simulator import write_cohort
 
     out = Path(out_dir)
     params = {"n_patients": n_patients, "seed": seed, "photos_per_patient": photos_per_patient,
@@ -50,7 +50,8 @@ def cohort_to_shards(cohort_dir: Path, shards_dir: Path, key_file: Path, image_s
     ``image_size``; ``detect=True`` detects and aligns them as ``fahr predict`` does raw photos (for a
     backbone trained on such crops). Split by patient, stratified by event; returns the build summary.
     """
-    from data_pipelines.build import AlignOptions, BuildOptions, build_shards
+    from data_pipelines.build import build_shards
+    from data_pipelines.options import AlignOptions, BuildOptions, DedupOptions, DeidOptions, SplitOptions
     from data_pipelines.sources import get_source
     from fahr.utils.atomic import atomic_write_text
 
@@ -59,8 +60,8 @@ def cohort_to_shards(cohort_dir: Path, shards_dir: Path, key_file: Path, image_s
             atomic_write_text(key_file, secrets.token_hex(32), permissions=0o600, overwrite=False)
         except FileExistsError:
             pass
-    options = BuildOptions(stratify="event", deidentify=True, dedup=dedup, salt_key_file=str(key_file),
-                           samples_per_shard=samples_per_shard,
+    options = BuildOptions(split=SplitOptions(stratify="event"), deid=DeidOptions(enabled=True, key_file=str(key_file)),
+                           dedup=DedupOptions(enabled=dedup), samples_per_shard=samples_per_shard,
                            align=AlignOptions(image_size=image_size, skip_detection=not detect))
     iter_records = get_source("cohort")
     result = build_shards("cohort", lambda: iter_records(str(cohort_dir)), shards_dir, options, inputs=(cohort_dir,))

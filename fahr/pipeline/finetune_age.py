@@ -37,9 +37,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from fahr.boundary import InputError, check_output_dir, printable_path, read_json_file
+from fahr.boundary import InputError, printable_path, read_json_file
 from fahr.config.finetune_schema import FinetuneAgeConfig
-from fahr.config.schema import validate
 from fahr.data.shard_index import resolve_shard_spec
 from fahr.data.datamodule import ShardDataModule
 from fahr.data.labelled import (
@@ -60,7 +59,6 @@ from fahr.models.heads import AgeHead
 from fahr.models.weights import load_backbone
 from fahr.tasks.finetune_age import AgeTask
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
-from fahr.utils.run import run_dir_for
 
 log = logging.getLogger(__name__)
 TRAIN_LABELS = "train_labels.npz"
@@ -355,14 +353,10 @@ def evaluate(job: TrainingJob, model: FaceModel, cfg: DictConfig, shards: dict[s
 def finetune_age(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> FinetuneResult:
     """Run (or resume) both stages of the FaceAge fine-tune ``cfg`` describes, evaluate, export.
     ``extra_callbacks`` join both stages' trainers (benchmarks and tests)."""
-    validate(cfg, FinetuneAgeConfig)
-    from fahr.data.augment import augment_settings
+    from fahr.pipeline.finetune_common import check_finetune
 
-    augment_settings(OmegaConf.to_container(cfg.task.augment))  # the rules a schema cannot say, before any work
-    run_dir = run_dir_for(cfg)
-    export_dir = Path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
-    if cfg.export_dir:
-        check_output_dir(cfg.export_dir, "export_dir")
+    run_dir, export_dir = check_finetune(cfg, FinetuneAgeConfig, "finetune-age",
+                                         "task.stage1.max_steps and task.stage2.max_steps")
     result = FinetuneResult(run_dir=run_dir, export_dir=export_dir, metrics={}, preempted=True)
     with TrainingJob(cfg, run_dir) as job:
         L.seed_everything(cfg.seed, workers=True)

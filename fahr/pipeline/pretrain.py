@@ -22,6 +22,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from fahr.boundary import InputError
 from fahr.config.schema import validate
 from fahr.data.datamodule import datamodule_from_config
 from fahr.data.synthetic_shards import ensure_synthetic_shards
@@ -55,6 +56,8 @@ def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
 def pretrain(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train (or resume) the MAE run that ``cfg`` describes; returns where it is and how it ended."""
     validate(cfg)
+    if cfg.trainer.max_steps is None:
+        raise InputError("trainer.max_steps is required: the length of pretraining (its LR schedule counts steps)")
     run_dir = run_dir_for(cfg)
     metrics: dict[str, float] = {}
     with TrainingJob(cfg, run_dir) as job:

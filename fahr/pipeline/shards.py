@@ -2,9 +2,10 @@
 
 Everything the command is given is checked before any work, each failure one line naming the key
 (:func:`check_config`): the source and its ``source_options`` (an unknown key or a value of the
-wrong kind), the input folder, every build option (``data_pipelines.build.check_options``: ranges
+wrong kind), the input folder, every build option (``data_pipelines.options.check_options``: ranges
 of ``split.fractions``, ``chunk_size``, ``samples_per_shard``, ``processes``, ``align.*``, ...),
-``deid.enabled`` and ``deid.key_file``; then the output (``data_pipelines.build.check_output``).
+``deid.key_file``; then the output (``data_pipelines.build.check_output``). The options are one
+structure (:mod:`data_pipelines.options`) from the config to the build.
 """
 
 from __future__ import annotations
@@ -14,33 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines.options import ShardsConfig, build_options, check_options
 from fahr.boundary import InputError, printable_path
-from fahr.config.schema import ShardsConfig, validate
-
-DEID_ENABLED = ("auto", "true", "false")
-STRATIFY = ("auto", "age", "event", "none")
-
-
-def build_options(cfg: DictConfig):
-    """The ``BuildOptions`` of a shards config (checked by :func:`check_config` first)."""
-    from data_pipelines.build import AlignOptions, BuildOptions
-
-    cohort = cfg.source == "cohort"
-    if cfg.split.stratify not in STRATIFY:
-        raise InputError(f"split.stratify must be one of {', '.join(STRATIFY)}, got {cfg.split.stratify!r}")
-    stratify = cfg.split.stratify if cfg.split.stratify != "auto" else ("event" if cohort else "age")
-    # Hydra reads deid.enabled=true as a bool and the str field then holds "True"
-    enabled = str(cfg.deid.enabled).strip().lower()
-    if enabled not in DEID_ENABLED:
-        raise InputError(f"deid.enabled must be auto, true or false, got {cfg.deid.enabled!r}")
-    deid = cohort if enabled == "auto" else enabled == "true"
-    return BuildOptions(
-        fractions=dict(cfg.split.fractions), split_seed=cfg.split.seed, stratify=stratify,
-        dedup=cfg.dedup.enabled, near_threshold=cfg.dedup.near_threshold,
-        deidentify=deid, salt_key_file=cfg.deid.key_file, allowed_labels=tuple(cfg.deid.allowed_labels),
-        samples_per_shard=cfg.samples_per_shard, chunk_size=cfg.chunk_size, processes=cfg.processes,
-        align=AlignOptions(**OmegaConf.to_container(cfg.align)),
-    )
+from fahr.config.schema import validate
 
 
 def check_config(cfg: DictConfig):
@@ -51,7 +28,6 @@ def check_config(cfg: DictConfig):
             that is not a folder, an option out of range, a ``deid.key_file`` that is not a regular
             file or is given while de-identification is off.
     """
-    from data_pipelines.build import check_options
     from data_pipelines.sources import check_source_options
 
     source_options = OmegaConf.to_container(cfg.source_options, resolve=True)
@@ -71,11 +47,11 @@ def check_config(cfg: DictConfig):
                              "want (split.fractions={train:0.8,val:0,test:0.2}) or drop it (~split.fractions.val)"
                              ) from None
         raise
-    if options.salt_key_file is not None:
-        if not options.deidentify:
+    if options.deid.key_file is not None:
+        if not options.resolved(cfg.source).deid.enabled:
             raise InputError(f"deid.key_file is set but de-identification is off (deid.enabled={cfg.deid.enabled}, "
                              f"source={cfg.source}); drop deid.key_file or set deid.enabled=true")
-        key = Path(options.salt_key_file)
+        key = Path(options.deid.key_file)
         if not key.is_file():
             what = "does not exist" if not key.exists() else "is not a regular file"
             raise InputError(f"deid.key_file={printable_path(key)} {what}; expected a file holding the secret salt")

@@ -45,11 +45,7 @@ def check_survival_arrays(time: Any, event: Any, name: str = "", require_event: 
     """
     p = _label(name)
     tw = f" in column {time_column!r}" if time_column else ""
-    t = _as_float(time)
-    if t is None:
-        bad = _not_numbers(time)
-        where = f" ({int(bad.sum())} cell(s) are not numbers, {first_at(bad, lines)})" if bad is not None and bad.any() else ""
-        raise InputError(f"{p}follow-up times{tw} must be numeric{where}")
+    t = _floats_or_error(time, f"{p}follow-up times{tw} must be numeric", lines)
     e_raw = np.asarray(event)
     e_raw = e_raw.reshape(-1)
     if len(t) != len(e_raw):
@@ -78,6 +74,17 @@ def _as_float(values: Any) -> np.ndarray | None:
         return None
 
 
+def _floats_or_error(values: Any, message: str, lines: Sequence[int] | None) -> np.ndarray:
+    """``values`` as float64 (N,), or InputError(``message``) counting the cells that are not numbers and
+    saying where the first is (never showing them)."""
+    floats = _as_float(values)
+    if floats is None:
+        bad = _not_numbers(values)
+        where = f" ({int(bad.sum())} cell(s) are not numbers, {first_at(bad, lines)})" if bad is not None and bad.any() else ""
+        raise InputError(f"{message}{where}")
+    return floats
+
+
 def _not_numbers(values: Any) -> np.ndarray | None:
     """Mask of present cells that are not numbers (None if it cannot be computed)."""
     try:
@@ -99,11 +106,7 @@ def _events_as_int(event: np.ndarray, prefix: str, lines: Sequence[int] | None =
         return event.astype(np.int64)
     if event.dtype == object and all(isinstance(v, (bool, np.bool_)) for v in event):
         return event.astype(bool).astype(np.int64)
-    e = _as_float(event)
-    if e is None:
-        bad = _not_numbers(event)
-        where = f" ({int(bad.sum())} cell(s), {first_at(bad, lines)})" if bad is not None and bad.any() else ""
-        raise InputError(f"{prefix}{what} must be 0 or 1 (or true/false), got non-numeric values{where}")
+    e = _floats_or_error(event, f"{prefix}{what} must be 0 or 1 (or true/false), got non-numeric values", lines)
     missing = np.isnan(e)
     if missing.any():
         raise InputError(f"{prefix}{int(missing.sum())} {what} are missing, {first_at(missing, lines)}: "

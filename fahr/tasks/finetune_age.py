@@ -17,11 +17,12 @@ import torch
 from timm.optim import param_groups_layer_decay
 
 from fahr.boundary import InputError
-from fahr.data.augment import augment_batch, augment_settings
+from fahr.data.augment import augment_batch, augment_settings, random_hflip
 from fahr.job import effective_batch, gather_validation
 from fahr.losses.age import l1_age_loss, label_distribution_loss
 from fahr.models.face_model import FaceModel
-from fahr.tasks.schedules import warmup_cosine
+from fahr.tasks.optim import adamw_warmup_cosine
+from fahr.tasks.schedules import scaled_lr
 
 
 class AgeTask(L.LightningModule):
@@ -72,8 +73,7 @@ class AgeTask(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
         if self.cfg.get("hflip", True):
-            flip = torch.rand(images.shape[0], device=images.device) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            images = random_hflip(images)
         images = augment_batch(images, self.cfg.get("augment"))  # all probabilities 0: images itself
         out = self._age_outputs(images)
         target = batch["age"]
@@ -120,7 +120,7 @@ class AgeTask(L.LightningModule):
     def configure_optimizers(self):
         s = self.stage_cfg
         effective = effective_batch(self.trainer, self.batch_size)
-        lr = s["base_lr"] * effective / 256
+        lr = scaled_lr(s["base_lr"], effective)
         for lg in self.loggers:
             lg.log_hyperparams({f"{self.prefix}lr/base": s["base_lr"], f"{self.prefix}lr/peak": lr,
                                 f"{self.prefix}batch/effective": effective})
@@ -133,12 +133,4 @@ class AgeTask(L.LightningModule):
             groups += param_groups_layer_decay(self.model.backbone, weight_decay=s["weight_decay"],
                                                no_weight_decay_list=list(self.model.backbone.no_weight_decay()),
                                                layer_decay=s["layer_decay"])
-        for g in groups:
-            g["lr"] = lr * g.pop("lr_scale", 1.0)
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-        total, warmup = s["max_steps"], s["warmup_steps"]
-        floor = min(1.0, s["min_lr"] / lr) if lr > 0 else 0.0
-        # a multiplier on each group's own LR, so the layer-wise scales survive the schedule
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, 1.0, warmup, total, min_lr=floor))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_warmup_cosine(groups, lr, s["warmup_steps"], s["max_steps"], s["min_lr"])

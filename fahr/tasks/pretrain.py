@@ -15,16 +15,14 @@ import lightning as L
 import torch
 
 from fahr.boundary import InputError
+from fahr.data.augment import random_hflip
+from fahr.job import effective_batch
 from fahr.models import MaskedAutoencoder, create_backbone
-from fahr.tasks.optim import param_groups
-from fahr.tasks.schedules import scaled_lr, warmup_cosine
+from fahr.models.face_model import normalize_uint8
+from fahr.tasks.optim import adamw_warmup_cosine, param_groups
+from fahr.tasks.schedules import scaled_lr
 
 log = logging.getLogger(__name__)
-
-
-def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) in [0, 255] -> float (B, 3, H, W): (x / 255 - mean) / std."""
-    return (images.float().div_(255.0) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 class MAEPretrainTask(L.LightningModule):
@@ -63,8 +61,7 @@ class MAEPretrainTask(L.LightningModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         images = normalize_uint8(batch["image"], self.mean, self.std)
         if self.training and self.cfg["hflip"]:
-            flip = torch.rand(images.shape[0], device=images.device) < 0.5
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            images = random_hflip(images)
         return {**batch, "image": images}
 
     # ---- steps --------------------------------------------------------------------------------
@@ -87,8 +84,6 @@ class MAEPretrainTask(L.LightningModule):
 
     # ---- optimisation ---------------------------------------------------------------------------
     def effective_batch_size(self) -> int:
-        from fahr.job import effective_batch
-
         return effective_batch(self.trainer, self.trainer.datamodule.batch_size)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -96,14 +91,11 @@ class MAEPretrainTask(L.LightningModule):
         self.peak_lr = scaled_lr(self.cfg["base_lr"], effective)
         log.info("effective batch %d -> peak LR %.3g (base_lr %.3g)", effective, self.peak_lr, self.cfg["base_lr"])
         groups = param_groups(self.model, self.cfg["weight_decay"], self.model.no_weight_decay())
-        optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=tuple(self.cfg["betas"]))
-        total, warmup, min_lr, peak = self.trainer.max_steps, self.cfg["warmup_steps"], self.cfg["min_lr"], self.peak_lr
+        total = self.trainer.max_steps
         if total is None or total <= 0:
             raise InputError("trainer.max_steps must be set: the LR schedule is a function of the step")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, peak, warmup, total, min_lr) / peak
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(groups, self.peak_lr, self.cfg["warmup_steps"], total, self.cfg["min_lr"],
+                                   betas=self.cfg["betas"])
 
     def on_fit_start(self) -> None:
         for lg in self.loggers:

@@ -21,11 +21,12 @@ import torch
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from fahr.data.augment import augment_batch, augment_settings, is_active
+from fahr.data.augment import augment_batch, augment_settings, is_active, random_hflip
 from fahr.job import effective_batch, gather_validation
 from fahr.losses.cox import CoxPHLoss, cox_ph_loss
 from fahr.models.heads import RiskHead
-from fahr.tasks.schedules import warmup_cosine
+from fahr.tasks.optim import adamw_warmup_cosine
+from fahr.tasks.schedules import scaled_lr
 
 
 class TableRiskModel(nn.Module):
@@ -102,9 +103,7 @@ class SurvivalTask(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         batch = self._canonical(batch)
         if "image" in batch and self.cfg.get("hflip", True):
-            images = batch["image"]
-            flip = torch.rand(images.shape[0], device=images.device) < 0.5
-            batch = {**batch, "image": torch.where(flip[:, None, None, None], images.flip(-1), images)}
+            batch = {**batch, "image": random_hflip(batch["image"])}
         if "image" in batch and is_active(self.cfg.get("augment")):  # after the flip
             batch = {**batch, "image": augment_batch(batch["image"], self.cfg.get("augment"))}
         risk = batch_risk(self.model, batch)
@@ -140,7 +139,7 @@ class SurvivalTask(L.LightningModule):
     def configure_optimizers(self):
         c = self.cfg
         effective = effective_batch(self.trainer, self.batch_size)
-        self.lr = c["base_lr"] * effective / 256 if self.scale_lr else c["base_lr"]
+        self.lr = scaled_lr(c["base_lr"], effective) if self.scale_lr else c["base_lr"]
         for lg in self.loggers:
             lg.log_hyperparams({"lr/base": c["base_lr"], "lr/peak": self.lr, "batch/effective": effective})
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -151,13 +150,7 @@ class SurvivalTask(L.LightningModule):
             groups.append({"params": list(self.model.heads.parameters()), "weight_decay": c["weight_decay"]})
         else:
             groups = [{"params": trainable, "weight_decay": c["weight_decay"]}]
-        for g in groups:
-            g["lr"] = self.lr * g.pop("lr_scale", 1.0)
-        optimizer = torch.optim.AdamW(groups, lr=self.lr)
-        floor = min(1.0, c["min_lr"] / self.lr) if self.lr > 0 else 0.0
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, 1.0, c["warmup_steps"], c["max_steps"], min_lr=floor))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_warmup_cosine(groups, self.lr, c["warmup_steps"], c["max_steps"], c["min_lr"])
 
 
 @torch.inference_mode()
