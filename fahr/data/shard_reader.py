@@ -271,7 +271,8 @@ def _iter_tar_members(f: io.BufferedReader) -> Iterator[tuple[str, bytearray]]:
     """
     read, readinto = f.read, f.readinto
     offset = 0
-    pending: dict[str, str] = {}  # name/size overrides from extension headers, outermost wins
+    name_override: str | None = None  # from a GNU long name or pax path: the outermost extension wins
+    size_override: int | None = None  # from a pax size
     extended = False  # an extension header (L, K, x, X, g) waits for the member it belongs to
     while True:
         header = read(_BLOCK)
@@ -294,24 +295,24 @@ def _iter_tar_members(f: io.BufferedReader) -> Iterator[tuple[str, bytearray]]:
             raise InputError(f"invalid tar header at byte {offset}") from None
         offset += _BLOCK
         if kind in _NO_DATA or (kind == 0 and _nts(header[:100]).endswith("/")):
-            pending, extended = {}, False  # a link, directory or device: no sample, no data blocks
+            name_override, size_override, extended = None, None, False  # a link, directory or device: no data
             continue
         if kind == _GNU_SPARSE:
             raise InputError(f"unsupported sparse member at byte {offset - _BLOCK}")
         final = not (kind in _GNU_LONG or kind in _PAX or kind == _PAX_GLOBAL)
-        if final and "size" in pending:
-            size = int(pending["size"])
+        if final and size_override is not None:
+            size = size_override
         if not 0 <= size <= _MAX_MEMBER:
             raise InputError(f"member size {size} at byte {offset - _BLOCK} is negative or over {_MAX_MEMBER} bytes")
         padded = size + (-size % _BLOCK)
         if kind in _REGULAR:
-            name = pending.get("name")
+            name = name_override
             if name is None:
                 name = _nts(header[:100])
                 prefix = _nts(header[345:500])
                 if prefix:
                     name = prefix + "/" + name
-            pending, extended = {}, False
+            name_override, size_override, extended = None, None, False
             data = bytearray(padded)
             if readinto(data) != padded:
                 raise InputError(f"member {name} truncated (stream ends inside its {size} bytes at byte {offset})")
@@ -326,16 +327,16 @@ def _iter_tar_members(f: io.BufferedReader) -> Iterator[tuple[str, bytearray]]:
         extended = not final
         if kind in _GNU_LONG:
             if kind == 76:  # b"L": the next member's name (up to a NUL, padding included, as tarfile)
-                pending.setdefault("name", _nts(payload))
+                name_override = _nts(payload) if name_override is None else name_override
         elif kind in _PAX:
             records = _parse_pax(payload[:size], offset)
-            if "path" in records:
-                pending.setdefault("name", records["path"].rstrip("/"))
-            if "size" in records:
+            if "path" in records and name_override is None:
+                name_override = records["path"].rstrip("/")
+            if "size" in records and size_override is None:
                 try:
-                    pending.setdefault("size", str(int(records["size"])))
+                    size_override = int(records["size"])
                 except ValueError:
-                    pending.setdefault("size", "0")  # as tarfile
+                    size_override = 0  # as tarfile
             if any(k.startswith("GNU.sparse.") for k in records):
                 raise InputError(f"unsupported sparse member (pax) at byte {offset - _BLOCK}")
         elif kind == _PAX_GLOBAL:
@@ -343,7 +344,7 @@ def _iter_tar_members(f: io.BufferedReader) -> Iterator[tuple[str, bytearray]]:
             if {"path", "size"} & records.keys() or any(k.startswith("GNU.sparse.") for k in records):
                 raise InputError(f"a global pax header sets a member's path or size at byte {offset - _BLOCK}")
         else:
-            pending = {}  # a type tarfile does not know: its data blocks are skipped, as tarfile does
+            name_override = size_override = None  # a type tarfile does not know: data skipped, as tarfile does
         offset += padded
 
 
