@@ -496,8 +496,8 @@ class ShardStream(IterableDataset):
     iteration would have yielded them. Batch i of a rank comes from worker i % W (W = max(1,
     num_workers)), so the DataLoader worker j plays worker (j + k) % W and each skips its own share.
     Skipping reads no pixels: with no sample shuffle buffer, no interleaving, no acceptance and
-    per-shard counts in ``index.json``, whole shards are passed over unopened; otherwise undecoded samples are read and dropped (~7 us
-    each). Every skipped sample is counted as good, so the resumed order is exact unless the skipped
+    per-shard counts in ``index.json``, whole shards are passed over unopened; otherwise undecoded
+    samples are read and dropped (~10 us each). Every skipped sample is counted as good, so the resumed order is exact unless the skipped
     part held bad samples (each one shifts the rest of the epoch by one sample).
 
     Bad samples (undecodable image, no image, missing/invalid/non-finite label, unparsable json):
