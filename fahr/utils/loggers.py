@@ -68,13 +68,27 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_info: dict[str, Any]) -> l
 
 
 def finish_trackers(loggers: list) -> None:
-    """Close W&B runs so a later run in the same process (a notebook, a test, the demo) starts its own."""
+    """Close W&B runs so a later run in the same process (a notebook, a test, the demo) starts its own,
+    and return only once what they logged is on disk."""
+    finished = False
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
             try:
                 lg.experiment.finish()
+                finished = True
             except (ConnectionError, OSError) as exn:
                 # SLURM's SIGTERM (scancel, requeue, preemption) also stops W&B's service process; what
                 # it wrote before stays in the run, and the checkpoint is already saved
                 log.warning("W&B run could not be closed (%s: %s): its service process has stopped; "
                             "the same command resumes the same W&B run", type(exn).__name__, exn)
+    if finished:
+        import wandb
+
+        if wandb.run is None:  # never stop the service under a run the caller still has open
+            try:
+                # finish() returns before W&B's service has written the run file (seen: the last 15 of
+                # 401 rows, final test metrics included, missing right after it); stopping the
+                # service closes its streams and waits. The next wandb.init starts a new one.
+                wandb.teardown()
+            except (ConnectionError, OSError) as exn:
+                log.warning("W&B's service did not stop cleanly (%s: %s)", type(exn).__name__, exn)
