@@ -207,3 +207,65 @@ def test_negative_patience_fails_clearly(tmp_path):
     _rossi_csvs(tmp_path)
     with pytest.raises(ValueError, match="early_stopping_patience must be at least 0, got -1"):
         finetune_survival(_table_cfg(tmp_path, "task.early_stopping_patience=-1"))
+
+
+@pytest.mark.slow
+def test_table_model_export_reloads_and_reproduces_the_runs_test_predictions(tmp_path):
+    """The one loader (fahr.models.load_export) rebuilds a fahr-table-model/1 export; scoring the raw
+    test rows with the card's scaler gives the run's own predictions_test.csv."""
+    from fahr.models import TableRiskModel, load_export, table_log_hazard
+    from fahr.pipeline.finetune_survival import finetune_survival
+
+    _, test = _rossi_csvs(tmp_path)
+    result = finetune_survival(_table_cfg(tmp_path, "task.max_steps=20", "task.val_every_n_steps=10"))
+    model, card = load_export(result.export_dir)
+    assert isinstance(model, TableRiskModel) and not model.training
+    risk = table_log_hazard(model, card, test[card["covariates"]["features"]].to_numpy())
+    expected = pd.read_csv(result.run_dir / "predictions_test.csv")["risk"].to_numpy()
+    np.testing.assert_allclose(risk, expected, atol=1e-6)  # the CSV holds 6 decimals
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(num_features=True), "num_features must be an integer"),
+    (lambda c: c["covariates"].update(features=c["covariates"]["features"][:-1]), "covariates.features must be a list of 3"),
+    (lambda c: c["covariates"].update(std=[1.0, 0.0, 2.0]), "covariates.std must be positive"),
+    (lambda c: c["covariates"].update(mean=[1.0, "x", 2.0]), "covariates.mean must be a list of 3 finite numbers"),
+    (lambda c: c["heads"]["risk"].update(num_covariates=2), "heads.risk.num_covariates must be 0"),
+    (lambda c: c["heads"]["risk"].update(hidden=[10**9]), "heads.risk.hidden must be"),
+    (lambda c: c.update(heads={"age": {}}), "heads must be an object with one head, risk"),
+])
+def test_tampered_table_model_card_is_one_line_naming_the_key(tmp_path, edit, message):
+    import torch
+
+    from fahr.boundary import InputError
+    from fahr.models import TableRiskModel, load_export, save_table_model, table_log_hazard
+
+    model = TableRiskModel(3, [4], 0.0)
+    scaler = {"features": ["a", "b", "c"], "mean": [0.0, 1.0, 2.0], "std": [1.0, 2.0, 4.0]}
+    save_table_model(tmp_path, model, {"covariates": scaler})
+    loaded, card = load_export(tmp_path)
+    x = np.array([[1.0, 3.0, 6.0]])
+    with torch.no_grad():
+        direct = model.eval()(torch.tensor([[1.0, 1.0, 1.0]]))["risk"].double().numpy()
+    np.testing.assert_allclose(table_log_hazard(loaded, card, x), direct, rtol=0, atol=1e-7)
+    with pytest.raises(InputError, match="rows of 3 features"):
+        table_log_hazard(loaded, card, np.ones((1, 2)))
+    with pytest.raises(InputError, match="feature row 1: missing"):
+        table_log_hazard(loaded, card, np.array([[1.0, 2.0, 3.0], [1.0, np.nan, 3.0]]))
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    edit(card)
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(InputError, match=message) as err:
+        load_export(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_face_and_backbone_loaders_refuse_a_table_model_naming_what_it_is(tmp_path):
+    from fahr.boundary import InputError
+    from fahr.models import TableRiskModel, load_backbone, load_face_model, save_table_model
+
+    save_table_model(tmp_path, TableRiskModel(2, [], 0.0), {"covariates": {"features": ["a", "b"], "mean": [0, 0], "std": [1, 1]}})
+    with pytest.raises(InputError, match="feature table .* not photos"):
+        load_face_model(tmp_path)
+    with pytest.raises(InputError, match="no image backbone"):
+        load_backbone(tmp_path)

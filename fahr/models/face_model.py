@@ -23,7 +23,7 @@ from torch import nn
 from fahr.boundary import InputError
 from fahr.models.backbone import backbone_config, create_backbone
 from fahr.models.heads import build_head
-from fahr.models.weights import CARD_FILE, MODEL_FORMAT, WEIGHTS_FILE, write_export
+from fahr.models.weights import CARD_FILE, MODEL_FORMAT, TABLE_FORMAT, WEIGHTS_FILE, write_export
 
 
 def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -113,6 +113,9 @@ def load_face_model(export_dir: str | Path, map_location: str | torch.device = "
     from fahr.models.weights import load_state_dict_checked, load_weights, read_any_card
 
     card = read_any_card(export_dir)
+    if card["format"] == TABLE_FORMAT:
+        raise InputError(f"{export_dir} holds a survival model on a feature table ({TABLE_FORMAT}): it scores "
+                         "table rows, not photos (fahr.models.load_table_model)")
     if card["format"] != MODEL_FORMAT:
         raise InputError(
             f"{export_dir} holds a backbone ({card['format']}) without task heads: fine-tune it first "
@@ -133,3 +136,21 @@ def load_face_model(export_dir: str | Path, map_location: str | torch.device = "
     state = load_weights(export_dir, device=str(map_location))
     load_state_dict_checked(model, state, Path(export_dir) / WEIGHTS_FILE)
     return model.eval(), card
+
+
+def load_export(export_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Any export fahr writes, as its card says: (model in eval mode, card).
+
+    ``fahr-backbone/1``: the timm ``VisionTransformer`` (:func:`fahr.models.weights.load_backbone`);
+    ``fahr-model/1``: a :class:`FaceModel`; ``fahr-table-model/1``: a
+    :class:`fahr.models.table_model.TableRiskModel`. Safetensors only: nothing is unpickled."""
+    from fahr.models.table_model import load_table_model
+    from fahr.models.weights import CARD_FORMAT, load_backbone, read_any_card
+
+    kind = read_any_card(export_dir)["format"]
+    if kind == CARD_FORMAT:
+        backbone, card = load_backbone(export_dir)
+        return backbone.eval(), card
+    if kind == TABLE_FORMAT:
+        return load_table_model(export_dir)
+    return load_face_model(export_dir)

@@ -85,9 +85,12 @@ def check_card(card: Any, path: Path) -> dict[str, Any]:
     """
     if not isinstance(card, dict):
         raise InputError(f"{printable_path(path)}: a model card must be a JSON object, got {type(card).__name__}")
-    if card.get("format") not in (CARD_FORMAT, MODEL_FORMAT):
+    if card.get("format") not in (CARD_FORMAT, MODEL_FORMAT, TABLE_FORMAT):
         raise InputError(f"{printable_path(path)}: unsupported model card format {str(card.get('format'))[:40]!r}, "
-                         f"expected {CARD_FORMAT} or {MODEL_FORMAT}")
+                         f"expected {CARD_FORMAT}, {MODEL_FORMAT} or {TABLE_FORMAT}")
+    if card["format"] == TABLE_FORMAT:
+        _check_table_card(card, path)
+        return card
     arch = card.get("backbone") if card["format"] == MODEL_FORMAT else card
     prefix = "backbone." if card["format"] == MODEL_FORMAT else ""
     if not isinstance(arch, dict):
@@ -138,6 +141,33 @@ def check_card(card: Any, path: Path) -> dict[str, Any]:
     return card
 
 
+def _check_table_card(card: dict[str, Any], path: Path) -> None:
+    """What :func:`fahr.models.table_model.load_table_model` and ``table_log_hazard`` read: one risk head
+    without covariate inputs, F = ``num_features``, and a scaler of F column names, F finite means and
+    F positive SDs."""
+    n = card.get("num_features")
+    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 10000):
+        raise _card_error(path, "num_features", "an integer in [1, 10000]")
+    heads = card.get("heads")
+    if not (isinstance(heads, dict) and set(heads) == {"risk"} and isinstance(heads["risk"], dict)):
+        raise _card_error(path, "heads", "an object with one head, risk")
+    _check_head(heads["risk"], path, "heads.risk")
+    if heads["risk"].get("num_covariates", 0) != 0:
+        raise _card_error(path, "heads.risk.num_covariates", "0 (a table model's inputs are its features)")
+    cov = card.get("covariates")
+    if not isinstance(cov, dict):
+        raise _card_error(path, "covariates", "an object with features, mean and std")
+    names = cov.get("features")
+    if not (isinstance(names, list) and len(names) == n and all(isinstance(c, str) and len(c) <= 200 for c in names)):
+        raise _card_error(path, "covariates.features", f"a list of {n} column names (num_features)")
+    for key in ("mean", "std"):
+        values = cov.get(key)
+        if not (isinstance(values, list) and len(values) == n and all(_number(v) for v in values)):
+            raise _card_error(path, f"covariates.{key}", f"a list of {n} finite numbers")
+    if not all(v > 0 for v in cov["std"]):
+        raise _card_error(path, "covariates.std", "positive (a zero SD divides by zero)")
+
+
 def _check_head(head: dict[str, Any], path: Path, key: str) -> None:
     """Sizes in a head config are bounded before any layer is allocated from them."""
     hidden = head.get("hidden", [])
@@ -179,8 +209,9 @@ def check_preprocessing(prep: dict[str, Any], where: str) -> None:
 
 
 def read_any_card(export_dir: str | Path) -> dict[str, Any]:
-    """The checked model card of a backbone export (``fahr-backbone/1``) or a fine-tuned model
-    (``fahr-model/1``); :class:`InputError` for a missing, unreadable or tampered card."""
+    """The checked model card of any export fahr writes: a backbone (``fahr-backbone/1``), a fine-tuned
+    face model (``fahr-model/1``) or a table model (``fahr-table-model/1``); :class:`InputError` for a
+    missing, unreadable or tampered card."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise InputError(f"model {printable_path(export_dir)}: not a directory; give a `fahr export` directory "
@@ -195,6 +226,9 @@ def read_card(export_dir: str | Path) -> dict[str, Any]:
     """The backbone facts of an export: a backbone card as is, or a fine-tuned model's ``backbone``
     section merged over its card (so a FaceAge model can seed a FaceSurvival fine-tune)."""
     card = read_any_card(export_dir)
+    if card["format"] == TABLE_FORMAT:
+        raise InputError(f"{printable_path(Path(export_dir))} is a table model ({TABLE_FORMAT}): it has no image "
+                         "backbone to start from; give a `fahr export` of a pretraining run or a face model")
     if card["format"] == MODEL_FORMAT:
         return {**card, **card["backbone"]}
     return card

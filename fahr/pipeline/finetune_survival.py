@@ -39,10 +39,10 @@ from fahr.config.finetune_schema import FinetuneSurvivalConfig
 from fahr.job import TrainingJob
 from fahr.models.face_model import FaceModel, save_face_model
 from fahr.models.heads import RiskHead
-from fahr.models.weights import TABLE_FORMAT, write_export
+from fahr.models.table_model import TableRiskModel, save_table_model
 from fahr.pipeline.finetune_age import load_task_weights, predict_split, split_shards, train_label_columns, training_data
 from fahr.stats.validation import check_survival_arrays
-from fahr.tasks.survival import SurvivalTask, TableRiskModel, predict_risk
+from fahr.tasks.survival import SurvivalTask, predict_risk
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -486,14 +486,6 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
         job.barrier()
         result = SurvivalResult(run_dir=run_dir, export_dir=export_dir, metrics=metrics)
     return result
-
-
-def save_table_model(export_dir: Path, model: TableRiskModel, card: dict[str, Any]) -> None:
-    """safetensors + card for a table (DeepSurv-mode) model: the head and the feature scaler."""
-    head = model.heads["risk"]
-    write_export(export_dir, model.state_dict(),
-                 {"heads": {"risk": head.config}, "num_features": len(card["covariates"]["features"]), **card},
-                 TABLE_FORMAT)
 
 
 def ensure_cohort(cfg: DictConfig) -> None:

@@ -24,20 +24,8 @@ from torch import nn
 from fahr.data.augment import augment_batch, augment_settings, is_active, random_hflip
 from fahr.job import effective_batch, gather_validation
 from fahr.losses.cox import CoxPHLoss, cox_ph_loss
-from fahr.models.heads import RiskHead
 from fahr.tasks.optim import adamw_warmup_cosine
 from fahr.tasks.schedules import scaled_lr
-
-
-class TableRiskModel(nn.Module):
-    """Standardised features (B, F) -> ``{"risk": (B,)}`` (a DeepSurv MLP)."""
-
-    def __init__(self, num_features: int, hidden: list[int], dropout: float) -> None:
-        super().__init__()
-        self.heads = nn.ModuleDict({"risk": RiskHead(num_features, 0, hidden, dropout)})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.heads["risk"](x)
 
 
 def batch_risk(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
