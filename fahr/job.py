@@ -541,14 +541,15 @@ def _decode_strings(tensor: torch.Tensor) -> list[str]:
 
 
 def _log_export_artifact(wandb_logger: Any, export_dir: Path, run_info: dict[str, Any]) -> None:
-    """The export (``model.safetensors`` + ``model_card.json``; never a pickled checkpoint) as a W&B
-    model artifact of the run."""
+    """The export (``model.safetensors`` + ``model_card.json`` + its ``README.md``; never a pickled
+    checkpoint) as a W&B model artifact of the run."""
     import wandb
 
     files = [export_dir / name for name in ("model.safetensors", "model_card.json")]
     if not all(f.is_file() for f in files):
         log.warning("export %s is incomplete: not logged as a W&B artifact", export_dir)
         return
+    files += [f for f in [export_dir / "README.md"] if f.is_file()]
     name = f"{run_info.get('run_id', 'fahr')}-export".replace("/", "-")
     artifact = wandb.Artifact(name=name, type="model", metadata={"run_id": run_info.get("run_id")})
     for f in files:

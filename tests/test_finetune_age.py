@@ -77,6 +77,7 @@ def test_age_metrics_exact_values_and_bias_correction():
     assert m["mae/decade/20-29"] == pytest.approx(4.0)
     assert m["mean_error/decade/70-79"] == pytest.approx(-10.0)
     assert m["mae/sex/0"] == pytest.approx(1.0) and m["mae/sex/1"] == pytest.approx(6.0)
+    assert (m["n/sex/0"], m["n/sex/1"], m["mean_error/sex/0"], m["mean_error/sex/1"]) == (2.0, 1.0, 1.0, 6.0)
     assert m["pearson_r"] == pytest.approx(np.corrcoef(pred, true)[0, 1], abs=1e-6)
     shrunk = 45 + 0.5 * (true - 45)  # regression to the mean, exactly linear
     c = fit_bias_correction(shrunk, true)

@@ -12,7 +12,7 @@ pytest.importorskip("wandb")
 pytest.importorskip("tensorboard")
 
 BOTH = ["logger=[wandb,tensorboard]", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
-EXPORT_FILES = ["model.safetensors", "model_card.json"]
+EXPORT_FILES = ["README.md", "model.safetensors", "model_card.json"]
 
 
 def _wandb_images(run_dir) -> dict[str, list[str]]:

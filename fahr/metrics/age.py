@@ -28,8 +28,9 @@ def age_metrics(pred: np.ndarray, true: np.ndarray, groups: dict[str, np.ndarray
     """Flat metric dict from predictions and true ages (float (N,), years).
 
     Keys: ``mae``, ``cs5``, ``pearson_r``, ``mean_error`` (pred - true), ``n``, ``mae/decade/<lo-hi>``,
-    ``mean_error/decade/<lo-hi>``, ``n/decade/<lo-hi>``, and ``mae/<group>/<value>`` for each group
-    array (e.g. sex, race; NaN entries are left out of that group's breakdown).
+    ``mean_error/decade/<lo-hi>``, ``n/decade/<lo-hi>``, and ``mae/<group>/<value>``,
+    ``mean_error/<group>/<value>``, ``n/<group>/<value>`` for each group array (e.g. sex, race; NaN
+    entries are left out of that group's breakdown).
     """
     pred = np.asarray(pred, dtype=np.float64)
     true = np.asarray(true, dtype=np.float64)
@@ -56,6 +57,8 @@ def age_metrics(pred: np.ndarray, true: np.ndarray, groups: dict[str, np.ndarray
         for v in np.unique(values[np.isfinite(values)]):
             m = values == v
             out[f"mae/{name}/{v:g}"] = _mae(pred[m], true[m])
+            out[f"mean_error/{name}/{v:g}"] = float(err[m].mean())
+            out[f"n/{name}/{v:g}"] = float(m.sum())
     return out
 
 

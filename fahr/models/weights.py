@@ -1,7 +1,8 @@
 """Backbone weights for reuse: safetensors + a JSON model card, loadable without unpickling.
 
-An export directory holds ``model.safetensors`` (the encoder's state dict, plain key names) and
-``model_card.json`` (architecture, image and patch size, normalisation, training data, step).
+An export directory holds ``model.safetensors`` (the encoder's state dict, plain key names),
+``model_card.json`` (architecture, image and patch size, normalisation, training data, step) and
+``README.md`` (the same card for people and model hubs).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fahr.boundary import FileRefused, InputError, check_regular_file, printable_path, read_json_file
 from fahr.models.backbone import SUPPORTED_PATCH_SIZES, VIT_SIZES, backbone_config, create_backbone
-from fahr.utils.atomic import atomic_write_json
+from fahr.models.model_readme import README_FILE, model_readme
+from fahr.utils.atomic import atomic_write_json, atomic_write_text
 
 #: an export is a folder of these two files; the card's "format" says what the weights are
 WEIGHTS_FILE = "model.safetensors"
@@ -45,15 +47,18 @@ def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, 
 
 
 def write_export(export_dir: str | Path, state: dict[str, torch.Tensor], card: dict[str, Any], card_format: str) -> Path:
-    """Write ``model.safetensors`` (``state`` on the CPU, contiguous; the format in its metadata) and
-    then ``model_card.json`` (``{"format": card_format, **card}``), each atomically, into ``export_dir``."""
+    """Write ``model.safetensors`` (``state`` on the CPU, contiguous; the format in its metadata), then
+    ``model_card.json`` (``{"format": card_format, **card}``) and the card as ``README.md``
+    (:mod:`fahr.models.model_readme`), each atomically, into ``export_dir``."""
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     tmp = export_dir / f".{WEIGHTS_FILE}.tmp"
     save_file(tensors, str(tmp), metadata={"format": card_format})
     os.replace(tmp, export_dir / WEIGHTS_FILE)
-    atomic_write_json(export_dir / CARD_FILE, {"format": card_format, **card})
+    full = {"format": card_format, **card}
+    atomic_write_json(export_dir / CARD_FILE, full)
+    atomic_write_text(export_dir / README_FILE, model_readme(full))
     return export_dir
 
 

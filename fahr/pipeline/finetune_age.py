@@ -396,7 +396,7 @@ def finetune_age(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) ->
             "preprocessing": preprocessing_of(cfg.data.train, cfg.data.image_size),
             "init": init,
             "training_data": {"name": cfg.data.name, "photos": summary["photos"], "synthetic": bool(cfg.data.synthetic)},
-            "metrics": {k: v for k, v in metrics.items() if k.count("/") == 1},
+            "metrics": {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))},  # groups too
             "run_id": run_info["run_id"],
         }
         if correction:
