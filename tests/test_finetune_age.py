@@ -182,7 +182,7 @@ def test_typo_in_finetune_override_fails_clearly():
 
 @pytest.mark.slow
 def test_demo_runs_all_five_steps_shrunk(tmp_path, capsys):
-    """The demo's chain (pretrain -> FaceAge -> predict -> FaceSurvival -> evaluate) on tiny budgets."""
+    """The demo's chain (pretrain -> FaceAge -> predict -> FaceSurvival -> evaluate -> report) on tiny budgets."""
     from fahr.config.evaluate_schema import register_evaluate_schema
     from fahr.pipeline.demo import demo
 
@@ -199,7 +199,11 @@ def test_demo_runs_all_five_steps_shrunk(tmp_path, capsys):
     assert 0 <= summary["test_c_index"] <= 1
     report = summary["report"].read_text()
     assert "FAHR-FaceAge" in report and "FAHR-FaceSurvival" in report
-    assert "fahr demo finished" in capsys.readouterr().out
+    page = summary["html_report"].read_text()
+    for section in ("Run demo_pretrain", "Run demo_faceage", "Run demo_facesurvival", "Clinical statistics (report)"):
+        assert f">{section}" in page, section
+    out = capsys.readouterr().out
+    assert "fahr demo finished" in out and f"6 report       {summary['html_report']}" in out
 
 
 def test_card_records_how_the_training_crops_were_made(tmp_path):

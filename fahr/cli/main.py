@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("fahr.cli.predict", "raw photos -> detect + align -> FaceAge (and risk) per photo, CSV"),
     "far": ("fahr.cli.far", "photos of the same people over time -> Face Aging Rate per person, CSV"),
     "evaluate": ("fahr.cli.evaluate", "per-patient predictions + clinical columns -> Cox HRs, KM, C-index report"),
+    "report": ("fahr.cli.report", "run / export / evaluate / analysis folders -> one self-contained HTML report"),
     "demo": ("fahr.cli.demo", "synthetic faces -> pretrain -> FaceAge -> FaceSurvival -> report, on a CPU"),
     "run-dir": ("fahr.cli.run_dir", "print the run directory of a training command with these overrides"),
 }
@@ -35,6 +36,7 @@ examples:
   fahr pretrain experiment=demo_pretrain trainer.max_steps=50
   fahr pretrain experiment=fahr_face_pretrain --cfg job     # print the composed config
   fahr export experiment=demo_pretrain                     # same overrides as the run
+  fahr report runs/demo_faceage/<run_id> output=report.html  # one HTML page of a run's results
   fahr <command> --help                                    # the command's config groups
   fahr --debug <command> ...                               # show the traceback of an internal error
 

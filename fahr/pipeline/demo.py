@@ -5,6 +5,7 @@
 3. `fahr predict`-style inference on freshly generated held-back faces -> MAE against the truth
 4. semi-synthetic cohort -> FaceSurvival fine-tune -> export           (demo_facesurvival.yaml)
 5. `fahr evaluate` on the test patients: FaceAge and FaceSurvival, adjusted for age and sex
+6. `fahr report`: the three runs and the evaluation on one self-contained HTML page
 
 Overrides on the command line apply to step 1 (the pretraining config); the later steps compose
 their experiment files with the same ``paths``.
@@ -135,13 +136,17 @@ def demo(cfg: DictConfig, faceage_overrides: list[str] = (), survival_overrides:
                                   *evaluate_overrides]))
     timings["facesurvival"] = time.perf_counter() - t
 
+    from fahr.pipeline.report import write_report
+
+    html_report = Path(cfg.paths.root_dir) / "demo_report.html"
+    write_report([result.run_dir, age.run_dir, surv.run_dir], html_report, "fahr demo (synthetic faces)")
     am = age.metrics
     sm = surv.metrics
     summary = {
         "pretrain_run": result.run_dir, "pretrain_export": export_dir, "global_step": result.global_step,
         "first_loss": first, "last_loss": last, "faceage_run": age.run_dir, "faceage_export": age.export_dir,
         "faceage_test_mae": am.get("test/mae"), "heldout": held, "survival_run": surv.run_dir,
-        "survival_export": surv.export_dir, "test_c_index": sm.get("test_c_index"), "report": report_dir / "report.md",
+        "survival_export": surv.export_dir, "test_c_index": sm.get("test_c_index"), "report": report_dir / "report.md", "html_report": html_report,
         "minutes": (time.perf_counter() - t0) / 60, "timings_s": timings,
     }
     mae_line = f"MAE loss {first:.3f} -> {last:.3f}" if first is not None else ""
@@ -157,6 +162,7 @@ def demo(cfg: DictConfig, faceage_overrides: list[str] = (), survival_overrides:
         f"predicting the median: {held['median_baseline_mae']:.2f})",
         f"  4 FaceSurvival {surv.run_dir}  (test C-index {sm.get('test_c_index', float('nan')):.3f})",
         f"  5 evaluate     {report_dir / 'report.md'}  (Cox HRs adjusted for age and sex, KM by quartile)",
+        f"  6 report       {html_report}  (all of the above on one page: open it in a browser)",
         f"  time           {summary['minutes']:.1f} min  " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()),
         "  load           fahr.models.load_face_model(EXPORT_DIR)   or   fahr predict model=EXPORT_DIR input=DIR "
         "output=out.csv preprocessing.detect=false   (trained on synthetic crops: give crops, not raw photos)",

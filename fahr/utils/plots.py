@@ -19,6 +19,32 @@ def _save(fig, path: str | Path) -> Path:
     return atomic_write(Path(path), lambda f: f.write(buf.getvalue()), mode="wb")
 
 
+def _png_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_curves_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], max_panels: int = 12) -> bytes:
+    """PNG bytes: one small panel per metric (``name -> (steps, values)``), at most ``max_panels``."""
+    names = list(curves)[:max_panels]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, _ = _figure(4.0 * cols, 2.6 * rows)
+    fig.clf()
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        steps, values = curves[name]
+        ax.plot(steps, values, lw=1.2, marker="." if len(steps) < 30 else None)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
 def _figure(width: float = 5.0, height: float = 5.0):
     import matplotlib
 
