@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 #: how long the job's own coordination (a rank waiting for rank 0's preparation) may take
 COORDINATION_TIMEOUT = timedelta(hours=6)
 #: trainer config keys the job consumes itself (each command sets its step counts)
-_NOT_TRAINER_ARGS = ("max_steps",)
+_NOT_TRAINER_ARGS = ("max_steps", "compile", "measure_flops")
 
 
 class Preempted(Exception):
@@ -173,11 +173,22 @@ class RecoveryCheckpoint(ModelCheckpoint):
 class ThroughputMonitor(Callback):
     """Logs ``perf/images_per_sec`` (all ranks together) averaged over each logging interval, measured
     between batch ends (data loading, forward, backward and step). Batches without ``image`` (table
-    mode) are counted by their first tensor's rows."""
+    mode) are counted by their first tensor's rows.
 
-    def __init__(self) -> None:
+    With ``measure_flops``, the first training batch runs under torch's ``FlopCounterMode`` (the same
+    computation, counted): ``perf/flops_per_sample`` (forward + backward; matmuls, convolutions and
+    attention, as FLOP counters count them) is logged once, and with ``peak_flops`` (one device's
+    theoretical peak, Lightning's table: ``lightning.fabric.utilities.throughput.get_available_flops``)
+    every interval logs ``perf/mfu`` = achieved FLOP/s / (peak x world size).
+    """
+
+    def __init__(self, measure_flops: bool = False, peak_flops: float | None = None) -> None:
         self._t0: float | None = None
         self._samples = 0
+        self.measure_flops = measure_flops
+        self.peak_flops = peak_flops
+        self.flops_per_sample: float | None = None
+        self._counter: Any = None
 
     @staticmethod
     def _rows(batch: Any) -> int:
@@ -186,21 +197,66 @@ class ThroughputMonitor(Callback):
             return int(first.shape[0]) if first is not None else 0
         return 0
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.measure_flops and self.flops_per_sample is None and self._counter is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         import time
 
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            rows = self._rows(batch)
+            if rows:
+                self.flops_per_sample = self._counter.get_total_flops() / rows
+                if trainer.is_global_zero:  # once, straight to the loggers (self.log would repeat it every step)
+                    for lg in trainer.loggers:
+                        lg.log_metrics({"perf/flops_per_sample": float(self.flops_per_sample)}, step=trainer.global_step)
+            self._counter = None
         now = time.perf_counter()
-        if self._t0 is None:  # the first batch includes worker start-up: start timing after it
+        if self._t0 is None:  # the first batch includes worker start-up (and the FLOP count): time after it
             self._t0, self._samples = now, 0
             return
         self._samples += self._rows(batch) * trainer.world_size
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and now > self._t0:
-            pl_module.log("perf/images_per_sec", self._samples / (now - self._t0), rank_zero_only=True)
+            rate = self._samples / (now - self._t0)
+            pl_module.log("perf/images_per_sec", rate, rank_zero_only=True)
+            if self.flops_per_sample and self.peak_flops:
+                pl_module.log("perf/mfu", rate * self.flops_per_sample / (self.peak_flops * trainer.world_size),
+                              rank_zero_only=True)
             self._t0, self._samples = now, 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = None
+
+
+def peak_flops(accelerator: str, local_rank: int, precision: Any) -> float | None:
+    """One device's theoretical peak FLOP/s for ``precision`` (Lightning's table), or None: a CPU, or a
+    GPU Lightning does not know."""
+    if accelerator not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    text = str(precision)
+    dtype = torch.bfloat16 if "bf16" in text else torch.float16 if text.startswith("16") else torch.float32
+    flops = get_available_flops(torch.device("cuda", local_rank % torch.cuda.device_count()), dtype)
+    return float(flops) if flops else None
+
+
+def compile_blocks(module: torch.nn.Module) -> int:
+    """``torch.compile`` every ViT block of ``module`` in place (regional compilation: one compiled
+    graph reused by all blocks of a shape, compiled in seconds rather than the whole model's minutes);
+    parameter names and checkpoints stay as they are. Returns the number of blocks."""
+    from timm.models.vision_transformer import Block
+
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 def _silence_known_warnings() -> None:
@@ -496,7 +552,14 @@ class TrainingJob:
         # after every ModelCheckpoint: the preemption saver skips a save they just made at the same step
         run_callbacks += [self.preemption, session, StepSeeding(self.cfg.seed)]
         if throughput:
-            run_callbacks.append(ThroughputMonitor())
+            trainer_cfg = self.cfg.trainer
+            peak = peak_flops(str(trainer_cfg.get("accelerator", "auto")), self.env.local_rank,
+                              trainer_cfg.get("precision"))
+            measure = trainer_cfg.get("measure_flops")
+            run_callbacks.append(ThroughputMonitor(measure_flops=peak is not None if measure is None else bool(measure),
+                                                   peak_flops=peak))
+        if self.cfg.trainer.get("compile", False):
+            log.info("torch.compile: %d transformer blocks compiled in place", compile_blocks(task))
         if lr_monitor and any(type(lg).__name__ in ("WandbLogger", "TensorBoardLogger") for lg in self.loggers):
             run_callbacks.append(LearningRateMonitor(logging_interval="step"))
         args = self.trainer_args(batch_size)

@@ -123,6 +123,7 @@ class StrategyConfig:
     find_unused_parameters: Optional[bool] = None
     static_graph: Optional[bool] = None
     gradient_as_bucket_view: Optional[bool] = None
+    comm_hook: Optional[str] = None  # "bf16" or "fp16": gradients all-reduced at half the bytes (DDP comm hook)
     # fsdp
     sharding_strategy: Optional[str] = None  # FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, NO_SHARD
     cpu_offload: Optional[bool] = None
@@ -163,6 +164,9 @@ class TrainerConfig:
     deterministic: bool = False
     enable_progress_bar: bool = True
     benchmark: Optional[bool] = None
+    # not Lightning arguments: the job layer's own (fahr.job)
+    compile: bool = False  # torch.compile each transformer block in place (regional; state dict keys unchanged)
+    measure_flops: Optional[bool] = None  # FLOPs per sample from the first step, and MFU; None: on GPU runs
 
 
 @dataclass

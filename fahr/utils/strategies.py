@@ -17,7 +17,7 @@ from fahr.boundary import InputError
 # Options each strategy accepts (StrategyConfig field names); the rest must stay None.
 _COMMON = {"process_group_backend", "timeout_minutes"}
 OPTIONS = {
-    "ddp": _COMMON | {"find_unused_parameters", "static_graph", "gradient_as_bucket_view"},
+    "ddp": _COMMON | {"find_unused_parameters", "static_graph", "gradient_as_bucket_view", "comm_hook"},
     "fsdp": _COMMON | {"sharding_strategy", "cpu_offload", "wrap_blocks", "activation_checkpointing",
                        "state_dict_type"},
     "deepspeed": _COMMON | {"stage", "offload_optimizer", "offload_parameters", "allgather_bucket_size",
@@ -80,7 +80,10 @@ def build_strategy(strategy: Any, *, batch_size: int | None = None) -> Any:
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(**common, **opts)  # the rest go to DistributedDataParallel
+        hook = opts.pop("comm_hook", None)
+        if hook is None:
+            return DDPStrategy(**common, **opts)  # the rest go to DistributedDataParallel
+        return ddp_with_comm_hook()(ddp_comm_hook=comm_hook(hook), **common, **opts)
 
     if name == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
@@ -108,6 +111,35 @@ def build_strategy(strategy: Any, *, batch_size: int | None = None) -> Any:
         # needs DeepSpeed's compiled cpu_adam op); DeepSpeed refuses a client optimizer unless told.
         strategy.config["zero_force_ds_cpu_optimizer"] = False
     return strategy
+
+
+def comm_hook(name: str) -> Any:
+    """PyTorch's DDP gradient-compression hook: ``"bf16"`` or ``"fp16"`` (each bucket is cast, all-reduced
+    and cast back: half the bytes on the wire; bf16 keeps fp32's range, fp16 its precision)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+    if name not in hooks:
+        raise InputError(f"trainer.strategy.comm_hook={name!r}: one of {sorted(hooks)} (or null: full precision)")
+    return hooks[name]
+
+
+def ddp_with_comm_hook() -> type:
+    """Lightning's ``DDPStrategy`` that registers its comm hook on any device. Lightning registers hooks
+    only for CUDA (a PyTorch 1.8 limit); PyTorch's compression hooks run over gloo too, so a CPU run
+    compresses like the GPU run it stands in for (and the option can be tested on a CPU)."""
+    from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+    from lightning.pytorch.strategies import DDPStrategy
+
+    class CommHookDDPStrategy(DDPStrategy):
+        def _register_ddp_hooks(self) -> None:
+            if self.root_device.type == "cuda":
+                return super()._register_ddp_hooks()
+            _register_ddp_comm_hook(model=self.model, ddp_comm_state=self._ddp_comm_state,
+                                    ddp_comm_hook=self._ddp_comm_hook, ddp_comm_wrapper=self._ddp_comm_wrapper)
+            return None
+
+    return CommHookDDPStrategy
 
 
 def safe_deepspeed_strategy() -> type:
