@@ -123,8 +123,10 @@ def bare_loop_rate(shards: list[str], steps: int, warmup: int, workers: int) -> 
     return median_rate(stamps, warmup)
 
 
-def lightning_rate(data_root: Path, runs_root: Path, num_samples: int, steps: int, warmup: int, workers: int) -> float:
-    """Steps/s of `fahr pretrain` (the real config, vit_tiny, CSV logger) after ``warmup`` steps."""
+def lightning_rate(data_root: Path, runs_root: Path, num_samples: int, steps: int, warmup: int, workers: int,
+                   extra: tuple[str, ...] = (), stamps: list[float] | None = None) -> float:
+    """Steps/s of `fahr pretrain` (the real config, vit_tiny, CSV logger) after ``warmup`` steps; ``extra``
+    overrides; the step-end times go into ``stamps`` when given."""
     from hydra import compose, initialize_config_dir
 
     from fahr.cli._hydra import config_dir
@@ -139,9 +141,12 @@ def lightning_rate(data_root: Path, runs_root: Path, num_samples: int, steps: in
             f"data.generate.out_dir={data_root}/n{num_samples}", f"data.generate.num_samples={num_samples}",
             f"data.generate.samples_per_shard={SHARD}", f"data.batch_size={BATCH}", f"data.num_workers={workers}",
             "task.base_lr=1e-3", "task.warmup_steps=20", "callbacks.checkpoint.every_n_train_steps=100000",
+            *extra,
         ])
     clock = step_clock()
     pretrain(cfg, extra_callbacks=[clock])
+    if stamps is not None:
+        stamps += clock.stamps
     return median_rate(clock.stamps, warmup)
 
 

@@ -146,3 +146,14 @@ def test_bf16_comm_hook_runs_on_two_ranks_and_compresses_the_gradients(tiny_over
     assert moved, "bf16 compression left every weight bit-identical: the hook is not on"
     for k in moved:
         torch.testing.assert_close(weights["bf16"][k], weights["null"][k], rtol=1e-2, atol=1e-4)
+
+
+def test_one_node_experiment_keeps_the_recipes_global_batch_and_schedule():
+    """experiment=fahr_face_pretrain_1node: docs/scaling.md's compute-bound layout of the same recipe."""
+    recipe = compose_config("pretrain", ["experiment=fahr_face_pretrain"])
+    one = compose_config("pretrain", ["experiment=fahr_face_pretrain_1node"])
+    global_batch = lambda c: c.trainer.num_nodes * c.trainer.devices * c.data.batch_size  # noqa: E731
+    assert global_batch(one) == global_batch(recipe) == 4096 and one.trainer.num_nodes == 1
+    assert (one.trainer.max_steps, one.task.base_lr, one.task.warmup_steps) == (
+        recipe.trainer.max_steps, recipe.task.base_lr, recipe.task.warmup_steps)
+    assert one.trainer.compile and one.trainer.precision == "bf16-mixed" and one.model.arch == "vit_base"
