@@ -153,8 +153,18 @@ def risk_at(cph, frame: pd.DataFrame, horizon: float) -> np.ndarray:
 
 
 def auc_at(time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizon: float) -> float:
-    """Cumulative/dynamic AUC at ``horizon`` (scikit-survival; censoring estimated on the same patients)."""
-    auc, _ = time_dependent_auc(time, event, time, event, risk, [horizon])
+    """Cumulative/dynamic AUC at ``horizon`` (scikit-survival; censoring estimated on the same patients).
+
+    scikit-survival weighs every scored patient by 1/G(T) and refuses G = 0, which happens at the last
+    follow-up when it is a censoring (administrative end of study: every cohort). A patient followed
+    beyond the horizon is a control whatever their time, and controls are not weighted, so they are
+    scored as censored just after the horizon; the AUC is unchanged (tests/test_incremental.py).
+    """
+    time, event = np.asarray(time, dtype=float), np.asarray(event).astype(bool)
+    beyond = time > horizon
+    after = np.nextafter(horizon, np.inf)
+    score_time, score_event = np.where(beyond, np.minimum(time, after), time), event & ~beyond
+    auc, _ = time_dependent_auc(time, event, score_time, score_event, risk, [horizon])
     return float(auc[0])
 
 
