@@ -101,4 +101,5 @@ def test_small_groups_and_missing_levels():
     assert rare["estimate"].isna().all() and rare["note"].str.startswith("group too small: 12 patients").all()
     lung = table[table["level"] == "lung"]
     assert (lung["n"] == 100).all() and lung["estimate"].notna().all()  # the 8 without a site are left out
-    assert level_labels(pd.Series([1.0, 2, None, True, "x"])).tolist() == ["1", "2", None, "True", "x"]
+    assert level_labels(pd.Series([1.0, 2, None, True, "x", 918273601])).tolist() == ["1", "2", None, "True", "x",
+                                                                                     "918273601"]

@@ -126,14 +126,15 @@ def age_decades(age: np.ndarray) -> np.ndarray:
 
 
 def level_labels(values: pd.Series) -> np.ndarray:
-    """Group levels as text (numbers as '%g', so 1.0 and 1 are one level); None where missing."""
+    """Group levels as text (numbers as '%.15g', so 1.0 and 1 are one level and large codes stay
+    distinct); None where missing."""
     def label(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return None
         if isinstance(v, (bool, np.bool_)):
             return str(bool(v))
         if isinstance(v, (int, float, np.integer, np.floating)):
-            return f"{float(v):g}"
+            return f"{float(v):.15g}"
         return str(v)
     return np.array([label(v) for v in values], dtype=object)
 
