@@ -61,19 +61,25 @@ STATISTICS = {
 }
 
 
+def km_curve(time: np.ndarray, indicator: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Kaplan-Meier step function of the ``indicator`` events: (distinct event times u (K,),
+    survival just after each u (K,))."""
+    time, indicator = np.asarray(time, dtype=float), np.asarray(indicator).astype(bool)
+    times, counts = np.unique(time[indicator], return_counts=True)
+    at_risk = len(time) - np.searchsorted(np.sort(time), times, side="left")
+    return times, np.cumprod(1.0 - counts / at_risk)
+
+
+def _step(curve: tuple[np.ndarray, np.ndarray], at: np.ndarray | float, strict: bool) -> np.ndarray:
+    times, surv = curve
+    k = np.searchsorted(times, at, side="left" if strict else "right")  # event times < at (strict) or <= at
+    return np.where(k > 0, surv[np.maximum(k - 1, 0)] if len(surv) else 1.0, 1.0)
+
+
 def km_at(time: np.ndarray, indicator: np.ndarray, at: float, strict: bool = False) -> float:
     """Kaplan-Meier survival of the ``indicator`` events at ``at`` (``strict``: the left limit, just
     before ``at``). 1.0 for an empty group; past the last time the last value is kept."""
-    time, indicator = np.asarray(time, dtype=float), np.asarray(indicator).astype(bool)
-    if len(time) == 0:
-        return 1.0
-    times = np.unique(time[indicator])
-    times = times[times < at] if strict else times[times <= at]
-    if len(times) == 0:
-        return 1.0
-    at_risk = len(time) - np.searchsorted(np.sort(time), times, side="left")
-    events = np.array([np.sum(indicator & (time == u)) for u in times])
-    return float(np.prod(1.0 - events / at_risk))
+    return float(_step(km_curve(time, indicator), at, strict))
 
 
 def risk_categories(p: np.ndarray, cutoffs: Sequence[float]) -> np.ndarray:
@@ -115,10 +121,10 @@ def ipcw_weights(time: np.ndarray, event: np.ndarray, horizon: float) -> tuple[n
     censored = ~event
     case = event & (time <= horizon)
     control = time > horizon
+    curve = km_curve(time, censored)
     w_case = np.zeros(len(time))
-    for i in np.nonzero(case)[0]:
-        w_case[i] = 1.0 / km_at(time, censored, time[i], strict=True)
-    g_t = km_at(time, censored, horizon)
+    w_case[case] = 1.0 / _step(curve, time[case], strict=True)
+    g_t = float(_step(curve, horizon, strict=False))
     w_control = np.where(control, 1.0 / g_t if g_t > 0 else 0.0, 0.0)
     return w_case, w_control
 
