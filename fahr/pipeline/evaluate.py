@@ -11,6 +11,11 @@ folder and the table (``fahr.stats.validation``), drops rows with a missing cova
     cindex.csv          Harrell's C-index (in-sample) of clinical and clinical+marker models
     model_terms.csv     every term of every model above (HR per 1 unit of its design column)
     far.csv             (FAR given) Cox of FAR per interval bin, adjusted
+    subgroups.csv       (subgroups.columns) per group: FaceAge MAE/mean signed error, each marker's
+                        C-index and HR per SD, bootstrap 95% CIs; + subgroups.png (forest plot)
+    incremental.csv     (incremental.horizon) AUC(t), NRI, IDI of adding each marker to the
+                        clinical model, bootstrap 95% CIs; + incremental.png
+    faceage_gap.csv     (gap.reference) age-adjusted FaceAge gap against healthy faces; + faceage_gap.png
     km_<marker>.png     Kaplan-Meier curves by quartile, numbers at risk below
     report.md, summary.json
 
@@ -47,6 +52,10 @@ from fahr.boundary import (
 from fahr.config.evaluate_schema import EvaluateConfig
 from fahr.config.schema import validate
 from fahr.stats import clinical as cl
+from fahr.stats.figures import plot_gap, plot_incremental, plot_subgroups
+from fahr.stats.gap import faceage_gap
+from fahr.stats.incremental import incremental_table
+from fahr.stats.subgroups import AGE_DECADE, SubgroupData, age_decades, level_labels, subgroup_table
 from fahr.stats.design import (
     Coding,
     collinear_column,
@@ -55,7 +64,7 @@ from fahr.stats.design import (
     marker_scale,
 )
 from fahr.stats.km import plot_km_by_group
-from fahr.stats.report import markdown_table, markdown_text
+from fahr.stats.report import fmt_p, markdown_table, markdown_text
 from fahr.stats.validation import (
     duplicate_patient_count,
     first_at,
@@ -74,7 +83,12 @@ NA_CODES = frozenset({"", "NA", "N/A", "n/a", "na", "NaN", "nan", "NAN", "null",
 TRUE_CODES = frozenset({"true", "True", "TRUE"})
 FALSE_CODES = frozenset({"false", "False", "FALSE"})
 #: tables written as <name>.csv (far only with far.column)
-TABLES = ("hazard_ratios", "quartiles", "logrank", "lrt", "cindex", "model_terms", "far")
+TABLES = ("hazard_ratios", "quartiles", "logrank", "lrt", "cindex", "model_terms", "far", "subgroups",
+          "incremental", "faceage_gap")
+#: figures of the optional analyses (one per analysis; km_<marker>.png are per marker)
+FIGURES = ("subgroups.png", "incremental.png", "faceage_gap.png")
+#: the name in subgroups.columns of the age decade derived from columns.age
+AGE_DECADE_KEY = "age_decade"
 #: a marker or numeric covariate whose rank correlation with the follow-up time reaches this is the outcome
 OUTCOME_RHO = 0.99
 #: values farther than this many robust SDs (1.4826 MAD) from the median are flagged as outliers
@@ -171,6 +185,52 @@ def check_options(cfg: DictConfig) -> None:
         if cfg.far.column in covariates:
             raise InputError(f"far.column={cfg.far.column!r} is also a covariate")
         far_bins(list(cfg.far.bins))
+    check_extra_options(cfg, outcome, why)
+
+
+def check_extra_options(cfg: DictConfig, outcome: dict[str, str], why: dict[str, str]) -> None:
+    """Options of the subgroup, incremental-value and FaceAge-gap analyses (one-line errors naming the key).
+
+    Raises:
+        InputError: ``columns.age`` or a subgroup column that is the outcome, a date or the patient id;
+            an empty or repeated subgroup column; ``age_decade`` without ``columns.age``; cut-points not
+            strictly increasing in (0, 1); the FaceAge accuracy or gap asked for without ``columns.age``
+            or without ``faceage_marker`` among the markers.
+    """
+    age = cfg.columns.age
+    if age is not None:
+        if not str(age).strip():
+            raise InputError("columns.age is empty: give the age column, or null")
+        if age in outcome:
+            raise InputError(f"columns.age={age!r} is {outcome[age]}, {why[outcome[age]]}: it cannot be the age")
+    groups = list(cfg.subgroups.columns)
+    for i, name in enumerate(groups):
+        if not str(name).strip():
+            raise InputError(f"subgroups.columns[{i}] is empty: give a column name")
+        if name in outcome:
+            raise InputError(f"subgroups.columns[{i}]={name!r} is {outcome[name]}, {why[outcome[name]]}: it cannot "
+                             "define groups")
+        if name == AGE_DECADE_KEY and age is None:
+            raise InputError(f"subgroups.columns[{i}]={AGE_DECADE_KEY!r} is derived from columns.age: set "
+                             "columns.age=COLUMN (age in years)")
+    dup = sorted({n for n in groups if groups.count(n) > 1})
+    if dup:
+        raise InputError(f"subgroups.columns lists {dup} more than once")
+    cuts = [float(c) for c in cfg.incremental.cutoffs]
+    if cfg.incremental.horizon is not None:
+        if not cuts:
+            raise InputError("incremental.cutoffs is empty: give risk cut-points for the categorical NRI, e.g. "
+                             "[0.06,0.2]")
+        if any(not 0 < c < 1 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
+            raise InputError(f"incremental.cutoffs={cuts}: risks strictly between 0 and 1, in increasing order")
+    if cfg.gap.reference is not None:
+        if not str(cfg.gap.reference).strip():
+            raise InputError("gap.reference is empty: give the CSV of healthy faces, or null")
+        if age is None:
+            raise InputError("gap.reference needs the cohort's age: set columns.age=COLUMN")
+        if cfg.faceage_marker not in cfg.markers:
+            raise InputError(f"gap.reference: faceage_marker={cfg.faceage_marker!r} is not one of the markers "
+                             f"{list(cfg.markers)}")
 
 
 def far_bins(labels: list[str]) -> list[tuple[float, float]]:
@@ -203,7 +263,7 @@ def far_bins(labels: list[str]) -> list[tuple[float, float]]:
 
 def output_names(cfg: DictConfig) -> list[str]:
     """Every file name ``fahr evaluate`` may write into ``output``."""
-    return ([f"{t}.csv" for t in TABLES] + ["report.md", "summary.json"]
+    return ([f"{t}.csv" for t in TABLES] + ["report.md", "summary.json"] + list(FIGURES)
             + [f"km_{key}.png" for key in cfg.markers])
 
 
@@ -214,26 +274,29 @@ def check_output(cfg: DictConfig) -> Path:
     Raises:
         InputError: naming ``output=`` and, for a clash, the file that would be overwritten.
     """
-    out = check_output_dir(cfg.output, "output", inputs=(cfg.input,))
-    source = Path(cfg.input)
-    for name in output_names(cfg):
-        target = out / name
-        same = target.resolve() == source.resolve()
-        if not same and target.exists() and source.exists():
-            try:
-                same = os.path.samefile(target, source)
-            except OSError:
-                same = False
-        if same:
-            raise InputError(f"output={printable_path(out)}: writing {name} there would overwrite input="
-                             f"{printable_path(cfg.input)}; choose another output directory")
+    sources = {"input": cfg.input, "gap.reference": cfg.gap.reference}
+    sources = {key: path for key, path in sources.items() if path is not None}
+    out = check_output_dir(cfg.output, "output", inputs=tuple(sources.values()))
+    for key, path in sources.items():
+        source = Path(path)
+        for name in output_names(cfg):
+            target = out / name
+            same = target.resolve() == source.resolve()
+            if not same and target.exists() and source.exists():
+                try:
+                    same = os.path.samefile(target, source)
+                except OSError:
+                    same = False
+            if same:
+                raise InputError(f"output={printable_path(out)}: writing {name} there would overwrite {key}="
+                                 f"{printable_path(path)}; choose another output directory")
     return out
 
 
 # ---------------------------------------------------------------- reading the table
 
 
-def read_table(path: str) -> pd.DataFrame:
+def read_table(path: str, what: str = "input") -> pd.DataFrame:
     """The input CSV through the boundary (:func:`fahr.boundary.read_csv_lines`), as a typed table
     indexed by file line (header = line 1).
 
@@ -244,9 +307,9 @@ def read_table(path: str) -> pd.DataFrame:
         InputError: every refusal of ``read_csv_lines`` (file, header, cells, quoting), or no data
             rows. Never the file's content.
     """
-    table = read_csv_lines(path, "input", MAX_INPUT_BYTES)
+    table = read_csv_lines(path, what, MAX_INPUT_BYTES)
     if not table.rows:
-        raise InputError(f"input {printable_path(path)}: has a header but no data rows")
+        raise InputError(f"{what} {printable_path(path)}: has a header but no data rows")
     raw = pd.DataFrame(table.rows, columns=table.columns, index=pd.Index(table.lines, name="line"), dtype=object)
     df = pd.DataFrame({name: _typed(raw[name]) for name in table.columns}, index=raw.index)
     df.attrs["hint"] = table.hint
@@ -298,8 +361,10 @@ def require_columns(df: pd.DataFrame, cfg: DictConfig) -> None:
     """
     c = cfg.columns
     wanted = {"columns.time": c.time, "columns.event": c.event, "columns.patient": c.patient,
-              "columns.photo_date": c.photo_date, "columns.event_date": c.event_date}
+              "columns.photo_date": c.photo_date, "columns.event_date": c.event_date, "columns.age": c.age}
     wanted.update({f"covariates[{i}]": name for i, name in enumerate(cfg.covariates)})
+    wanted.update({f"subgroups.columns[{i}]": name for i, name in enumerate(cfg.subgroups.columns)
+                   if name != AGE_DECADE_KEY})
     if cfg.far.column is not None:
         wanted.update({"far.column": cfg.far.column, "far.interval_bin": cfg.far.interval_bin})
     missing = [f"{key}={name!r}" for key, name in wanted.items() if name is not None and name not in df.columns]
@@ -486,7 +551,9 @@ def interval_bins(values: pd.Series, labels: list[str]) -> pd.Series:
 
 def note_check(note: str) -> str:
     """A short id for the kind of a table note (what tests and scripts match on)."""
-    for needle, check in (("no events in", "no_events_in_group"), ("unbounded", "separation"),
+    for needle, check in (("group too small", "small_group"), ("excludes the overall", "subgroup_differs"),
+                          ("resamples (the others", "bootstrap_failures"), ("not estimable:", "not_estimable"),
+                          ("no events in", "no_events_in_group"), ("unbounded", "separation"),
                           ("did not converge", "not_converged"), ("beyond floating point", "hr_overflow"),
                           ("per term", "low_events_per_term"), ("fewer than", "few_events"),
                           ("constant in this bin", "constant_in_bin")):
@@ -496,11 +563,16 @@ def note_check(note: str) -> str:
 
 
 ROW_KEYS = {"hazard_ratios": ("marker", "model"), "quartiles": ("marker", "quartile"), "lrt": ("model",),
-            "cindex": ("model",), "model_terms": ("model", "term"), "far": ("interval_bin",)}
+            "cindex": ("model",), "model_terms": ("model", "term"), "far": ("interval_bin",),
+            "subgroups": ("label", "statistic", "group", "level"), "incremental": ("label", "statistic")}
+
+
+#: a (table, check) whose flag names a coarser row (one flag per small group, not one per statistic)
+FLAG_ROW_KEYS = {("subgroups", "small_group"): ("group", "level")}
 
 
 def table_flags(tables: dict[str, pd.DataFrame]) -> list[dict[str, str]]:
-    """One flag per table row with a note."""
+    """One flag per table row with a note (identical flags once)."""
     flags = []
     for name, table in tables.items():
         if "note" not in table:
@@ -508,8 +580,11 @@ def table_flags(tables: dict[str, pd.DataFrame]) -> list[dict[str, str]]:
         for _, row in table.iterrows():
             note = row["note"]
             if isinstance(note, str) and note:
-                where = " ".join(str(row[k]) for k in ROW_KEYS.get(name, ()))
-                flags.append({"check": note_check(note), "table": name, "row": where, "message": note})
+                check = note_check(note)
+                keys = FLAG_ROW_KEYS.get((name, check), ROW_KEYS.get(name, ()))
+                flag = {"check": check, "table": name, "row": " ".join(str(row[k]) for k in keys), "message": note}
+                if flag not in flags:
+                    flags.append(flag)
     return flags
 
 
@@ -608,10 +683,59 @@ def render_report(s: dict[str, Any], tables: dict[str, pd.DataFrame]) -> str:
         out += ["## 5. Face Aging Rate by photo interval (adjusted for the covariates)\n",
                 markdown_table(tables["far"], {"interval_bin": "interval (days)", "n": "n", "events": "events",
                                                "per": "per", "hr": "HR", "ci": "95% CI", "p": "p", "note": "note"})]
+    out += extra_sections(s, tables)
     out += ["## Appendix: all model terms (HR per 1 unit of the design column)\n",
             markdown_table(tables["model_terms"], {"model": "model", "term": "term", "hr": "HR", "ci": "95% CI", "p": "p",
                                                    "note": "note"})]
     return "\n".join(out)
+
+
+def bracket_ci(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a ``ci95`` text column '[low, high]' (bounds may be negative: no leading '-')."""
+    def text(row) -> str:
+        lo, hi = row["ci_low"], row["ci_high"]
+        return "" if pd.isna(lo) or pd.isna(hi) else f"[{lo:.3f}, {hi:.3f}]"
+    return table.assign(ci95=table.apply(text, axis=1) if len(table) else [])
+
+
+def extra_sections(s: dict[str, Any], tables: dict[str, pd.DataFrame]) -> list[str]:
+    """Report sections of the subgroup, incremental-value and FaceAge-gap analyses that ran."""
+    boot = s["config"]["bootstrap"]
+    ci = f"percentile bootstrap 95% CI, {boot['n']} patient resamples, seed {boot['seed']}"
+    out = []
+    if "subgroups" in tables:
+        table = bracket_ci(tables["subgroups"])
+        table["differs"] = table["excludes_overall"].map({True: "yes", False: ""})
+        out += ["## 6. Subgroups\n",
+                f"Per group level ({ci}; each group resampled on its own). FaceAge error = FaceAge - age (years). "
+                "C-index: Harrell's, of the marker alone. HR per SD: univariate Cox, per 1 SD of the marker in the "
+                "whole cohort. *differs*: the group's CI excludes the overall value.\n",
+                markdown_table(table, {"statistic": "statistic", "label": "marker", "group": "group", "level": "level",
+                                       "n": "n", "events": "events", "estimate": "estimate", "ci95": "95% CI",
+                                       "differs": "differs", "note": "note"}),
+                f"![Subgroups]({s['figures']['subgroups']})\n"]
+    if "incremental" in tables:
+        horizon = tables["incremental"]["horizon"].iloc[0]
+        out += [f"## 7. Incremental value at t = {horizon:g} {markdown_text(s['time_unit'])}\n",
+                "Risk of the event by t from Cox models (clinical vs clinical + the marker), in-sample. AUC(t): "
+                "cumulative/dynamic, IPCW (scikit-survival). NRI: Pencina 2011 with Kaplan-Meier event probabilities; "
+                f"categorical cut-points {list(s['config']['incremental']['cutoffs'])}. IDI: IPCW means (Uno 2013). "
+                f"CIs: {ci}, both models refitted on each.\n",
+                markdown_table(bracket_ci(tables["incremental"]), {"label": "marker", "statistic": "statistic",
+                                                                   "estimate": "estimate", "ci95": "95% CI",
+                                                                   "resamples": "resamples", "note": "note"}),
+                f"![Incremental value]({s['figures']['incremental']})\n"]
+    if "faceage_gap" in tables:
+        g = tables["faceage_gap"].iloc[0]
+        out += ["## 8. FaceAge gap against healthy faces (adjusted for age)\n",
+                f"Linear model faceage ~ age + cohort on {int(g['n_cohort'])} patients and {int(g['n_reference'])} "
+                f"reference faces: age-adjusted FaceAge gap **{g['gap']:+.2f} years** (positive: the cohort looks older "
+                f"than reference faces of the same age; 95% CI {g['ci_low']:.2f} to {g['ci_high']:.2f}, p {fmt_p(g['p'])}; t-interval). Raw mean "
+                f"FaceAge - age: cohort {g['raw_gap_cohort']:.2f}, reference {g['raw_gap_reference']:.2f}. "
+                f"{int(g['reference_rows_dropped'])} reference row(s) without age or FaceAge and "
+                f"{int(g['cohort_rows_without_age'])} patient(s) without age left out.\n",
+                f"![FaceAge gap]({s['figures']['faceage_gap']})\n"]
+    return out
 
 
 # ---------------------------------------------------------------- the command
@@ -625,6 +749,89 @@ def run_far(far: pd.DataFrame, cfg: DictConfig, clinical: list[str], owners: dic
     table = cl.far_table(far.assign(**{FAR: far[FAR].astype(float)}), bins, marker, clinical, list(cfg.far.bins),
                          cfg.min_events, cfg.far.per, cfg.far.standardize, owners)
     return table, outside
+
+
+def check_horizon(data: pd.DataFrame, cfg: DictConfig) -> None:
+    """The horizon must have events before it and patients followed beyond it.
+
+    Raises:
+        InputError: naming ``incremental.horizon``, the longest follow-up and the counts.
+    """
+    horizon, unit = float(cfg.incremental.horizon), cfg.columns.time_unit
+    time, event = data[cl.TIME].to_numpy(float), data[cl.EVENT].to_numpy(int)
+    if not horizon < time.max():
+        raise InputError(f"incremental.horizon={horizon:g} is not below the longest follow-up ({time.max():g} {unit}) "
+                         "of the analysed rows: choose an earlier horizon")
+    if int(((time <= horizon) & (event == 1)).sum()) == 0:
+        raise InputError(f"incremental.horizon={horizon:g}: no event at or before it in the analysed rows: "
+                         "choose a later horizon")
+
+
+def subgroup_data(df: pd.DataFrame, data: pd.DataFrame, cfg: DictConfig, markers: list[cl.Marker]) -> SubgroupData:
+    """The analysed patients as :class:`SubgroupData`: each marker, FaceAge and age (with ``columns.age``
+    and the FaceAge marker present), and the group labels of ``subgroups.columns``.
+
+    Raises:
+        InputError: a group column with more than ``max_levels`` levels, or more than one level per
+            two patients (an identifier or free text: its values would be written to every output).
+    """
+    rows = data.index
+    age = df.loc[rows, cfg.columns.age].to_numpy(dtype=float) if cfg.columns.age is not None else None
+    groups = {}
+    for i, name in enumerate(cfg.subgroups.columns):
+        if name == AGE_DECADE_KEY:
+            groups[AGE_DECADE] = age_decades(age)
+            continue
+        labels = level_labels(df.loc[rows, name])
+        levels = len({v for v in labels if v is not None})
+        if levels > cfg.max_levels or (levels > 2 and levels * 2 > len(labels)):
+            raise InputError(f"subgroups.columns[{i}]={name!r} has {levels} levels in {len(labels)} analysed rows "
+                             f"(at most max_levels={cfg.max_levels}, and one per two patients): an identifier or free "
+                             "text? Group a coarser column")
+        groups[name] = labels
+    keys = {m.key for m in markers}
+    faceage = (data[cfg.faceage_marker].to_numpy(dtype=float)
+               if age is not None and cfg.faceage_marker in keys else None)
+    return SubgroupData(data[cl.TIME].to_numpy(float), data[cl.EVENT].to_numpy(int),
+                        {m.key: data[m.term].to_numpy(float) for m in markers}, {m.key: m.label for m in markers},
+                        faceage, age if faceage is not None else None, groups)
+
+
+def run_gap(cfg: DictConfig, df: pd.DataFrame, data: pd.DataFrame,
+            marker_cfgs: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The FaceAge gap of the analysed patients against ``gap.reference``: (one-row table, arrays for
+    the figure). Reference rows missing the age or FaceAge are dropped and counted.
+
+    Raises:
+        InputError: the FaceAge marker absent from the input; the reference unreadable, without the
+            columns, with text or infinite cells, or with fewer than 2 complete rows; ages that do not vary.
+    """
+    key = cfg.faceage_marker
+    if key not in marker_cfgs:
+        raise InputError(f"gap.reference: the FaceAge marker {key!r} (column {cfg.markers[key].column!r}) is not in "
+                         f"input {printable_path(cfg.input)}")
+    path = cfg.gap.reference
+    ref = read_table(path, "gap.reference")
+    columns = {"gap.age": cfg.gap.age or cfg.columns.age, "gap.faceage": cfg.gap.faceage or marker_cfgs[key].column}
+    missing = [f"{k}={v!r}" for k, v in columns.items() if v not in ref.columns]
+    if missing:
+        raise InputError(f"gap.reference {printable_path(path)}: column(s) not in the table: {', '.join(missing)} "
+                         f"(the table has {len(ref.columns)} column(s)){ref.attrs.get('hint', '')}")
+    for k, v in columns.items():
+        check_numeric(ref, v, f"gap.reference column {v!r} ({k})")
+    ref_age, ref_fa = ref[columns["gap.age"]].to_numpy(float), ref[columns["gap.faceage"]].to_numpy(float)
+    keep = np.isfinite(ref_age) & np.isfinite(ref_fa)
+    age = df.loc[data.index, cfg.columns.age].to_numpy(float)
+    faceage = data[key].to_numpy(float)
+    has_age = np.isfinite(age)
+    try:
+        fit = faceage_gap(age[has_age], faceage[has_age], ref_age[keep], ref_fa[keep])
+    except ValueError as err:
+        raise InputError(f"gap.reference {printable_path(path)}: {err}") from None
+    fit.update(reference_rows_dropped=int((~keep).sum()), cohort_rows_without_age=int((~has_age).sum()))
+    arrays = {"cohort_age": age[has_age], "cohort_faceage": faceage[has_age], "reference_age": ref_age[keep],
+              "reference_faceage": ref_fa[keep]}
+    return pd.DataFrame([fit]), arrays
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -658,6 +865,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_covariate_cells(df, cfg)
     if cfg.far.column is not None:
         check_numeric(df, cfg.far.column, f"far.column={cfg.far.column!r}")
+    if cfg.columns.age is not None:
+        check_numeric(df, cfg.columns.age, f"columns.age={cfg.columns.age!r}")
     data, far, codings, dropped = build_frames(df, cfg, marker_cfgs)
     check_analysable(data, list(marker_cfgs), cfg.min_events)
     markers = make_markers(data, marker_cfgs)
@@ -688,6 +897,20 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     far_outside = 0
     if far is not None:
         tables["far"], far_outside = run_far(far, cfg, clinical, owners)
+    figures_extra: dict[str, Any] = {}
+    boot = cfg.bootstrap
+    if cfg.subgroups.columns:
+        tables["subgroups"] = subgroup_table(subgroup_data(df, data, cfg, markers), boot.n, boot.seed,
+                                             cfg.subgroups.min_n, cfg.subgroups.min_events)
+        figures_extra["subgroups"] = tables["subgroups"]
+    if cfg.incremental.horizon is not None:
+        check_horizon(data, cfg)
+        tables["incremental"], _ = incremental_table(data, clinical, markers, float(cfg.incremental.horizon),
+                                                     list(cfg.incremental.cutoffs), boot.n, boot.seed)
+        figures_extra["incremental"] = tables["incremental"]
+    if cfg.gap.reference is not None:
+        tables["faceage_gap"], figures_extra["faceage_gap"] = run_gap(cfg, df, data, marker_cfgs)
+        figures_extra["faceage_gap_fit"] = tables["faceage_gap"].iloc[0].to_dict()
 
     flags = cohort_flags(data, markers, clinical, owners, dropped, len(df), far_outside)
     flags += table_flags(tables)
@@ -700,21 +923,42 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         plot_km_by_group(data[cl.TIME], data[cl.EVENT], groups[m.key].astype(str), cl.QUARTILES, out / figures[m.key],
                          f"{m.label}: Kaplan-Meier by quartile", c.time_unit)
         log.info("wrote %s", out / figures[m.key])
+    extra_figures = write_extra_figures(out, figures_extra)
     for name, table in tables.items():
         write_csv(table, out / f"{name}.csv")
     summary = make_summary(cfg, df, data, dropped, codings, markers, marker_cfgs, skipped, figures, tables, flags)
+    summary["figures"] = extra_figures
     atomic_write_text(out / "report.md", render_report(summary, tables))
     atomic_write_json(out / "summary.json", summary)
-    remove_stale_outputs(out, {f"{name}.csv" for name in tables} | set(figures.values()))
+    remove_stale_outputs(out, {f"{name}.csv" for name in tables} | set(figures.values()) | set(extra_figures.values()))
     log.info("fahr evaluate: report %s (%d flag(s))", out / "report.md", len(flags))
     return summary
+
+
+def write_extra_figures(out: Path, extra: dict[str, Any]) -> dict[str, str]:
+    """The figure of each optional analysis that ran: analysis name -> file name."""
+    written = {}
+    if "subgroups" in extra:
+        plot_subgroups(extra["subgroups"], out / "subgroups.png")
+        written["subgroups"] = "subgroups.png"
+    if "incremental" in extra:
+        plot_incremental(extra["incremental"], out / "incremental.png")
+        written["incremental"] = "incremental.png"
+    if "faceage_gap" in extra:
+        a = extra["faceage_gap"]
+        plot_gap(a["cohort_age"], a["cohort_faceage"], a["reference_age"], a["reference_faceage"], extra["faceage_gap_fit"],
+                 out / "faceage_gap.png")
+        written["faceage_gap"] = "faceage_gap.png"
+    for name in written.values():
+        log.info("wrote %s", out / name)
+    return written
 
 
 def remove_stale_outputs(out: Path, written: set[str]) -> None:
     """Delete what an earlier ``fahr evaluate`` left in ``out`` and this run did not write again (a
     ``far.csv`` or ``km_<marker>.png`` of an analysis no longer asked for), so every result in the
     folder belongs to this report. Only fahr's own file names are touched."""
-    ours = {f"{t}.csv" for t in TABLES}
+    ours = {f"{t}.csv" for t in TABLES} | set(FIGURES)
     for path in out.iterdir():
         stale = (path.name in ours or (path.name.startswith("km_") and path.suffix == ".png")) and path.name not in written
         if stale and path.is_file():
