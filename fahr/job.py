@@ -56,7 +56,9 @@ log = logging.getLogger(__name__)
 #: how long the job's own coordination (a rank waiting for rank 0's preparation) may take
 COORDINATION_TIMEOUT = timedelta(hours=6)
 #: trainer config keys the job consumes itself (each command sets its step counts)
-_NOT_TRAINER_ARGS = ("max_steps", "compile", "measure_flops")
+#: ``cfg.trainer`` keys the job layer acts on itself (not ``lightning.Trainer`` arguments)
+JOB_TRAINER_KEYS = ("compile", "measure_flops")
+_NOT_TRAINER_ARGS = ("max_steps", *JOB_TRAINER_KEYS)
 
 
 class Preempted(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 from fahr.boundary import FileRefused, InputError, check_regular_file, printable_path, read_json_file, read_text_file
 from fahr.report.html import Section
 
-MAX_TABLE_ROWS = 100
+MAX_TABLE_ROWS = 300
 MAX_FIGURE_BYTES = 20 * 1024**2
 MAX_CSV_BYTES = 32 * 1024**2
 #: column names that identify a person or a photo: such a table is never shown
