@@ -185,7 +185,9 @@ def _session_options(threads: int | None):
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # errors only: its warnings are about graph optimisations, not ours
+    # fatal only: a graph it cannot load becomes fahr's one-line InputError, and its own coloured log
+    # line would be a second line on stderr; its warnings are about graph optimisations, not the user's
+    options.log_severity_level = 4
     # model.onnx is an ONNX protobuf, never onnxruntime's own (flatbuffer) format
     options.add_session_config_entry("session.load_model_format", "ONNX")
     return options
@@ -193,7 +195,10 @@ def _session_options(threads: int | None):
 
 def _session(data: bytes, path: Path, threads: int | None):
     """An onnxruntime CPU session on the graph ``data`` (read from ``path``); :class:`InputError` when
-    onnxruntime is missing or cannot load it."""
+    onnxruntime is missing or cannot load it.
+
+    The graph is handed over as bytes, never as a path: onnxruntime then resolves no file beside it, so
+    a ``model.onnx`` naming external data (``../secret``, ``/dev/zero``) is refused, not read."""
     try:
         import onnxruntime as ort
     except ImportError:
