@@ -14,7 +14,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("fahr.cli.shards", "raw photos / cohorts -> aligned, split webdataset shards (conf/shards.yaml)"),
     "pretrain": ("fahr.cli.pretrain", "MAE pretraining of a ViT on webdataset shards (conf/pretrain.yaml)"),
-    "export": ("fahr.cli.export", "a run's checkpoint -> export/model.safetensors + model_card.json"),
+    "export": ("fahr.cli.export", "a run's checkpoint -> export/model.safetensors + model_card.json; "
+                                  "format=onnx model=EXPORT_DIR: + model.onnx"),
     "finetune-age": ("fahr.cli.finetune_age", "FAHR-FaceAge: two-stage, age-balanced fine-tune of a backbone"),
     "finetune-survival": ("fahr.cli.finetune_survival", "FAHR-FaceSurvival: Cox fine-tune on images or a feature table"),
     "predict": ("fahr.cli.predict", "raw photos -> detect + align -> FaceAge (and risk) per photo, CSV"),
@@ -37,6 +38,7 @@ examples:
   fahr pretrain experiment=fahr_face_pretrain --cfg job     # print the composed config
   fahr export experiment=demo_pretrain                     # same overrides as the run
   fahr report runs/demo_faceage/<run_id> output=report.html  # one HTML page of a run's results
+  fahr export format=onnx model=runs/.../export            # a fine-tuned model's ONNX graph
   fahr <command> --help                                    # the command's config groups
   fahr --debug <command> ...                               # show the traceback of an internal error
 

@@ -1,4 +1,5 @@
-"""Structured schemas for ``conf/predict.yaml`` (``fahr predict``) and ``conf/far.yaml`` (``fahr far``).
+"""Structured schemas for ``conf/predict.yaml`` (``fahr predict``), ``conf/far.yaml`` (``fahr far``) and
+``conf/export_onnx.yaml`` (``fahr export format=onnx``): the commands that take an export directory.
 
 Each CLI module registers its schema with Hydra's ConfigStore (``predict_schema`` / ``far_schema``),
 so a misspelt key (``batchsize=8``) fails at start-up naming the key.
@@ -39,8 +40,20 @@ class PredictConfig:
     output: str = MISSING  # CSV, one row per input photo
     batch_size: int = 32  # photos decoded + aligned + inferred per step
     device: str = "auto"  # auto, cpu, cuda
+    # torch: the FaceModel in PyTorch; onnx: the export's model.onnx in onnxruntime, CPU (`fahr export format=onnx`)
+    runtime: str = bounded("torch", choices=("torch", "onnx"))
     workers: Optional[int] = bounded(None, lo=0, hi=64)  # detection processes; null: 0 below 1000 photos, else 1 per CPU (<= 8)
     preprocessing: PreprocessingOverrides = field(default_factory=PreprocessingOverrides)
+
+
+@dataclass
+class OnnxExportConfig:
+    """``fahr export format=onnx model=EXPORT_DIR``: the fine-tuned model's ``model.onnx``, written
+    beside its ``model.safetensors`` (:func:`fahr.models.onnx_export.export_onnx`)."""
+
+    format: str = bounded("onnx", choices=("onnx",))
+    model: str = MISSING  # export directory of a fine-tuned model: model.safetensors + model_card.json (fahr-model/1)
+    opset: int = bounded(18, lo=18, hi=23)  # ONNX opset (18: onnxruntime >= 1.14)
 
 
 @dataclass
@@ -75,6 +88,14 @@ def register_yaml_config(name: str) -> None:
     from fahr.cli._hydra import config_dir
 
     ConfigStore.instance().store(name=name, node=OmegaConf.load(Path(config_dir()) / f"{name}.yaml"))
+
+
+def register_export_onnx() -> None:
+    """``OnnxExportConfig`` as ``export_onnx_schema`` + ``conf/export_onnx.yaml``, for
+    ``@hydra.main(config_path=None, config_name="export_onnx")`` (``model=`` is a path here, not the
+    ``model`` group of the pretraining configs)."""
+    ConfigStore.instance().store(name="export_onnx_schema", node=OnnxExportConfig)
+    register_yaml_config("export_onnx")
 
 
 def register_predict() -> None:

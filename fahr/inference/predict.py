@@ -10,6 +10,10 @@ Every output row has ``path``, ``status`` (see :data:`fahr.inference.photos.STAT
 ``age_calibration`` ``{"slope", "intercept"}`` (corrected = max(0, (faceage - intercept) / slope),
 years; a fine-tune keeps one only where it lowered the held-out error) and ``risk``
 (log-hazard) when the model has an image-only risk head.
+
+Two runtimes run the model: a :class:`~fahr.models.face_model.FaceModel` (PyTorch) or an
+:class:`~fahr.models.onnx_export.OnnxFaceModel` (its ``model.onnx`` in onnxruntime, CPU). Everything
+else (decoding, detection, alignment, resizing, calibration, the rows) is the same code for both.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from fahr.boundary import InputError
 from fahr.inference.photos import Photo, load_photo, status_of
 from fahr.metrics.age import apply_bias_correction
 from fahr.models.face_model import DEFAULT_PREPROCESSING, FaceModel
+from fahr.models.onnx_export import OnnxFaceModel
+
+#: a model either runtime runs: PyTorch, or its ONNX graph in onnxruntime
+Model = FaceModel | OnnxFaceModel
 
 #: preprocessing keys a caller may override (anything else in the card is descriptive)
 PREPROCESSING_KEYS = ("detect", "image_size", "margin", "multi_face", "min_confidence")
@@ -123,53 +131,77 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def output_columns(model: FaceModel, card: dict[str, Any]) -> list[str]:
+def output_columns(model: Model, card: dict[str, Any]) -> list[str]:
     """The CSV columns :func:`iter_predictions` fills for this model."""
     cols = ["path", "status"]
-    if "age" in model.heads:
+    if "age" in photo_outputs(model):
         cols.append("faceage")
         if card.get("age_calibration"):
             cols.append("faceage_corrected")
-    if _image_risk_head(model) is not None:
+    if "risk" in photo_outputs(model):
         cols.append("risk")
     return cols
 
 
-def _image_risk_head(model: FaceModel):
-    head = model.heads["risk"] if "risk" in model.heads else None
-    if head is not None and head.num_covariates:
-        return None  # needs clinical covariates, which photos do not carry
-    return head
+def photo_outputs(model: Model) -> list[str]:
+    """What the model predicts from photos alone: ``"age"`` (an age head) and ``"risk"`` (a risk head
+    without clinical covariates, which photos do not carry)."""
+    if isinstance(model, OnnxFaceModel):
+        covariates = {name: cfg.get("num_covariates", 0) for name, cfg in model.heads.items()}
+    else:
+        covariates = {name: getattr(head, "num_covariates", 0) for name, head in model.heads.items()}
+    return [name for name in ("age", "risk") if name in covariates and not covariates[name]]
+
+
+def model_image_size(model: Model) -> int:
+    """S, the side of the crops the model takes."""
+    return model.img_size if isinstance(model, OnnxFaceModel) else int(model.backbone.patch_embed.img_size[0])
+
+
+def model_device(model: Model, device: str) -> torch.device:
+    """The device the model runs on: :func:`resolve_device` for PyTorch; the CPU for onnxruntime
+    (``device`` must be ``auto`` or ``cpu``)."""
+    if not isinstance(model, OnnxFaceModel):
+        return resolve_device(device)
+    if device not in ("auto", "cpu"):
+        raise InputError(f"runtime=onnx runs on the CPU (onnxruntime's CPU provider): use device=cpu or auto, "
+                         f"not {device!r}")
+    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- model
 
 
 @torch.inference_mode()
-def run_model(model: FaceModel, crops: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+def run_model(model: Model, crops: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
     """uint8 crops (N, 3, S, S) -> ``{"age": (N,) years, "risk": (N,) log-hazard}`` float64, each
-    present when the model has that head (a risk head needing covariates is skipped).
+    present when the model predicts it from photos (:func:`photo_outputs`).
 
-    Crops whose side differs from the backbone's ``img_size`` are resized (bilinear, antialiased, as
-    the training loaders do). bf16 autocast on CUDA only (CPU bf16 is slow and less exact).
+    Crops whose side differs from the model's ``img_size`` are resized (bilinear, antialiased, as
+    the training loaders do), for both runtimes. PyTorch: bf16 autocast on CUDA only (CPU bf16 is
+    slow and less exact). ONNX: the graph in onnxruntime on the CPU (``device`` is the CPU).
     """
     from torchvision.transforms.v2 import functional as tvf
 
-    size = int(model.backbone.patch_embed.img_size[0])
-    risk_head = _image_risk_head(model)
-    out: dict[str, list[np.ndarray]] = {"age": [], "risk": []}
+    size = model_image_size(model)
+    wanted = photo_outputs(model)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+    if not wanted:
+        return {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for i in range(0, len(crops), batch_size):
         x = crops[i : i + batch_size].to(device, non_blocking=True)
         if x.shape[-1] != size or x.shape[-2] != size:
             x = tvf.resize(x, [size, size], antialias=True)
+        if isinstance(model, OnnxFaceModel):
+            for name, values in model(x.numpy(), outputs=wanted).items():
+                out[name].append(values)
+            continue
         with autocast:
             feats = model.features(x)
-            if "age" in model.heads:
-                out["age"].append(model.heads["age"](feats)["age"].float().cpu().numpy())
-            if risk_head is not None:
-                out["risk"].append(risk_head(feats)["risk"].float().cpu().numpy())
-    return {k: np.concatenate(v).astype(np.float64) for k, v in out.items() if v}
+            for name in wanted:
+                out[name].append(model.heads[name](feats)[name].float().cpu().numpy())
+    return {k: np.concatenate(v).astype(np.float64) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- photos -> rows
@@ -242,7 +274,7 @@ def _aligned_stream(photos: list[Photo], batch_size: int, aligner, prep: dict[st
                 yield chunk, [next(results) for _ in chunk]
 
 
-def _rows_for_chunk(photos: Sequence[Photo], aligned: list[np.ndarray | str], model: FaceModel,
+def _rows_for_chunk(photos: Sequence[Photo], aligned: list[np.ndarray | str], model: Model,
                     card: dict[str, Any], columns: list[str], batch_size: int,
                     device: torch.device) -> list[dict[str, Any]]:
     rows = [dict.fromkeys(columns) | {"path": p.label, "status": "ok"} for p in photos]
@@ -276,19 +308,20 @@ def _as_photos(paths: Iterable[str | Path | Photo]) -> list[Photo]:
     return [p if isinstance(p, Photo) else Photo(str(p), Path(p)) for p in paths]
 
 
-def iter_predictions(model: FaceModel, card: dict[str, Any], paths: Iterable[str | Path | Photo], *,
+def iter_predictions(model: Model, card: dict[str, Any], paths: Iterable[str | Path | Photo], *,
                      batch_size: int = 32, device: str = "auto", preprocessing: dict[str, Any] | None = None,
                      aligner=None, progress: Callable[[int], None] | None = None,
                      workers: int | None = 0) -> Iterator[dict[str, Any]]:
     """Yield one row per input photo, in input order, ``batch_size`` photos decoded at a time.
 
     Args:
-        model: a :class:`FaceModel` (moved to ``device`` and set to eval mode here).
+        model: a :class:`FaceModel` (moved to ``device`` and set to eval mode here) or an
+            :class:`~fahr.models.onnx_export.OnnxFaceModel` (CPU).
         card: its model card (``preprocessing``, optional ``age_calibration``).
         paths: photo paths, or :class:`~fahr.inference.photos.Photo` (label, path) pairs.
         batch_size: photos decoded, aligned and run through the model per step (peak memory is
             this many decoded photos, per worker).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (``"auto"`` or ``"cpu"`` for ONNX).
         preprocessing: overrides of the card's preprocessing (``detect``, ``image_size``, ``margin``,
             ``multi_face``, ``min_confidence``; ``None`` values keep the card's).
         aligner: a ready ``FaceAligner`` (else built from the resolved preprocessing); in-process only.
@@ -299,8 +332,9 @@ def iter_predictions(model: FaceModel, card: dict[str, Any], paths: Iterable[str
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
+    dev = model_device(model, device)
+    if isinstance(model, FaceModel):
+        model = model.to(dev).eval()
     # a caller-made aligner vouches for its own crops (time_photos_per_second times both ways)
     prep = resolve_preprocessing(card, preprocessing) if aligner is None else card_preprocessing(card, preprocessing)
     columns = output_columns(model, card)
@@ -314,7 +348,7 @@ def iter_predictions(model: FaceModel, card: dict[str, Any], paths: Iterable[str
             progress(len(chunk))
 
 
-def predict_photos(model: FaceModel, card: dict[str, Any], paths: Iterable[str | Path | Photo],
+def predict_photos(model: Model, card: dict[str, Any], paths: Iterable[str | Path | Photo],
                    **kwargs: Any) -> list[dict[str, Any]]:
     """One dict per photo, in input order: ``path``, ``status``, ``faceage`` (years, None unless ok)
     [, ``faceage_corrected``, ``risk``]. Keyword arguments as :func:`iter_predictions`."""
@@ -332,7 +366,7 @@ def summarize(rows_status: Counter, seconds: float) -> str:
     return f"{n} photos in {seconds:.1f} s ({rate:.1f} photos/s): {counts or 'none'}"
 
 
-def time_photos_per_second(model: FaceModel, card: dict[str, Any], paths: Sequence[str | Path], *,
+def time_photos_per_second(model: Model, card: dict[str, Any], paths: Sequence[str | Path], *,
                            batch_size: int = 32, device: str = "auto", warmup: int = 2) -> dict[str, float]:
     """Photos/s of :func:`predict_photos` on ``paths`` (decode and model always included):
 
@@ -351,7 +385,7 @@ def time_photos_per_second(model: FaceModel, card: dict[str, Any], paths: Sequen
         t0 = time.perf_counter()
         predict_photos(model, card, paths, **kw)
         result[name] = len(paths) / (time.perf_counter() - t0)
-    dev = resolve_device(device)
+    dev = model_device(model, device)
     crops = torch.randint(0, 256, (len(paths), 3, prep["image_size"], prep["image_size"]), dtype=torch.uint8)
     run_model(model, crops[:warmup], batch_size, dev)
     t0 = time.perf_counter()

@@ -1,4 +1,6 @@
-"""`fahr export`: a run's checkpoint -> ``export/model.safetensors`` + ``export/model_card.json``."""
+"""`fahr export`: a run's checkpoint -> ``export/model.safetensors`` + ``export/model_card.json``
+(:func:`export`); with ``format=onnx``, a fine-tuned model's export directory -> ``model.onnx`` beside
+its safetensors (:func:`export_onnx_model`)."""
 
 from __future__ import annotations
 
@@ -119,3 +121,20 @@ def export(cfg: DictConfig) -> Path:
     save_backbone(out_dir, encoder.state_dict(), card)
     log.info("exported %s (step %d) to %s", ckpt_path.name, card["global_step"], out_dir)
     return out_dir
+
+
+def export_onnx_model(cfg: DictConfig) -> Path:
+    """``fahr export format=onnx model=EXPORT_DIR``: write ``EXPORT_DIR/model.onnx`` and its record in
+    the card (:func:`fahr.models.onnx_export.export_onnx`); returns the path of ``model.onnx``."""
+    from fahr.boundary import check_output_file
+    from fahr.config.inference_schema import OnnxExportConfig
+    from fahr.models.onnx_export import ONNX_FILE, export_onnx
+
+    validate(cfg, OnnxExportConfig)
+    path = Path(cfg.model) / ONNX_FILE
+    if Path(cfg.model).is_dir():
+        check_output_file(path, ONNX_FILE)  # writable, and not a folder, before the export's minutes
+    record = export_onnx(cfg.model, opset=cfg.opset)
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in record["check"]["max_abs_diff"].items())
+    log.info("exported %s (opset %d; max |ONNX - PyTorch| on a check batch: %s)", path, record["opset"], diffs)
+    return path

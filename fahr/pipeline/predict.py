@@ -56,8 +56,16 @@ def preprocessing_overrides(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(cfg.preprocessing).items() if v is not None}
 
 
-def load_model(export_dir: str):
-    """(FaceModel, card) from an export directory; :class:`InputError` when it is not a valid one."""
+def load_model(export_dir: str, runtime: str = "torch"):
+    """(model, card) from an export directory: a ``FaceModel`` (``runtime="torch"``) or its
+    ``model.onnx`` in onnxruntime (``"onnx"``, :func:`fahr.models.onnx_export.load_onnx_model`);
+    :class:`InputError` when it is not a valid one (for ONNX: also missing, stale or unloadable)."""
+    if runtime == "onnx":
+        from fahr.models.onnx_export import load_onnx_model
+
+        return load_onnx_model(export_dir)
+    if runtime != "torch":
+        raise InputError(f"runtime must be torch or onnx, got {runtime!r}")
     from fahr.models.face_model import load_face_model
 
     return load_face_model(export_dir)
@@ -76,17 +84,22 @@ def check_inference_options(cfg: DictConfig) -> None:
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check_preprocessing(preprocessing_overrides(cfg), "preprocessing")
+    if cfg.get("runtime", "torch") == "onnx" and cfg.device not in ("auto", "cpu"):
+        raise InputError(f"runtime=onnx runs on the CPU (onnxruntime's CPU provider): use device=cpu or auto, "
+                         f"not {cfg.device!r}")
 
 
-def model_files(export_dir: str) -> tuple[str, str]:
+def model_files(export_dir: str) -> tuple[str, ...]:
     """The files of an export directory (inputs that an output must never overwrite)."""
+    from fahr.models.onnx_export import ONNX_FILE
     from fahr.models.weights import CARD_FILE, WEIGHTS_FILE
 
-    return str(Path(export_dir) / CARD_FILE), str(Path(export_dir) / WEIGHTS_FILE)
+    return tuple(str(Path(export_dir) / name) for name in (CARD_FILE, WEIGHTS_FILE, ONNX_FILE))
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
-    """Run ``fahr predict``; returns ``{"output", "photos", "counts", "seconds", "photos_per_second"}``."""
+    """Run ``fahr predict``; returns ``{"output", "photos", "counts", "seconds", "photos_per_second"}``.
+    ``cfg.runtime`` picks PyTorch or the export's ONNX graph; only the model forward differs."""
     from tqdm import tqdm
 
     from fahr.inference.photos import list_photos
@@ -95,13 +108,14 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, PredictConfig)
     check_inference_options(cfg)
     check_output_file(cfg.output, "output", inputs=(cfg.input, *model_files(cfg.model)))
-    model, card = load_model(cfg.model)
+    model, card = load_model(cfg.model, cfg.runtime)
     photos = list_photos(cfg.input)
     if not photos:
         raise InputError(f"no photos in {printable_path(cfg.input)} (image extensions: jpg, jpeg, png, bmp, gif, "
                          "tif(f), webp, ppm, pgm)")
     overrides = preprocessing_overrides(cfg)
-    log.info("%d photos from %s; preprocessing %s", len(photos), cfg.input, resolve_preprocessing(card, overrides))
+    log.info("%d photos from %s; runtime %s; preprocessing %s", len(photos), cfg.input, cfg.runtime,
+             resolve_preprocessing(card, overrides))
     counts: Counter = Counter()
 
     def rows():
