@@ -141,7 +141,7 @@ def test_export_records_the_graph_in_the_card(tmp_path):
     (images,) = model.session.get_inputs()
     assert images.type == "tensor(uint8)" and isinstance(images.shape[0], str) and images.shape[1:] == [3, 64, 64]
     assert [o.name for o in model.session.get_outputs()] == ["features", "age", "logits"]
-    assert sorted(p.name for p in export_dir.iterdir()) == sorted([CARD_FILE, ONNX_FILE, WEIGHTS_FILE])  # no temporary files
+    assert sorted(p.name for p in export_dir.iterdir()) == sorted([CARD_FILE, ONNX_FILE, WEIGHTS_FILE, "README.md"])  # no temporary files
 
 
 def test_graph_equals_facemodel_outputs_and_the_mirror_is_inside(exports):
