@@ -64,7 +64,6 @@ from fahr.utils.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-STAGES = ("hash", "group", "assign", "write", "final")
 PLAN_BATCH = 1024  # photos hashed per round in pass 1: bounds the image bytes held in memory
 #: a duplicate candidate: ``band`` -1 for the exact (SHA-256) bucket, else the pHash byte 0..7 it shares
 CANDIDATE = np.dtype([("pos", "<i8"), ("band", "i1"), ("person", "u1", 32), ("sha", "u1", 32),
@@ -107,11 +106,18 @@ def start_run(output: Path, source: str, options: BuildOptions, tasks: int, run:
                       {"run": run, "tasks": tasks, "options": options_digest(source, options)})
 
 
-def check_run(output: Path, source: str, options: BuildOptions, tasks: int, run: str) -> None:
+def read_run(output: Path) -> dict[str, Any]:
+    """``parts/plan/run.json`` of the build started in ``output`` (InputError if there is none)."""
     path = plan_dir(output) / "run.json"
     if not path.is_file():
-        raise InputError(f"{path}: missing; the build's tasks run only under the command that started it")
-    info = read_json_file(path, "plan run")
+        raise InputError(f"{path}: missing; no build was started in this output (start it with all stages)")
+    return read_json_file(path, "plan run")
+
+
+def check_run(output: Path, source: str, options: BuildOptions, tasks: int, run: str) -> None:
+    """InputError unless ``output``'s current run is ``run`` with these options and ``tasks``."""
+    path = plan_dir(output) / "run.json"
+    info = read_run(output)
     want = {"run": run, "tasks": tasks, "options": options_digest(source, options)}
     if info != want:
         raise InputError(f"{path}: this task belongs to another run (run, tasks or options differ from "

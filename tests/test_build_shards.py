@@ -261,11 +261,11 @@ def test_fahr_shards_command_config_and_summary(tmp_path, capsys):
 def test_parallel_build_equals_sequential(tmp_path, monkeypatch):
     """Both passes in 2 worker processes (pass 1 in rounds of 16 photos) give exactly the sequential
     build: same duplicate decisions, splits, counts, shard names and sha256s."""
-    import data_pipelines.build as build_module
+    import data_pipelines.plan as plan_module
 
     root = _utk_subset(tmp_path, 120)
     one = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "one", _utk_options(processes=1))
-    monkeypatch.setattr(build_module, "PLAN_BATCH", 16)
+    monkeypatch.setattr(plan_module, "PLAN_BATCH", 16)
     two = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "two", _utk_options(processes=2))
     assert one == two
 
