@@ -65,6 +65,7 @@ from fahr.utils.atomic import atomic_write_json
 log = logging.getLogger(__name__)
 
 PLAN_BATCH = 1024  # photos hashed per round in pass 1: bounds the image bytes held in memory
+PROGRESS_SECONDS = 30.0  # a task's counts go to its log this often
 #: a duplicate candidate: ``band`` -1 for the exact (SHA-256) bucket, else the pHash byte 0..7 it shares
 CANDIDATE = np.dtype([("pos", "<i8"), ("band", "i1"), ("person", "u1", 32), ("sha", "u1", 32),
                       ("coarse", "<u8"), ("fine", "u1", 32)])
@@ -146,11 +147,12 @@ def _fresh_dir(path: Path) -> Path:
 
 
 class Progress:
-    """Counts of one task, to a callback (a progress bar) and, every ``every`` seconds, to the log (what a
+    """Counts of one task, to a callback (a progress bar) and, every ``every`` seconds (:data:`PROGRESS_SECONDS`), to the log (what a
     SLURM job's log shows): ``<what>: <n> items (<rate>/s)``. Counts only, never ids."""
 
-    def __init__(self, what: str, callback: Callable[[int], None] | None = None, every: float = 30.0) -> None:
-        self.what, self.callback, self.every = what, callback, every
+    def __init__(self, what: str, callback: Callable[[int], None] | None = None, every: float | None = None) -> None:
+        self.what, self.callback = what, callback
+        self.every = PROGRESS_SECONDS if every is None else every
         self.count, self.start = 0, time.monotonic()
         self.last = self.start
 
