@@ -125,8 +125,9 @@ def _passed_overrides() -> list[str]:
 def submit_graph(cfg: DictConfig, options: Any) -> dict[str, Any]:
     """Submit ``launcher.stages`` as SLURM jobs (array jobs of ``launcher.tasks`` tasks; ``final``: one
     job), each ``--dependency=afterok`` on the one before, logging to ``<output>/parts/logs/``; print
-    the job ids; with ``launcher.wait`` block until all ended and exit 1 if one did not complete.
-    Returns ``{"run": ..., "jobs": {stage: job id}}``."""
+    the job ids; with ``launcher.wait`` block until all ended. Returns ``{"run": ..., "jobs": {stage:
+    job id}}``, plus ``"failed": {stage: [task states]}`` if a job did not complete (the command then
+    exits 1)."""
     import os
     import secrets
     import shutil
@@ -180,9 +181,9 @@ def submit_graph(cfg: DictConfig, options: Any) -> dict[str, Any]:
     if launcher.wait:
         states = wait_for_jobs(jobs, launcher.poll_seconds)
         failed = {s: st for s, st in states.items() if set(st) != {"COMPLETED"}}
-        if failed:
+        if failed:  # fahr/cli/shards.py exits 1
             print(f"fahr shards: the job graph failed: {failed}; see {logs}", file=sys.stderr)
-            sys.exit(1)
+            return {"run": run, "jobs": jobs, "failed": failed}
         print(f"fahr shards: done: {cfg.output}/index.json\n"
               f"{summary_table(read_json_file(output / 'index.json', 'shard index'))}")
     return {"run": run, "jobs": jobs}
