@@ -9,12 +9,15 @@ that cannot be written are refused. Entries named like shards or chunk marks tha
 files (a directory ``train-000000.tar``, ``index.json`` as a folder) are refused too. A lock
 on ``parts/`` keeps a second ``fahr shards`` out of the same output while one runs.
 
-Two passes over the source (both in the source's deterministic order):
+Two passes over the source (both in the source's deterministic order), as the stages of
+:mod:`data_pipelines.plan`, each cut into ``tasks`` tasks with results independent of the cut (one
+process runs them in turn: :func:`build_shards`; SLURM runs them as array jobs: :func:`run_task`):
 
-1. **Plan**: every record's bytes are hashed and decoded once (to a thumbnail) for perceptual
-   hashes, in ``processes`` worker processes in rounds of ``PLAN_BATCH`` photos; then, in the main
-   process and in source order, exact and near duplicates are decided, persons are assigned to splits
-   (person-disjoint, stratified) and cohort anchors (first photo date per patient) are collected.
+1. **Plan** (stages hash, group, assign): every record's bytes are hashed and decoded once (to a
+   thumbnail) for perceptual hashes, in ``processes`` worker processes in rounds of ``PLAN_BATCH``
+   photos; exact and near duplicates are decided per hash bucket, persons are assigned to splits
+   (person-disjoint, stratified) by their rank in a keyed-hash order and cohort anchors (first photo
+   date per patient) are collected. Chunk ``c`` belongs to task ``c % tasks`` in both passes.
 2. **Write**: records are cut into fixed chunks of ``chunk_size`` source items. Each chunk is
    decoded, aligned, de-identified and written to ``parts/c<chunk>/<split>/`` by
    :class:`fahr.data.shard_writer.ShardWriter` (temp file + rename per shard); then
@@ -38,7 +41,7 @@ as a flat shard: found by its identity, else by size and SHA-256); otherwise the
 An edited label, a changed photo, an added or removed row (every later chunk's range moves), another
 split decision, ``align.image_size`` or ``samples_per_shard`` all change fingerprints.
 
-Finally, once every chunk is finished, the shards are placed into one flat series per split, the
+Finally (stage final, :func:`final_task`), once every chunk is finished, the shards are placed into one flat series per split, the
 webdataset convention: ``<output>/<split>-000000.tar``, ``<split>-000001.tar``, ... (chunks in
 order, each chunk's shards in order), so ``<output>/train-{000000..000012}.tar`` works too. Flat
 names shift when an earlier chunk gains or loses shards, so the placement (:func:`_place`) works

@@ -159,7 +159,8 @@ def submit_graph(cfg: DictConfig, options: Any) -> dict[str, Any]:
     jobs: dict[str, str] = {}
     previous = None
     for stage in stages:
-        cmd = ["sbatch", "--parsable", f"--job-name=fahr-shards-{stage}", f"--cpus-per-task={options.processes}",
+        cores = options.processes if stage in ("hash", "write") else 1  # group, assign, final: one process
+        cmd = ["sbatch", "--parsable", f"--job-name=fahr-shards-{stage}", f"--cpus-per-task={cores}",
                "--kill-on-invalid-dep=yes"]
         if stage == "final":
             cmd.append(f"--output={logs}/{stage}-%j.out")
