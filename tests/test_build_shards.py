@@ -220,7 +220,13 @@ def test_cohort_leaves_no_identifier_in_any_byte(tmp_path, monkeypatch):
                                       split=SplitOptions(fractions={"train": 0.5, "test": 0.5}, stratify="event"),
                                       align=AlignOptions(skip_detection=True)))
     assert index["read"] == 12 == index["written"] + sum(index["rejected"].values())
-    blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    # cut into 3 tasks (anchors found per person bucket, splits by event): the same bytes
+    options3 = BuildOptions(deid=DeidOptions(enabled=True), dedup=DedupOptions(enabled=False), chunk_size=5,
+                            split=SplitOptions(fractions={"train": 0.5, "test": 0.5}, stratify="event"),
+                            align=AlignOptions(skip_detection=True))
+    assert build_shards("cohort", lambda: get_source("cohort")(root), tmp_path / "out3", options3, tasks=3) == index
+    assert _tree(tmp_path / "out3") == _tree(out)
+    blob = b"".join(p.read_bytes() for d in (out, tmp_path / "out3") for p in d.rglob("*") if p.is_file())
     for secret in (b"MRN", b"Smith", b"John", b"Elm", b"1950", b"2015-", b"2018", b"a-test-salt"):
         assert secret not in blob, secret
     samples = [s for split in index["splits"] for s in _samples(out / "index.json", split)]
