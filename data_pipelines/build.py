@@ -9,12 +9,15 @@ that cannot be written are refused. Entries named like shards or chunk marks tha
 files (a directory ``train-000000.tar``, ``index.json`` as a folder) are refused too. A lock
 on ``parts/`` keeps a second ``fahr shards`` out of the same output while one runs.
 
-Two passes over the source (both in the source's deterministic order):
+Two passes over the source (both in the source's deterministic order), as the stages of
+:mod:`data_pipelines.plan`, each cut into ``tasks`` tasks with results independent of the cut (one
+process runs them in turn: :func:`build_shards`; SLURM runs them as array jobs: :func:`run_task`):
 
-1. **Plan**: every record's bytes are hashed and decoded once (to a thumbnail) for perceptual
-   hashes, in ``processes`` worker processes in rounds of ``PLAN_BATCH`` photos; then, in the main
-   process and in source order, exact and near duplicates are decided, persons are assigned to splits
-   (person-disjoint, stratified) and cohort anchors (first photo date per patient) are collected.
+1. **Plan** (stages hash, group, assign): every record's bytes are hashed and decoded once (to a
+   thumbnail) for perceptual hashes, in ``processes`` worker processes in rounds of ``PLAN_BATCH``
+   photos; exact and near duplicates are decided per hash bucket, persons are assigned to splits
+   (person-disjoint, stratified) by their rank in a keyed-hash order and cohort anchors (first photo
+   date per patient) are collected. Chunk ``c`` belongs to task ``c % tasks`` in both passes.
 2. **Write**: records are cut into fixed chunks of ``chunk_size`` source items. Each chunk is
    decoded, aligned, de-identified and written to ``parts/c<chunk>/<split>/`` by
    :class:`fahr.data.shard_writer.ShardWriter` (temp file + rename per shard); then
@@ -38,7 +41,7 @@ as a flat shard: found by its identity, else by size and SHA-256); otherwise the
 An edited label, a changed photo, an added or removed row (every later chunk's range moves), another
 split decision, ``align.image_size`` or ``samples_per_shard`` all change fingerprints.
 
-Finally, once every chunk is finished, the shards are placed into one flat series per split, the
+Finally (stage final, :func:`final_task`), once every chunk is finished, the shards are placed into one flat series per split, the
 webdataset convention: ``<output>/<split>-000000.tar``, ``<split>-000001.tar``, ... (chunks in
 order, each chunk's shards in order), so ``<output>/train-{000000..000012}.tar`` works too. Flat
 names shift when an earlier chunk gains or loses shards, so the placement (:func:`_place`) works
@@ -73,6 +76,7 @@ import logging
 import multiprocessing
 import os
 import re
+import secrets
 import shutil
 import stat
 import sys
@@ -83,7 +87,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from data_pipelines.options import AlignOptions, BuildOptions, check_options
 from data_pipelines.records import Record, check_labels
@@ -210,7 +213,7 @@ class _Lock:
             self.fd = None
 
 
-# ---- pass 1: plan ---------------------------------------------------------------------------------
+# ---- the plan of a chunk ---------------------------------------------------------------------------------
 
 @dataclass
 class Plan:
@@ -222,89 +225,6 @@ class Plan:
 
 def _item_id(position: int) -> str:
     return f"{position:09d}"
-
-
-def _stratum(record: Record, stratify: str) -> Any:
-    from data_pipelines.splits import age_bin
-
-    if stratify == "age" and record.labels.get("age") is not None:
-        return age_bin(float(record.labels["age"]))
-    if stratify == "event":
-        return record.labels.get("event")
-    return None
-
-
-PLAN_BATCH = 1024  # photos hashed per round in pass 1: bounds the image bytes held in memory
-
-
-def _fingerprint(data: bytes, hashes: bool = True) -> tuple[str, int | None, int | None] | str:
-    """Pass-1 work for one photo (in a worker process when ``processes > 1``): its
-    :func:`~data_pipelines.dedup.fingerprint` (SHA-256 and, if ``hashes``, pHashes of a thumbnail),
-    or the rejection reason if it does not decode."""
-    from data_pipelines.dedup import fingerprint
-    from fahr.faces.decode import decode_photo
-
-    try:
-        image = decode_photo(data)
-    except RejectedError as err:
-        return err.reason
-    return fingerprint(data, _thumbnail(image) if hashes else None)
-
-
-def plan(items: Iterable[Record | Rejection], options: BuildOptions, pool: Any = None) -> Plan:
-    """Pass 1 over the source: duplicates, split per person, cohort anchors.
-
-    Decoding and hashing (the slow part) run on ``pool`` (a ``multiprocessing`` pool) if given, in
-    rounds of :data:`PLAN_BATCH` photos; the decisions are made here, in source order, so they do not
-    depend on the number of processes."""
-    from data_pipelines.dedup import Deduplicator
-    from data_pipelines.deid import patient_anchors
-    from data_pipelines.splits import split_persons
-
-    result = Plan()
-    dedup = Deduplicator(options.dedup.near_threshold)
-    strata: dict[str, Any] = {}
-    kept: list[Record] = []
-    batch: list[tuple[str, Record]] = []
-
-    work = functools.partial(_fingerprint, hashes=options.dedup.enabled)  # without dedup: decode check only
-
-    def decide_batch() -> None:
-        data = [item.image for _, item in batch]
-        fps = pool.map(work, data, chunksize=32) if pool is not None else [work(d) for d in data]
-        for (item_id, item), fp in zip(batch, fps):
-            if isinstance(fp, str):
-                result.rejected[item_id] = fp
-                continue
-            if options.dedup.enabled:
-                dedup.add_fingerprint(item_id, item.person_id, fp)
-            strata.setdefault(item.person_id, _stratum(item, options.split.stratify))
-            kept.append(Record(item_id, item.person_id, b"", item.labels))
-        batch.clear()
-
-    for position, item in enumerate(items):
-        result.read += 1
-        item_id = _item_id(position)
-        if isinstance(item, Rejection):
-            result.rejected[item_id] = item.reason
-            continue
-        batch.append((item_id, item))
-        if len(batch) >= PLAN_BATCH:
-            decide_batch()
-    decide_batch()
-    if options.dedup.enabled:
-        result.rejected.update(dedup.decide())
-    result.split_of_person = split_persons(strata, options.split.fractions, options.split.seed)
-    if options.deid.enabled:
-        result.anchors = patient_anchors(r for r in kept if r.source_id not in result.rejected)
-    return result
-
-
-def _thumbnail(image: np.ndarray) -> np.ndarray:
-    """At most 64x64: pHash works on 32x32, and hashing full-size photos is the slow part of pass 1."""
-    im = Image.fromarray(image)
-    im.thumbnail((64, 64))
-    return np.asarray(im)
 
 
 # ---- pass 2: one chunk ----------------------------------------------------------------------------
@@ -618,50 +538,54 @@ def _input_changed(position: int) -> InputError:
                       f"{position + 1}); rerun when the input is stable")
 
 
-def _chunks(items: Iterable[Record | Rejection], plan_: Plan, chunk_size: int,
-            ) -> Iterator[tuple[int, list[tuple[str, Record | None]], int]]:
-    """(chunk number, [(item id, record, or None if rejected)] for every item of its range, item count)
-    in source order. Raises InputError if the items are not those pass 1 planned."""
-    chunk, entries, position = 0, [], -1
-    for position, item in enumerate(items):
-        item_id = _item_id(position)
-        if position >= plan_.read:
+def _chunks(make_items: Callable[[], Iterable[Record | Rejection]], options: BuildOptions, task: int, tasks: int,
+            total: int, rejected: dict[int, str], plans: dict[int, list[Any]],
+            ) -> Iterator[tuple[int, list[tuple[str, Record | None]], Plan]]:
+    """(chunk number, [(item id, record, or None if rejected)] for every item of its range, the chunk's
+    plan) for the chunks of write task ``task``, in source order. Raises InputError if the items are not
+    those pass 1 planned (count, rejections, persons, image bytes)."""
+    from data_pipelines.plan import date_from_json, iter_positions, task_of
+    from data_pipelines.splits import rank_key
+
+    current, entries, plan_, last = -1, [], Plan(), -1
+    owned = functools.partial(lambda p, size: task_of(p, size, tasks) == task, size=options.chunk_size)
+    for position, item in iter_positions(make_items, owned):
+        last = position
+        if position >= total:
             raise _input_changed(position)
-        if isinstance(item, Rejection) or item_id in plan_.rejected:
-            if item_id not in plan_.rejected:
+        if item is None:
+            continue
+        chunk = position // options.chunk_size
+        if chunk != current:
+            if entries:
+                yield current, entries, plan_
+            current, entries, plan_ = chunk, [], Plan()
+        item_id = _item_id(position)
+        planned = plans.get(position)
+        reason = rejected.get(position) or (planned[4] if planned is not None else None)
+        if isinstance(item, Rejection) or reason is not None:
+            if reason is None:
                 raise _input_changed(position)
+            plan_.rejected[item_id] = reason
             entries.append((item_id, None))
-        else:
-            if item.person_id not in plan_.split_of_person:
-                raise _input_changed(position)
-            entries.append((item_id, item))
-        if len(entries) == chunk_size:
-            yield chunk, entries, len(entries)
-            chunk, entries = chunk + 1, []
-    if position + 1 != plan_.read:
-        raise _input_changed(position + 1)
+            continue
+        if (planned is None or planned[0] != rank_key(item.person_id, options.split.seed)
+                or planned[1] != hashlib.sha256(item.image).hexdigest()):
+            raise _input_changed(position)
+        plan_.split_of_person[item.person_id] = planned[2]
+        anchor = date_from_json(planned[3])
+        if anchor is not None:
+            plan_.anchors[item.person_id] = anchor
+        entries.append((item_id, item))
+    if last + 1 != total:
+        raise _input_changed(last + 1)
     if entries:
-        yield chunk, entries, len(entries)
+        yield current, entries, plan_
 
 
-def _chunk_plan(plan_: Plan, records: list[tuple[str, Record]]) -> Plan:
-    """The part of the plan a chunk's writer needs (what is sent to a worker process)."""
-    persons = {r.person_id for _, r in records}
-    return Plan(split_of_person={p: plan_.split_of_person[p] for p in persons},
-                anchors={p: plan_.anchors[p] for p in persons if p in plan_.anchors})
-
-
-def build_shards(
-    source: str, make_items: Callable[[], Iterable[Record | Rejection]], output: str | Path,
-    options: BuildOptions, progress: Callable[[int], None] | None = None,
-    inputs: tuple[str | os.PathLike | None, ...] = (),
-) -> dict[str, Any]:
-    """Run both passes and write ``<output>/index.json``; returns the index.
-
-    ``make_items`` must yield the same items in the same order each call (sources are deterministic).
-    ``inputs`` are the paths the source reads (the output may not be one of them, nor hold one).
-    Options, output and de-identification salt are checked before any work (:class:`InputError`).
-    """
+def _prepare(source: str, output: str | Path, options: BuildOptions,
+             inputs: tuple[str | os.PathLike | None, ...]) -> tuple[BuildOptions, bytes | None, Path]:
+    """Options, de-identification salt and output, checked before any work (InputError)."""
     from data_pipelines.deid import load_salt
 
     check_options(options)
@@ -669,69 +593,161 @@ def build_shards(
     salt = load_salt(options.deid.key_file) if options.deid.enabled else None
     output = check_output(output, inputs)
     (output / "parts").mkdir(exist_ok=True)
-    lock = _Lock(output / "parts")
-    try:
-        return _build(source, make_items, output, options, progress, salt)
-    finally:
-        lock.release()
+    return options, salt, output
 
 
-def _build(source: str, make_items: Callable[[], Iterable[Record | Rejection]], output: Path,
-           options: BuildOptions, progress: Callable[[int], None] | None, salt: bytes | None) -> dict[str, Any]:
-    inventory = _Inventory(output)
-    versions = library_versions()
-    splits = set(options.split.fractions)
-    summaries: list[dict[str, Any]] = []
-    located: dict[int, dict[str, list[Path]]] = {}
-    rehashed: list[int] = []
-
-    def finished(summary: dict[str, Any], count: int, where: dict[str, list[Path]] | None = None) -> None:
-        summaries.append(summary)
-        located[summary["chunk"]] = where if where is not None else {
-            split: [output / s["name"] for s in series] for split, series in summary["shards"].items()}
-        if progress:
-            progress(count)
-
+def _pool(options: BuildOptions) -> Any:
     # spawn, not fork: the parent may already hold torch threads
-    pool = multiprocessing.get_context("spawn").Pool(options.processes) if options.processes > 1 else None
-    in_flight: list[tuple[Any, int]] = []
-    n_chunks = 0
+    return multiprocessing.get_context("spawn").Pool(options.processes) if options.processes > 1 else None
+
+
+def build_shards(
+    source: str, make_items: Callable[[], Iterable[Record | Rejection]], output: str | Path,
+    options: BuildOptions, progress: Callable[[int], None] | None = None,
+    inputs: tuple[str | os.PathLike | None, ...] = (), tasks: int = 1,
+) -> dict[str, Any]:
+    """Run both passes in this process and write ``<output>/index.json``; returns the index.
+
+    The stages of :mod:`data_pipelines.plan` run one after another, each as ``tasks`` tasks (the
+    result does not depend on ``tasks``; a SLURM build runs the same tasks as array jobs).
+    ``make_items`` must yield the same items in the same order each call (sources are deterministic).
+    ``inputs`` are the paths the source reads (the output may not be one of them, nor hold one).
+    Options, output and de-identification salt are checked before any work (:class:`InputError`).
+    ``progress`` is called with the number of items of each chunk pass 2 finishes.
+    """
+    from data_pipelines import plan
+
+    options, salt, output = _prepare(source, output, options, inputs)
+    lock = _Lock(output / "parts")
+    pool = None
     try:
-        plan_ = plan(make_items(), options, pool)
-        for chunk, entries, count in _chunks(make_items(), plan_, options.chunk_size):
-            n_chunks += 1
-            fingerprint = chunk_fingerprint(chunk, entries, plan_, options, source, salt, versions)
-            mark = _load_mark(output, chunk, fingerprint, splits)
-            if mark is not None:
-                where, by_hash = _locate_chunk(inventory, mark)
-                if where is not None:  # finished by an earlier run, for this very input and options
-                    if by_hash:
-                        rehashed.append(chunk)
-                    finished(mark, count, where)
-                    continue
-            records = [(item_id, r) for item_id, r in entries if r is not None]
-            args = (chunk, records, _chunk_plan(plan_, records), options, str(output), source, salt, fingerprint)
-            del entries
-            if pool is None:
-                finished(write_chunk(*args), count)
-            else:
-                in_flight.append((pool.apply_async(write_chunk, args), count))
-                while len(in_flight) >= 2 * options.processes:  # bounded: chunks carry image bytes
-                    job, n = in_flight.pop(0)
-                    finished(job.get(), n)
-        for job, n in in_flight:
-            finished(job.get(), n)
+        run = secrets.token_hex(8)
+        plan.start_run(output, source, options, tasks, run)
+        pool = _pool(options)
+        for t in range(tasks):
+            plan.hash_task(make_items, options, output, t, tasks, run, pool)
+        for t in range(tasks):
+            plan.group_task(options, output, t, tasks, run)
+        for t in range(tasks):
+            plan.assign_task(options, output, t, tasks, run)
+        for t in range(tasks):
+            write_task(source, make_items, output, options, salt, t, tasks, run, pool, progress)
+        return final_task(source, output, options, tasks, run)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    summaries.sort(key=lambda s: s["chunk"])
+        lock.release()
+
+
+def run_task(stage: str, task: int, tasks: int, run: str, source: str,
+             make_items: Callable[[], Iterable[Record | Rejection]], output: str | Path, options: BuildOptions,
+             inputs: tuple[str | os.PathLike | None, ...] = ()) -> dict[str, Any]:
+    """One task of one stage of a build started by :func:`data_pipelines.plan.start_run` (a SLURM array
+    task); tasks of a stage run at once, so no lock is taken: each writes only its own files."""
+    from data_pipelines import plan
+
+    options, salt, output = _prepare(source, output, options, inputs)
+    plan.check_run(output, source, options, tasks, run)
+    if stage in ("group", "assign"):
+        return getattr(plan, f"{stage}_task")(options, output, task, tasks, run)
+    if stage == "final":
+        return final_task(source, output, options, tasks, run)
+    pool = _pool(options)
+    try:
+        if stage == "hash":
+            return plan.hash_task(make_items, options, output, task, tasks, run, pool)
+        return write_task(source, make_items, output, options, salt, task, tasks, run, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
+def write_task(source: str, make_items: Callable[[], Iterable[Record | Rejection]], output: Path,
+               options: BuildOptions, salt: bytes | None, task: int, tasks: int, run: str, pool: Any = None,
+               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Pass 2 for the chunks of task ``task`` (chunk % tasks == task): each is reused if its mark has
+    the fingerprint computed now and its shards are on disk, else written; then ``parts/plan/w<task>.json``
+    records the task's fingerprints and counts for :func:`final_task`. Returns that record."""
+    from data_pipelines.plan import Progress, hash_result, item_plans, plan_dir
+
+    done, rejected = hash_result(output, task, run)
+    plans = item_plans(output, task, tasks, run)
+    inventory = _Inventory(output)
+    versions = library_versions()
+    splits = set(options.split.fractions)
+    fingerprints: dict[int, str] = {}
+    planned_rejections: Counter = Counter()
+    meter = Progress(f"pass 2, write task {task + 1}/{tasks}", progress)
+    in_flight: list[tuple[Any, int]] = []
+    own = 0
+    for chunk, entries, plan_ in _chunks(make_items, options, task, tasks, done["read"], rejected, plans):
+        own += len(entries)
+        planned_rejections.update(plan_.rejected.values())
+        fingerprint = fingerprints[chunk] = chunk_fingerprint(chunk, entries, plan_, options, source, salt, versions)
+        mark = _load_mark(output, chunk, fingerprint, splits)
+        if mark is not None and _locate_chunk(inventory, mark)[0] is not None:
+            meter(len(entries))  # finished by an earlier run, for this very input and options
+            continue
+        records = [(item_id, r) for item_id, r in entries if r is not None]
+        args = (chunk, records, plan_, options, str(output), source, salt, fingerprint)
+        count = len(entries)
+        del entries
+        if pool is None:
+            write_chunk(*args)
+            meter(count)
+        else:
+            in_flight.append((pool.apply_async(write_chunk, args), count))
+            while len(in_flight) >= 2 * options.processes:  # bounded: chunks carry image bytes
+                job, n = in_flight.pop(0)
+                job.get()
+                meter(n)
+    for job, n in in_flight:
+        job.get()
+        meter(n)
+    result = {"run": run, "total": done["read"], "read": own, "rejected": dict(sorted(planned_rejections.items())),
+              "chunks": {str(c): fp for c, fp in sorted(fingerprints.items())}}
+    atomic_write_json(plan_dir(output) / f"w{task:04d}.json", result)
+    meter.report(final=True)
+    return result
+
+
+def final_task(source: str, output: Path, options: BuildOptions, tasks: int, run: str) -> dict[str, Any]:
+    """The last step: every chunk of this run finished (its mark has the fingerprint its write task
+    computed, its shards are on disk), then the flat series and ``index.json`` (:func:`_place`); the
+    plan's work files are removed. Returns the index."""
+    from data_pipelines.plan import _done, plan_dir
+
+    results = [_done(plan_dir(output) / f"w{t:04d}.json", run, f"pass 2 write task {t}") for t in range(tasks)]
+    total = results[0]["total"]
+    fingerprints = {int(c): fp for r in results for c, fp in r["chunks"].items()}
+    n_chunks = -(-total // options.chunk_size)
+    if sorted(fingerprints) != list(range(n_chunks)) or sum(r["read"] for r in results) != total:
+        raise InputError(f"the write tasks of this run cover {len(fingerprints)} of {n_chunks} chunks; "
+                         "rerun the build")
+    planned_rejections: Counter = Counter()
+    for r in results:
+        planned_rejections.update(r["rejected"])
+    inventory = _Inventory(output)
+    splits = set(options.split.fractions)
+    summaries, located, rehashed = [], {}, []
+    for chunk in range(n_chunks):
+        mark = _load_mark(output, chunk, fingerprints[chunk], splits)
+        where, by_hash = _locate_chunk(inventory, mark) if mark is not None else (None, False)
+        if where is None:
+            raise InputError(f"chunk {chunk} is not finished (its mark is missing or stale, or a shard of it is "
+                             f"gone); rerun write task {chunk % tasks}, then this step")
+        summaries.append(mark)
+        located[chunk] = where
+        if by_hash:
+            rehashed.append(chunk)
     moves = _flat_plan(summaries, located)
-    index = _merge(source, plan_, summaries, options, moves)  # checks the counts before anything moves
+    index = _merge(source, total, planned_rejections, summaries, options, moves)  # checks the counts first
     _place(output, moves, index, n_chunks)
-    by_chunk = {s["chunk"]: s for s in summaries}
     for chunk in rehashed:  # found by hashing (a copied output folder): record the identities they have now
-        _refresh_identities(output, by_chunk[chunk], index)
+        _refresh_identities(output, summaries[chunk], index)
+    shutil.rmtree(plan_dir(output))
     return index
 
 
@@ -830,11 +846,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _merge(source: str, plan_: Plan, summaries: list[dict[str, Any]], options: BuildOptions,
-           moves: dict[str, list[tuple[Path, dict[str, Any]]]]) -> dict[str, Any]:
+def _merge(source: str, read: int, planned_rejections: Counter, summaries: list[dict[str, Any]],
+           options: BuildOptions, moves: dict[str, list[tuple[Path, dict[str, Any]]]]) -> dict[str, Any]:
     from fahr.data.shard_writer import LabelSummary
 
-    rejected = Counter(plan_.rejected.values())
+    rejected = Counter(planned_rejections)
     counts: Counter = Counter()
     labels: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in summaries:
@@ -847,7 +863,6 @@ def _merge(source: str, plan_: Plan, summaries: list[dict[str, Any]], options: B
                       "labels": LabelSummary.merge(labels[split])}
               for split in sorted(counts)}
     written = sum(counts.values())
-    read = plan_.read
     if read != written + sum(rejected.values()):
         raise AssertionError(f"records lost: read {read} != written {written} + rejected {sum(rejected.values())}")
     return shard_index.make_index(

@@ -73,6 +73,55 @@ class BuildOptions:
         return replace(self, split=replace(self.split, stratify=stratify), deid=replace(self.deid, enabled=enabled))
 
 
+STAGES = ("hash", "group", "assign", "write", "final")  # data_pipelines.plan, in order
+LAUNCHERS = ("local", "slurm")
+MAX_TASKS = 10_000
+
+
+@dataclass
+class LauncherOptions:
+    """How ``fahr shards`` runs its stages (:mod:`data_pipelines.plan`): ``kind`` ``local`` (in this
+    process, each stage as ``tasks`` tasks one after another) or ``slurm`` (submit each stage as an
+    array job of ``tasks`` tasks, each depending on the stage before, and return; ``wait``: block
+    until the graph ends, exit 1 if a job failed). ``stages`` and ``array`` resubmit part of a graph
+    (e.g. ``stages=[write,final] array=1``: write task 1 again, then the final step). ``template``:
+    the sbatch script (null: slurm/shards.sbatch of this checkout); ``sbatch_args``: extra sbatch
+    options (account, partition, time). ``stage``/``task``/``run`` are set by the template: run one
+    task of one stage of run ``run``."""
+    kind: str = "local"
+    tasks: int = 1
+    wait: bool = False
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    array: Optional[str] = None
+    template: Optional[str] = None
+    sbatch_args: list[str] = field(default_factory=list)
+    poll_seconds: float = 10.0
+    stage: Optional[str] = None
+    task: Optional[int] = None
+    run: Optional[str] = None
+
+
+def check_launcher(launcher: Any) -> None:
+    """The ``launcher.*`` options; InputError naming the key."""
+    if launcher.kind not in LAUNCHERS:
+        raise InputError(f"launcher must be one of {', '.join(LAUNCHERS)} (launcher=slurm), got {launcher.kind!r}")
+    if not _is_int(launcher.tasks) or not 1 <= launcher.tasks <= MAX_TASKS:
+        raise InputError(f"launcher.tasks must be an integer in [1, {MAX_TASKS}], got {launcher.tasks!r}")
+    stages = list(launcher.stages)
+    if not stages or stages[0] not in STAGES or stages != list(STAGES[STAGES.index(stages[0]):]):
+        raise InputError(f"launcher.stages must be the stages from one of them to the end, in order "
+                         f"({', '.join(STAGES)}), got {stages}")
+    if launcher.stage is not None:
+        if launcher.stage not in STAGES:
+            raise InputError(f"launcher.stage must be one of {', '.join(STAGES)}, got {launcher.stage!r}")
+        if not _is_int(launcher.task) or not 0 <= launcher.task < launcher.tasks:
+            raise InputError(f"launcher.task must be an integer in [0, {launcher.tasks}), got {launcher.task!r}")
+        if not isinstance(launcher.run, str) or not launcher.run:
+            raise InputError("launcher.run must name the run the task belongs to (set by slurm/shards.sbatch)")
+    if not _is_number(launcher.poll_seconds) or launcher.poll_seconds <= 0:
+        raise InputError(f"launcher.poll_seconds must be a number > 0, got {launcher.poll_seconds!r}")
+
+
 @dataclass
 class ShardsConfig(BuildOptions):
     """``fahr shards``: a source, its folder and options, and the output folder."""
@@ -80,6 +129,7 @@ class ShardsConfig(BuildOptions):
     input: str = MISSING
     output: str = MISSING
     source_options: dict[str, Any] = field(default_factory=dict)  # +source_options.<key>=... (checked per source)
+    launcher: LauncherOptions = field(default_factory=LauncherOptions)
 
 
 def register_shards_schema() -> None:

@@ -49,18 +49,39 @@ def split_persons(
     by_stratum: dict[Hashable, list[str]] = defaultdict(list)
     for person, stratum in strata.items():
         by_stratum[stratum].append(person)
-    names = list(fractions)
     out: dict[str, str] = {}
     for persons in by_stratum.values():
         persons.sort(key=lambda p: _rank_key(p, seed))
-        n, start, cumulative = len(persons), 0, 0.0
-        for i, name in enumerate(names):
-            cumulative += fractions[name]
-            end = n if i == len(names) - 1 else int(round(cumulative * n))
-            for p in persons[start:end]:
-                out[p] = name
-            start = end
+        ends = split_ends(len(persons), fractions)
+        for rank, p in enumerate(persons):
+            out[p] = split_at(rank, ends)
     return out
+
+
+def split_ends(n: int, fractions: Mapping[str, float]) -> list[tuple[str, int]]:
+    """[(split name, end)] for a stratum of ``n`` persons ranked by :func:`rank_key`: the persons of
+    rank ``[previous end, end)`` go to that split (the cumulative fractions, rounded; the last ends at n)."""
+    names, ends, cumulative = list(fractions), [], 0.0
+    for i, name in enumerate(names):
+        cumulative += fractions[name]
+        ends.append((name, n if i == len(names) - 1 else int(round(cumulative * n))))
+    return ends
+
+
+def split_at(rank: int, ends: list[tuple[str, int]]) -> str:
+    """The split of the person of ``rank`` (0-based, within its stratum) given :func:`split_ends`."""
+    start = 0
+    for name, end in ends:
+        if start <= rank < end:
+            return name
+        start = max(start, end)
+    raise AssertionError(f"rank {rank} beyond the stratum's {ends[-1][1]} persons")
+
+
+def rank_key(person_id: str, seed: str) -> str:
+    """The keyed hash (SHA-256 hex of seed and id) that orders a stratum's persons; being uniform, its
+    leading digits also cut the persons into ranges (buckets) whose order is the persons' order."""
+    return _rank_key(person_id, seed)
 
 
 def assert_person_disjoint(assignments: Mapping[str, str], record_persons: Mapping[str, str]) -> None:

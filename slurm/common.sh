@@ -10,10 +10,9 @@
 #   FAHR            the fahr command; e.g. FAHR="/path/to/venv/bin/fahr" or "python -m fahr.cli.main"
 #   NCCL_*, GLOO_*  the network (see below and slurm/README.md, "Network")
 
-set -euo pipefail
-cd "${SLURM_SUBMIT_DIR:-.}"
+# The start (strict bash, working directory, $FAHR, OMP_NUM_THREADS) is preamble.sh, shared with shards.sbatch.
+source "$(dirname "${BASH_SOURCE[0]}")/preamble.sh"
 : "${COMMAND:?the template must set COMMAND before sourcing common.sh}"
-FAHR=${FAHR:-fahr}
 
 # ---- network: NCCL between GPUs and nodes ------------------------------------------------------
 # Set these in your environment when your cluster needs them; defaults are NCCL's.
@@ -26,8 +25,6 @@ FAHR=${FAHR:-fahr}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # A rank that dies makes the others fail instead of waiting forever in a collective.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-# Data loading runs in worker processes; the training process needs few threads.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # ---- the run directory and the log --------------------------------------------------------------
 # `fahr run-dir` composes the config exactly as the command will; overrides it cannot compose stop

@@ -220,7 +220,13 @@ def test_cohort_leaves_no_identifier_in_any_byte(tmp_path, monkeypatch):
                                       split=SplitOptions(fractions={"train": 0.5, "test": 0.5}, stratify="event"),
                                       align=AlignOptions(skip_detection=True)))
     assert index["read"] == 12 == index["written"] + sum(index["rejected"].values())
-    blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    # cut into 3 tasks (anchors found per person bucket, splits by event): the same bytes
+    options3 = BuildOptions(deid=DeidOptions(enabled=True), dedup=DedupOptions(enabled=False), chunk_size=5,
+                            split=SplitOptions(fractions={"train": 0.5, "test": 0.5}, stratify="event"),
+                            align=AlignOptions(skip_detection=True))
+    assert build_shards("cohort", lambda: get_source("cohort")(root), tmp_path / "out3", options3, tasks=3) == index
+    assert _tree(tmp_path / "out3") == _tree(out)
+    blob = b"".join(p.read_bytes() for d in (out, tmp_path / "out3") for p in d.rglob("*") if p.is_file())
     for secret in (b"MRN", b"Smith", b"John", b"Elm", b"1950", b"2015-", b"2018", b"a-test-salt"):
         assert secret not in blob, secret
     samples = [s for split in index["splits"] for s in _samples(out / "index.json", split)]
@@ -261,11 +267,11 @@ def test_fahr_shards_command_config_and_summary(tmp_path, capsys):
 def test_parallel_build_equals_sequential(tmp_path, monkeypatch):
     """Both passes in 2 worker processes (pass 1 in rounds of 16 photos) give exactly the sequential
     build: same duplicate decisions, splits, counts, shard names and sha256s."""
-    import data_pipelines.build as build_module
+    import data_pipelines.plan as plan_module
 
     root = _utk_subset(tmp_path, 120)
     one = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "one", _utk_options(processes=1))
-    monkeypatch.setattr(build_module, "PLAN_BATCH", 16)
+    monkeypatch.setattr(plan_module, "PLAN_BATCH", 16)
     two = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "two", _utk_options(processes=2))
     assert one == two
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from conftest import shared_data
 from data_pipelines import build as build_mod
+from data_pipelines import plan as plan_mod
 from data_pipelines.build import build_shards
 from data_pipelines.options import AlignOptions, BuildOptions, SplitOptions
 from data_pipelines.sources import folder as folder_src
@@ -287,7 +288,7 @@ def test_bad_source_key_file_and_source_options(tmp_path, run_fahr):
 def test_bad_outputs_are_refused_before_any_work(tmp_path, run_fahr, monkeypatch):
     root = _folder(tmp_path / "in", _rows(range(3)))
     calls = []
-    monkeypatch.setattr(build_mod, "plan", lambda *a, **k: calls.append(1))  # no work may start
+    monkeypatch.setattr(plan_mod, "hash_task", lambda *a, **k: calls.append(1))  # no work may start
 
     def refused(output: str, expected: str) -> None:
         r = run_fahr("shards", "source=folder", f"input={root}", f"output={output}", *FAST)

@@ -127,7 +127,14 @@ def test_sbatch_templates_never_hard_code_account_or_partition():
         subprocess.run(["bash", "-n", str(REPO / "slurm" / name)], check=True)
     common = (REPO / "slurm" / "common.sh").read_text()
     assert "srun --kill-on-bad-exit=1" in common and "NCCL_SOCKET_IFNAME" in common and "run-dir" in common
+    assert 'preamble.sh"' in common  # the start every template shares
     subprocess.run(["bash", "-n", str(REPO / "slurm" / "common.sh")], check=True)
+    # fahr shards: one task per array element, no GPUs; the same preamble, no account or partition either
+    shards = (REPO / "slurm" / "shards.sbatch").read_text()
+    directives = [ln for ln in shards.splitlines() if ln.startswith("#SBATCH")]
+    assert not [d for d in directives if re.search(r"--(account|partition)|\s-[Ap]\s", d)]
+    assert "--requeue" in " ".join(directives) and 'preamble.sh"' in shards and "common.sh" not in shards
+    subprocess.run(["bash", "-n", str(REPO / "slurm" / "shards.sbatch")], check=True)
 
 
 # ---- the fine-tunes through the shipped finetune.sbatch: 2 CPU ranks (gloo), preempted and requeued

@@ -34,6 +34,8 @@ This module also holds the small parsing helpers the other sources share.
 
 from __future__ import annotations
 
+import contextvars
+
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -178,9 +180,18 @@ def read_input_file(input_dir: Path, relative: str, kind: str, max_bytes: int) -
         raise RejectedError(f"{kind}:{refused.reason}", refused.detail) from None
 
 
+#: set (by ``data_pipelines.build``) while a source is advanced past items another task reads: the
+#: item still counts (its position), its bytes are not read. Sources yield one item per row or file
+#: whatever the bytes hold, so positions do not depend on it.
+SKIP_IMAGE_BYTES: contextvars.ContextVar[bool] = contextvars.ContextVar("fahr_skip_image_bytes", default=False)
+
+
 def read_image(input_dir: Path, relative: str) -> bytes:
     """The bytes of ``input_dir/relative`` (not decoded); RejectedError ``image:*`` when unusable
-    (see :func:`read_input_file`; the cap is :data:`MAX_PHOTO_BYTES`, looked up at each call)."""
+    (see :func:`read_input_file`; the cap is :data:`MAX_PHOTO_BYTES`, looked up at each call).
+    Empty, unread, while :data:`SKIP_IMAGE_BYTES` is set."""
+    if SKIP_IMAGE_BYTES.get():
+        return b""
     return read_input_file(input_dir, relative, "image", MAX_PHOTO_BYTES)
 
 
