@@ -8,6 +8,7 @@ and a facebookresearch/mae ``.pth`` assembled the way ``models_mae.py`` names it
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -29,8 +30,8 @@ from fahr.boundary import InputError
 from fahr.models import MaskedAutoencoder, create_backbone, load_backbone, read_card, save_backbone
 from fahr.models.backbone import backbone_args, backbone_config
 from fahr.models.import_weights import import_weights
-from fahr.models.mae import decoder_args, init_from_export
-from fahr.models.weights import model_card
+from fahr.models.mae import decoder_args
+from fahr.models.weights import init_from_export, model_card
 
 from conftest import REPO
 
@@ -113,7 +114,8 @@ def mae_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         if m is None:  # decoder_embed, decoder_norm, decoder_pred
             out["decoder." + key] = value
             continue
-        prefix = f"decoder.decoder_layers.{m.group(2)}." if key.startswith("decoder_") else f"vit.encoder.layer.{m.group(2)}."
+        layer = "decoder.decoder_layers" if key.startswith("decoder_") else "vit.encoder.layer"
+        prefix = f"{layer}.{m.group(2)}."
         if m.group(3) == "attn.qkv":
             for name, chunk in zip(("query", "key", "value"), value.chunk(3)):
                 out[f"{prefix}attention.attention.{name}.{m.group(4)}"] = chunk.contiguous()
@@ -135,7 +137,9 @@ def refs(tmp_path_factory) -> dict[str, Path]:
     save_file({"images": torch.randn(3, 3, SIDE, SIDE, generator=gen), "noise": torch.rand(3, N, generator=gen)},
               str(root / "inputs.safetensors"))
     mae_state, _ = mae_checkpoint()
-    torch.save({"model": mae_state}, root / "mae.pth")
+    # as main_pretrain.py's misc.save_model writes it: the argparse arguments beside the weights
+    args = argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=True)
+    torch.save({"model": mae_state, "epoch": 799, "args": args}, root / "mae.pth")
     as_hf = root / "mae_as_hf"
     as_hf.mkdir()
     save_file(mae_to_transformers(mae_state), str(as_hf / "model.safetensors"), metadata={"format": "pt"})
@@ -163,7 +167,8 @@ def refs(tmp_path_factory) -> dict[str, Path]:
     (root / "mae_pre" / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "ViTImageProcessor", "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
          "image_std": [0.5, 0.5, 0.5], "do_rescale": True, "rescale_factor": 1 / 255}))
-    (root / "mae_pre" / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- masked-autoencoder\n---\n# a model\n")
+    hub_card = "---\nlicense: apache-2.0\ntags:\n- masked-autoencoder\n---\n# a model\n"  # the hub's README.md
+    (root / "mae_pre" / "README.md").write_text(hub_card)
     return {"root": root, "inputs": root / "inputs.safetensors", "mae_pth": root / "mae.pth",
             **{name: root / name for name in [*jobs, "mae_as_hf"]}}
 
@@ -186,8 +191,9 @@ def features(export: Path, images: torch.Tensor) -> torch.Tensor:
 
 def mae_from_export(export: Path) -> MaskedAutoencoder:
     card = read_card(export)
-    mae = MaskedAutoencoder(create_backbone(**backbone_args(card)), mask_ratio=card["decoder"]["mask_ratio"] or 0.75,
-                            norm_pix_loss=card["decoder"]["norm_pix_loss"] is not False, **decoder_args(card["decoder"]))
+    decoder = card["decoder"]
+    mae = MaskedAutoencoder(create_backbone(**backbone_args(card)), mask_ratio=decoder["mask_ratio"] or 0.75,
+                            norm_pix_loss=decoder["norm_pix_loss"] is not False, **decoder_args(decoder))
     init_from_export(mae, str(export))
     return mae.eval()
 
@@ -337,7 +343,8 @@ def test_timm_checkpoint_features_equal_timm(tmp_path):
     images = torch.randn(2, 3, SIDE, SIDE)
     backbone, _ = load_backbone(tmp_path / "x")
     with torch.no_grad():
-        assert max_diff(backbone.eval()(images), model.forward_head(model.forward_features(images), pre_logits=True)) <= TOL
+        expected = model.forward_head(model.forward_features(images), pre_logits=True)
+        assert max_diff(backbone.eval()(images), expected) <= TOL
 
 
 @pytest.mark.parametrize("model_args, message", [
@@ -425,7 +432,8 @@ def test_old_cards_without_the_new_facts_load_exactly_as_before(tmp_path):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(images), enc.eval()(images))
-    assert (loaded.blocks[0].norm1.eps, loaded.norm.eps, loaded.blocks[0].attn.qkv.bias is not None) == (1e-6, 1e-6, True)
+    block = loaded.blocks[0]
+    assert (block.norm1.eps, loaded.norm.eps, block.attn.qkv.bias is not None) == (1e-6, 1e-6, True)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -459,7 +467,8 @@ def test_vit_large_and_huge_cards_build_timms_networks(timm_name, facts):
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     assert backbone_config(ours)["timm_architecture"] == timm_name
     millions = sum(p.numel() for p in ours.parameters()) / 1e6
-    assert math.isclose(millions, {"vit_large_patch16_224": 303.3, "vit_huge_patch14_224": 630.8}[timm_name], abs_tol=0.1)
+    expected = {"vit_large_patch16_224": 303.3, "vit_huge_patch14_224": 630.8}[timm_name]  # million, headless
+    assert math.isclose(millions, expected, abs_tol=0.1)
 
 
 # ---- hostile inputs: one line, nothing run, nothing written ------------------------------------------
@@ -478,8 +487,9 @@ class WritesAMarker:
 def hostile_sources(root: Path, refs_dir: Path) -> dict[str, tuple[str, Path, str]]:
     """name -> (source, input, expected message)"""
     out = {}
-    (root / "evil").mkdir()
-    torch.save({"model": {"x": torch.zeros(1)}, "payload": WritesAMarker(str(root / "marker"))}, root / "evil" / "m.pth")
+    (root / "evil").mkdir(parents=True)
+    payload = WritesAMarker(str(root / "marker"))
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": payload}, root / "evil" / "m.pth")
     out["pickle_with_code"] = ("mae", root / "evil" / "m.pth", r"not a plain weights file .*refers to posix\.system")
 
     def copy(name: str, edit_config=None, edit_state=None) -> Path:
@@ -540,7 +550,8 @@ def test_command_line_import_then_finetune_age_runs(refs, tmp_path, run_fahr):
     r = run_fahr("finetune-age", "experiment=demo_faceage", f"backbone={out}", f"paths.root_dir={tmp_path}",
                  "data.generate.train=64", "data.generate.val=16", "data.generate.test=16", "data.batch_size=16",
                  "data.num_workers=0", "data.image_size=32", "task.stage1.max_steps=2", "task.stage2.max_steps=2",
-                 "task.stage1.val_every_n_steps=2", "task.stage2.val_every_n_steps=2", "trainer.enable_progress_bar=false")
+                 "task.stage1.val_every_n_steps=2", "task.stage2.val_every_n_steps=2",
+                 "trainer.enable_progress_bar=false")
     assert r.status == 0, r.err[-3000:]
     exports = list((tmp_path / "runs" / "demo_faceage").glob("*/export/model_card.json"))
     assert len(exports) == 1
@@ -572,11 +583,10 @@ def test_pretraining_continues_from_an_imported_mae_encoder_and_decoder(refs, tm
     # the command: 2 steps at the data's 112 px (position embeddings resampled), then `fahr export`
     from fahr.pipeline.export import export
 
-    cfg = compose_config("pretrain", [*tiny_overrides, f"task.init_from={tmp_path / 'imported'}", "trainer.max_steps=2"])
-    result = pretrain(cfg)
+    run = [*tiny_overrides, f"task.init_from={tmp_path / 'imported'}", "trainer.max_steps=2"]
+    result = pretrain(compose_config("pretrain", run))
     assert result.global_step == 2 and math.isfinite(result.metrics["train/loss_epoch"])
     saved = (result.run_dir / "config.yaml").read_text()
     assert "arch: vit_custom" in saved and "norm_eps: 1.0e-12" in saved and "decoder_pos_embed: mae" in saved
-    card = read_card(export(compose_config("export", [*tiny_overrides, f"task.init_from={tmp_path / 'imported'}",
-                                                      "trainer.max_steps=2"])))
+    card = read_card(export(compose_config("export", run)))
     assert (card["arch"], card["norm_eps"], card["img_size"], card["global_step"]) == ("vit_custom", 1e-12, 112, 2)

@@ -20,7 +20,7 @@ from fahr.config.schema import bounded
 @dataclass
 class ImportWeightsConfig:
     source: str = bounded(MISSING, choices=("hf", "mae", "timm"))
-    input: str = MISSING  # hf: model directory; mae: the .pth; timm: directory (config.json + model.safetensors) or file
+    input: str = MISSING  # hf: model directory; mae: the .pth; timm: folder (config.json + model.safetensors) or file
     output: str = MISSING  # export directory to write (model.safetensors + model_card.json)
     image_size: Optional[int] = bounded(None, lo=16, hi=1024)  # resample position embeddings; null: the source's
     drop: list[str] = field(default_factory=list)  # source tensor prefixes to leave out, e.g. [pooler] or [head]

@@ -123,7 +123,8 @@ def backbone_args(facts: Mapping[str, Any], where: str = "") -> dict[str, Any]:
             args[key] = kind(value)
     if named is None and args["embed_dim"] % args["num_heads"]:
         raise error("num_heads", f"a divisor of embed_dim {args['embed_dim']}")
-    if named is None and int(args["embed_dim"] * args.get("mlp_ratio", 4.0)) != args["embed_dim"] * args.get("mlp_ratio", 4.0):
+    width = args["embed_dim"] * args.get("mlp_ratio", 4.0) if named is None else 0.0
+    if int(width) != width:  # timm builds int(embed_dim * mlp_ratio) hidden units
         raise error("mlp_ratio", f"a ratio that gives a whole MLP width for embed_dim {args['embed_dim']}")
     eps = facts.get("norm_eps")
     if eps is not None:
@@ -246,8 +247,8 @@ def timm_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
     """
     eps = facts.get("norm_eps", DEFAULT_NORM_EPS)
     if eps != DEFAULT_NORM_EPS:
-        return {"timm_note": f"not loadable by timm.create_model from JSON arguments: the LayerNorm epsilon is {eps:g}, "
-                             f"timm's ViT uses {DEFAULT_NORM_EPS:g} (pass norm_layer=functools.partial("
+        return {"timm_note": f"not loadable by timm.create_model from JSON arguments: the LayerNorm epsilon is "
+                             f"{eps:g}, timm's ViT uses {DEFAULT_NORM_EPS:g} (pass norm_layer=functools.partial("
                              f"timm.layers.LayerNorm, eps={eps:g}) in Python, or use fahr.models.load_backbone)"}
     size = _TIMM_SIZE_NAMES.get((facts["embed_dim"], facts["depth"], facts["num_heads"]), "base")
     name = f"vit_{size}_patch{facts['patch_size']}_224"

@@ -31,6 +31,7 @@ pretraining from it; ``model.safetensors`` stays the backbone alone, loadable by
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import re
@@ -95,8 +96,8 @@ class Converted:
 
 def read_torch_weights(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` after checking ``path`` is a regular file of bounded
-    size: tensors, numbers, strings and containers only; a pickle that would import or call anything
-    else (code) is refused by torch's restricted unpickler before it runs.
+    size: tensors, numbers, strings, containers and ``argparse.Namespace`` only; a pickle that would
+    import or call anything else (code) is refused by torch's restricted unpickler before it runs.
 
     Raises:
         InputError: missing, not a regular file, too large, or refused / unreadable by the restricted
@@ -107,12 +108,15 @@ def read_torch_weights(path: Path) -> Any:
     except FileRefused as err:
         raise InputError(f"{printable_path(path)}: {err.detail}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # MAE's training checkpoints also store their argparse arguments: a Namespace holds plain values
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors of a file we did not write
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        # torch names the global it refused: "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose ..."
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(err), re.I)
         what = f"it refers to {found.group(1)}" if found else f"{type(err).__name__}"
         raise InputError(f"{printable_path(path)}: not a plain weights file (torch.load with weights_only=True "
-                         f"refused it: {what}); fahr reads tensors only and never runs code from a checkpoint") from None
+                         f"refused it: {what}); fahr reads tensors only, never code from a checkpoint") from None
 
 
 def _file_sha256(path: Path) -> str:
@@ -373,7 +377,8 @@ def read_hf(folder: Path, drop: list[str]) -> Converted:
         return value
 
     if fact("num_channels", int, 3) != 3:
-        raise InputError(f"{printable_path(config_path)}: num_channels is {config['num_channels']}; fahr's ViT takes RGB (3)")
+        raise InputError(f"{printable_path(config_path)}: num_channels is {config['num_channels']}; fahr's ViT "
+                         "takes RGB (3)")
     act = config.get("hidden_act", "gelu")
     if act != "gelu":
         raise InputError(f"{printable_path(config_path)}: hidden_act {str(act)[:30]!r} is not supported; fahr's ViT "
@@ -626,6 +631,7 @@ def import_weights(source: str, input_path: str | Path, output_dir: str | Path, 
     else:
         converted, reference = read_timm(path, drop, architecture)
     where = printable_path(converted.weights_file)
+    normalization = _checked_normalization(converted.normalization, mean, std, where)
     args = backbone_args(converted.arch, f"{where}: ")
     native = create_backbone(**args)
     load_state_dict_checked(native, converted.encoder, converted.weights_file,
@@ -648,7 +654,6 @@ def import_weights(source: str, input_path: str | Path, output_dir: str | Path, 
         load_state_dict_checked(decoder, converted.decoder, converted.weights_file,
                                 against="an MAE decoder with the sizes its config and shapes state")
         decoder_state = decoder.state_dict()
-    normalization = _checked_normalization(converted.normalization, mean, std, where)
     stated = converted.source.pop("license", None)
     import fahr
 
@@ -659,8 +664,8 @@ def import_weights(source: str, input_path: str | Path, output_dir: str | Path, 
         source={**converted.source, "sha256": _file_sha256(converted.weights_file)},
         license=stated or license_name,
         license_from="the source" if stated else ("given (license=)" if license_name else None),
-        conversion={**converted.conversion, "tool": "fahr import-weights", "source_img_size": converted.arch["img_size"],
-                    "img_size": args["img_size"],
+        conversion={**converted.conversion, "tool": "fahr import-weights",
+                    "source_img_size": converted.arch["img_size"], "img_size": args["img_size"],
                     "pos_embed": "resampled bicubic (timm resample_abs_pos_embed)"
                     if args["img_size"] != converted.arch["img_size"] else "as the source"},
         **({"decoder": converted.decoder_facts} if converted.decoder is not None else {}),
@@ -672,9 +677,9 @@ def import_weights(source: str, input_path: str | Path, output_dir: str | Path, 
     check_card({"format": CARD_FORMAT, **card}, out / CARD_FILE)  # what a later load will check
     save_backbone(out, encoder.state_dict(), card, decoder_state)
     if log is not None:
-        log(f"imported {converted.source.get('format')} weights ({card['arch']}, {card['embed_dim']} x {card['depth']}, "
-            f"patch {card['patch_size']}, {card['img_size']} px{', with its MAE decoder' if 'decoder' in card else ''}) "
-            f"into {printable_path(out)}")
+        log(f"imported {converted.source.get('format')} weights ({card['arch']}, {card['embed_dim']} x "
+            f"{card['depth']}, patch {card['patch_size']}, {card['img_size']} px"
+            f"{', with its MAE decoder' if 'decoder' in card else ''}) into {printable_path(out)}")
     return {"format": CARD_FORMAT, **card}
 
 

@@ -161,7 +161,8 @@ def decoder_args(facts: Any, where: str = "") -> dict[str, Any]:
         value = facts.get(key)
         ok = isinstance(value, int) if kind is int else isinstance(value, (int, float)) and math.isfinite(value)
         if isinstance(value, bool) or not ok or not low <= value <= high:
-            raise InputError(f"{where}{key} must be {'an integer' if kind is int else 'a number'} in [{low:g}, {high:g}]")
+            kind_name = "an integer" if kind is int else "a number"
+            raise InputError(f"{where}{key} must be {kind_name} in [{low:g}, {high:g}]")
         args[key] = kind(value)
     if args["dim"] % 4 or args["dim"] % args["num_heads"]:
         raise InputError(f"{where}dim must be divisible by 4 and by num_heads")
@@ -260,40 +261,3 @@ class MaskedAutoencoder(nn.Module):
         m = out["mask"].unsqueeze(-1)
         return unpatchify(patches * (1 - m) + pred * m, self.patch_size)
 
-
-def init_from_export(mae: MaskedAutoencoder, export_dir: str) -> dict[str, Any]:
-    """Load a backbone export's encoder (position embeddings resampled to ``mae``'s image size) and,
-    when the export has one, its MAE decoder into ``mae``; returns the export's card.
-
-    ``mae`` must have the export's architecture (``fahr pretrain`` builds it from the card): facts that
-    tensor shapes do not show (LayerNorm epsilons, qkv bias, the decoder's positions) are compared too.
-
-    Raises:
-        InputError: not an export, or an architecture that differs from the export's (naming the fact).
-    """
-    from pathlib import Path
-
-    from fahr.models.backbone import backbone_args, backbone_config, resolved_facts
-    from fahr.models.weights import (
-        CARD_FILE, DECODER_FILE, WEIGHTS_FILE, load_backbone, load_state_dict_checked, read_card, read_safetensors,
-    )
-
-    card = read_card(export_dir)
-    where = f"task.init_from={export_dir}"
-    have = backbone_config(mae.encoder)
-    for key, value in resolved_facts(backbone_args(card)).items():
-        if key not in ("arch", "img_size", "global_pool") and have.get(key) != value:
-            raise InputError(f"{where}: the export's backbone has {key} {value}, the model to train {have.get(key)}; "
-                             f"build the encoder from {CARD_FILE} (fahr pretrain does)")
-    encoder, _ = load_backbone(export_dir, img_size=have["img_size"], global_pool=have["global_pool"])
-    load_state_dict_checked(mae.encoder, encoder.state_dict(), Path(export_dir) / WEIGHTS_FILE)
-    if card["format"] == "fahr-backbone/1" and "decoder" in card:
-        wanted = decoder_args(card["decoder"], f"{Path(export_dir) / CARD_FILE}: decoder.")
-        built = {f"decoder_{k}" if k != "num_heads" else "decoder_heads": v for k, v in mae.decoder.config.items()}
-        for key, value in wanted.items():
-            if built.get(key) != value:
-                raise InputError(f"{where}: the export's decoder has {key[len('decoder_'):]} {value}, the model to "
-                                 f"train {built.get(key)}; build the decoder from {CARD_FILE} (fahr pretrain does)")
-        path = Path(export_dir) / DECODER_FILE
-        load_state_dict_checked(mae.decoder, read_safetensors(path), path)
-    return card

@@ -24,7 +24,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from fahr.boundary import FileRefused, InputError, check_regular_file, printable_path, read_json_file
-from fahr.models.backbone import IMAGE_SIZE_RANGE, backbone_args, backbone_config, create_backbone
+from fahr.models.backbone import IMAGE_SIZE_RANGE, backbone_args, backbone_config, create_backbone, resolved_facts
+from fahr.models.mae import MaskedAutoencoder, decoder_args
 from fahr.utils.atomic import atomic_write_json
 
 #: an export is a folder of these two files; the card's "format" says what the weights are
@@ -112,8 +113,6 @@ def check_card(card: Any, path: Path) -> dict[str, Any]:
         raise _card_error(path, "backbone", "an object (arch, img_size, patch_size)")
     backbone_args(arch, f"{printable_path(path)}: {prefix}")
     if card["format"] == CARD_FORMAT and "decoder" in card:
-        from fahr.models.mae import decoder_args
-
         decoder_args(card["decoder"], f"{printable_path(path)}: decoder.")
     norm = card.get("normalization")
     if norm is not None or card["format"] == MODEL_FORMAT:
@@ -237,7 +236,8 @@ def read_safetensors(path: str | Path, device: str = "cpu", hint: str = "re-expo
     try:
         state = load_file(str(path), device=device)
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for bad files
-        raise InputError(f"{printable_path(path)}: not a valid safetensors file ({type(err).__name__}); {hint}") from None
+        problem = f"not a valid safetensors file ({type(err).__name__})"
+        raise InputError(f"{printable_path(path)}: {problem}; {hint}") from None
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"{printable_path(path)}: tensor {name[:100]!r} holds NaN or infinite values; "
@@ -315,3 +315,34 @@ def _adapt_final_norm(state: dict[str, torch.Tensor], model: VisionTransformer) 
 def model_card(encoder: VisionTransformer, **facts: Any) -> dict[str, Any]:
     """Architecture facts of ``encoder`` merged with caller facts (normalisation, data, step, ...)."""
     return {**backbone_config(encoder), **facts}
+
+
+def init_from_export(mae: MaskedAutoencoder, export_dir: str) -> dict[str, Any]:
+    """Load a backbone export's encoder (position embeddings resampled to ``mae``'s image size) and,
+    when the export has one, its MAE decoder into ``mae``; returns the export's card.
+
+    ``mae`` must have the export's architecture (``fahr pretrain`` builds it from the card): facts that
+    tensor shapes do not show (LayerNorm epsilons, qkv bias, the decoder's positions) are compared too.
+
+    Raises:
+        InputError: not an export, or an architecture that differs from the export's (naming the fact).
+    """
+    card = read_card(export_dir)
+    where = f"task.init_from={export_dir}"
+    have = backbone_config(mae.encoder)
+    for key, value in resolved_facts(backbone_args(card)).items():
+        if key not in ("arch", "img_size", "global_pool") and have.get(key) != value:
+            raise InputError(f"{where}: the export's backbone has {key} {value}, the model to train {have.get(key)}; "
+                             f"build the encoder from {CARD_FILE} (fahr pretrain does)")
+    encoder, _ = load_backbone(export_dir, img_size=have["img_size"], global_pool=have["global_pool"])
+    load_state_dict_checked(mae.encoder, encoder.state_dict(), Path(export_dir) / WEIGHTS_FILE)
+    if card["format"] == "fahr-backbone/1" and "decoder" in card:
+        wanted = decoder_args(card["decoder"], f"{Path(export_dir) / CARD_FILE}: decoder.")
+        built = {f"decoder_{k}" if k != "num_heads" else "decoder_heads": v for k, v in mae.decoder.config.items()}
+        for key, value in wanted.items():
+            if built.get(key) != value:
+                raise InputError(f"{where}: the export's decoder has {key[len('decoder_'):]} {value}, the model to "
+                                 f"train {built.get(key)}; build the decoder from {CARD_FILE} (fahr pretrain does)")
+        path = Path(export_dir) / DECODER_FILE
+        load_state_dict_checked(mae.decoder, read_safetensors(path), path)
+    return card

@@ -57,7 +57,8 @@ def adopt_init_from(cfg: DictConfig) -> None:
     """``task.init_from``: the export's architecture (``model.arch``, ``patch_size`` and size facts), its
     decoder's facts (``task.decoder_*``, when it has a decoder) and its normalisation (``data.mean``,
     ``data.std``) replace the config's, so the run trains, records and later exports what the export
-    holds. ``model.img_size`` stays the config's (position embeddings are resampled to it)."""
+    holds. ``model.img_size`` stays the config's (position embeddings are resampled to it). The run id
+    is derived before (from ``task.init_from`` as given), so the same command finds the same run."""
     from fahr.models.backbone import backbone_args
     from fahr.models.mae import decoder_args
     from fahr.models.weights import CARD_FILE, CARD_FORMAT, read_card
@@ -88,10 +89,10 @@ def pretrain(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> RunRe
     validate(cfg)
     if cfg.trainer.max_steps is None:
         raise InputError("trainer.max_steps is required: the length of pretraining (its LR schedule counts steps)")
+    run_dir = run_dir_for(cfg)  # the command as typed: `fahr export` / `fahr run-dir` with it find this run
     if cfg.task.init_from:
-        adopt_init_from(cfg)
+        adopt_init_from(cfg)  # config.yaml records the architecture trained, for `fahr export`
         validate(cfg)
-    run_dir = run_dir_for(cfg)
     metrics: dict[str, float] = {}
     with TrainingJob(cfg, run_dir) as job:
         L.seed_everything(cfg.seed, workers=True)

@@ -18,7 +18,7 @@ from fahr.boundary import InputError
 from fahr.data.augment import random_hflip
 from fahr.job import effective_batch
 from fahr.models import MaskedAutoencoder, create_backbone
-from fahr.models.mae import init_from_export
+from fahr.models.weights import init_from_export
 from fahr.models.face_model import normalize_uint8
 from fahr.tasks.optim import adamw_warmup_cosine, param_groups
 from fahr.tasks.schedules import scaled_lr
@@ -34,7 +34,7 @@ class MAEPretrainTask(L.LightningModule):
             and the size facts of ``fahr.config.schema.ModelConfig``).
         task: MAE and optimiser settings (see ``fahr.config.schema.PretrainTaskConfig``). With
             ``init_from`` (a backbone export), the encoder, and the decoder if the export has one, start
-            from its weights (:func:`fahr.models.mae.init_from_export`; the architecture must match it,
+            from its weights (:func:`fahr.models.weights.init_from_export`; the architecture must match it,
             which ``fahr pretrain`` ensures); a resumed run then loads its checkpoint over them.
         mean, std: per-channel normalisation of [0, 1] RGB.
         image_dir: where reconstruction grids are saved (None: not saved).
