@@ -164,7 +164,9 @@ MODEL_CASES = {
                                r"do not fit the architecture in model_card\.json: missing 1 \(heads\.risk\.net\.0\.bias\)"),
     "weights_extra_tensor": (dict(edit_weights=edit_tensors(lambda s: s.update(extra=torch.zeros(2)))),
                              r"unexpected 1 \(extra\)"),
-    "weights_wrong_shape": (dict(edit_card=set_key("backbone.arch", "vit_tiny")), r"wrong shape"),
+    "weights_wrong_shape": (dict(edit_card=set_key("backbone.patch_size", 8)), r"wrong shape"),
+    "card_arch_contradicts_size": (dict(edit_card=set_key("backbone.arch", "vit_tiny")),
+                                   r"backbone\.embed_dim must be 192 for arch vit_tiny"),
     "weights_missing": (dict(edit_weights=lambda p: p.unlink()), r"model\.safetensors: no such file"),
     "weights_directory": (dict(edit_weights=lambda p: (p.unlink(), p.mkdir())), r"model\.safetensors: is a directory"),
 }

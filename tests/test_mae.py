@@ -128,4 +128,4 @@ def test_backbone_rejects_bad_args():
     with pytest.raises(ValueError, match="unknown backbone"):
         create_backbone("vit_huge")
     with pytest.raises(ValueError, match="patch_size"):
-        create_backbone("vit_test", patch_size=14)
+        create_backbone("vit_test", patch_size=12)  # 8, 14 (ViT-H/14) and 16 are supported

@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("fahr.cli.pretrain", "MAE pretraining of a ViT on webdataset shards (conf/pretrain.yaml)"),
     "export": ("fahr.cli.export", "a run's checkpoint -> export/model.safetensors + model_card.json; "
                                   "format=onnx model=EXPORT_DIR: + model.onnx"),
+    "import-weights": ("fahr.cli.import_weights", "published ViT/MAE weights (transformers, MAE, timm) -> an export"),
     "finetune-age": ("fahr.cli.finetune_age", "FAHR-FaceAge: two-stage, age-balanced fine-tune of a backbone"),
     "finetune-survival": ("fahr.cli.finetune_survival", "FAHR-FaceSurvival: Cox fine-tune on images or a feature table"),
     "predict": ("fahr.cli.predict", "raw photos -> detect + align -> FaceAge (and risk) per photo, CSV"),

@@ -81,12 +81,21 @@ class DataConfig(StreamedPhotosConfig):
 
 @dataclass
 class ModelConfig:
-    arch: str = bounded("vit_tiny", choices=("vit_test", "vit_tiny", "vit_small", "vit_base"))
+    """The encoder (``fahr.models.create_backbone`` arguments). The size facts below are null for a
+    named ``arch``; ``fahr pretrain task.init_from=EXPORT`` fills them (and arch, patch_size) from the
+    export's card, so the run's config.yaml states the architecture it trains."""
+    arch: str = bounded("vit_tiny", choices=("vit_test", "vit_tiny", "vit_small", "vit_base", "vit_custom"))
     img_size: int = bounded(112, lo=16, hi=1024)
-    patch_size: int = bounded(16, choices=(8, 16))
+    patch_size: int = bounded(16, choices=(8, 14, 16))
     drop_path_rate: float = bounded(0.0, lo=0.0, hi=0.9)
     global_pool: str = bounded("token", choices=("token", "avg"))
     grad_checkpointing: bool = False
+    embed_dim: Optional[int] = bounded(None, lo=8, hi=8192)  # arch vit_custom: width
+    depth: Optional[int] = bounded(None, lo=1, hi=128)  # arch vit_custom: blocks
+    num_heads: Optional[int] = bounded(None, lo=1, hi=128)  # arch vit_custom: attention heads
+    mlp_ratio: Optional[float] = bounded(None, lo=0.25, hi=16.0)  # arch vit_custom: MLP width / width (null: 4)
+    norm_eps: Optional[float] = bounded(None, lo=1e-12, hi=1e-2)  # LayerNorm epsilon (null: timm's 1e-6)
+    qkv_bias: Optional[bool] = None  # null: true
 
 
 @dataclass
@@ -96,6 +105,13 @@ class PretrainTaskConfig:
     decoder_dim: int = bounded(128, lo=8, hi=4096)
     decoder_depth: int = bounded(2, lo=1, hi=48)
     decoder_heads: int = bounded(4, lo=1, hi=64)
+    decoder_mlp_ratio: Optional[float] = bounded(None, lo=0.25, hi=16.0)  # null: 4
+    decoder_norm_eps: Optional[float] = bounded(None, lo=1e-12, hi=1e-2)  # null: fahr's (1e-6 blocks, 1e-5 final norm)
+    decoder_qkv_bias: Optional[bool] = None  # null: true
+    decoder_pos_embed: Optional[str] = bounded(None, choices=("timm", "mae"))  # fixed sin-cos layout; null: timm
+    # a backbone export (e.g. from `fahr import-weights`) to continue pretraining from: its encoder, and its
+    # MAE decoder when it has one; its architecture and normalisation replace model.* / data.mean,std
+    init_from: Optional[str] = None
     norm_pix_loss: bool = True
     base_lr: float = bounded(1.5e-4, above=0.0, hi=1.0)  # LR = base_lr * effective_batch / 256
     min_lr: float = bounded(0.0, lo=0.0, hi=1.0)

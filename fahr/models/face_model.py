@@ -3,7 +3,9 @@
 An export directory of a fine-tuned model holds ``model.safetensors`` (keys ``backbone.*``,
 ``heads.age.*``, ``heads.risk.*``) and ``model_card.json`` with ``format: "fahr-model/1"``:
 
-- ``backbone``: architecture facts (arch, img_size, patch_size, global_pool, ...);
+- ``backbone``: architecture facts (arch, img_size, patch_size, global_pool, ...; see
+  :func:`fahr.models.backbone.backbone_args`) and how timm rebuilds the backbone
+  (``timm_architecture``, ``timm_kwargs``; ``timm_note`` says what timm needs besides);
 - ``heads``: head name -> constructor config (see :mod:`fahr.models.heads`);
 - ``normalization``: ``mean`` / ``std`` of [0, 1] RGB;
 - ``preprocessing``: how training photos were prepared (detection, alignment template, image size,
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from fahr.boundary import InputError
-from fahr.models.backbone import backbone_config, create_backbone
+from fahr.models.backbone import backbone_args, backbone_config, create_backbone
 from fahr.models.heads import build_head
 from fahr.models.weights import CARD_FILE, MODEL_FORMAT, TABLE_FORMAT, WEIGHTS_FILE, write_export
 
@@ -89,8 +91,13 @@ def save_face_model(export_dir: str | Path, model: FaceModel, card: dict[str, An
     ``card`` holds the task facts (preprocessing, calibration, data, metrics); the architecture,
     head configs and normalisation are filled in from ``model``.
     """
+    backbone = backbone_config(model.backbone)
+    prefixed = ("model.safetensors holds this backbone under the prefix 'backbone.' next to the task heads: "
+                "give timm a file of the backbone.* tensors with the prefix removed (what fahr.models.load_backbone "
+                "loads), e.g. safetensors.torch.save_file(fahr.models.load_backbone(EXPORT)[0].state_dict(), FILE)")
+    backbone["timm_note"] = f"{backbone['timm_note']}; {prefixed}" if "timm_note" in backbone else prefixed
     full = {
-        "backbone": backbone_config(model.backbone),
+        "backbone": backbone,
         "heads": {name: head.config for name, head in model.heads.items()},
         "normalization": {"input": "RGB uint8 / 255, then (x - mean) / std per channel",
                           "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
@@ -121,9 +128,7 @@ def load_face_model(export_dir: str | Path, map_location: str | torch.device = "
             f"{export_dir} holds a backbone ({card['format']}) without task heads: fine-tune it first "
             "(`fahr finetune-age` / `fahr finetune-survival`), or load it with fahr.models.load_backbone"
         )
-    arch = card["backbone"]
-    backbone = create_backbone(arch=arch["arch"], img_size=arch["img_size"], patch_size=arch["patch_size"],
-                               global_pool=arch.get("global_pool", "token"))
+    backbone = create_backbone(**backbone_args(card["backbone"]))
     heads = {}
     for name, cfg in card["heads"].items():
         try:

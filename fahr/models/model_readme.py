@@ -24,16 +24,20 @@ README_FILE = "README.md"
 
 _TASKS = {
     "mae_pretrain": ("fahr face foundation backbone (MAE-pretrained ViT)", "masked-autoencoder"),
+    "imported": ("ViT backbone imported from published weights (fahr import-weights)", "vision-transformer"),
     "faceage": ("FAHR-FaceAge: biological age from a face photograph", "faceage"),
     "facesurvival": ("FAHR-FaceSurvival: Cox risk from a face photograph", "facesurvival"),
 }
 
+_INTENDED_BACKBONE = [
+    "A starting point for fine-tuning on aligned 5-point face crops: `fahr finetune-age backbone=<this folder>`, "
+    "`fahr finetune-survival backbone=<this folder>`, or continued pretraining.",
+    "Research on face representations for health.",
+]
+
 _INTENDED = {
-    "mae_pretrain": [
-        "A starting point for fine-tuning on aligned 5-point face crops: `fahr finetune-age backbone=<this folder>`, "
-        "`fahr finetune-survival backbone=<this folder>`, or continued pretraining.",
-        "Research on face representations for health.",
-    ],
+    "imported": _INTENDED_BACKBONE,
+    "mae_pretrain": _INTENDED_BACKBONE,
     "faceage": [
         "Research on biological age estimated from face photographs (FaceAge), e.g. as a biomarker "
         "studied against outcomes in a cohort, or the Face Aging Rate between two photos of a person "
@@ -55,6 +59,8 @@ _OUT_OF_SCOPE = [
 ]
 
 _LIMITATIONS = {
+    "imported": ["Features only: nothing here is a prediction until a head is fine-tuned and evaluated.",
+                 "What the source was trained on, and its terms, are the source's: see its own model card."],
     "mae_pretrain": ["Features only: nothing here is a prediction until a head is fine-tuned and evaluated."],
     "faceage": [
         "Age estimates regress to the mean (young faces over-, old faces under-estimated); the table by "
@@ -88,8 +94,12 @@ def model_readme(card: dict[str, Any]) -> str:
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
     lines += [_summary(card), ""]
-    if card.get("source"):
-        lines += [f"Converted from published weights: {_one_line(card['source'])}.", ""]
+    source = card.get("source")
+    if isinstance(source, dict) and source:
+        facts = ", ".join(f"{k} {_one_line(v, 80)}" for k, v in source.items() if isinstance(v, (str, int, float)))
+        lines += [f"Converted from published weights: {facts}.", ""]
+    elif source:
+        lines += [f"Converted from published weights: {_one_line(source)}.", ""]
     if not card.get("license"):
         lines += ["Licence: not set. The terms of the training data decide what the weights may be used for "
                   "(e.g. UTKFace and CACD are for non-commercial research); whoever releases this model sets it.", ""]

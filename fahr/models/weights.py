@@ -3,6 +3,13 @@
 An export directory holds ``model.safetensors`` (the encoder's state dict, plain key names),
 ``model_card.json`` (architecture, image and patch size, normalisation, training data, step) and
 ``README.md`` (the same card for people and model hubs).
+
+A backbone export may also carry an MAE decoder (``fahr import-weights`` of a source that has one),
+so that ``fahr pretrain task.init_from=EXPORT`` continues pretraining: its tensors are in a sibling
+file, ``mae_decoder.safetensors`` (the names of :class:`fahr.models.mae.MAEDecoder`), and its facts in
+the card's ``decoder`` section (:func:`fahr.models.mae.decoder_args`). A separate file keeps
+``model.safetensors`` the backbone alone, which plain timm loads (the card's ``timm_architecture`` /
+``timm_kwargs``) and :func:`load_backbone` reads as before.
 """
 
 from __future__ import annotations
@@ -18,13 +25,15 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from fahr.boundary import FileRefused, InputError, check_regular_file, printable_path, read_json_file
-from fahr.models.backbone import SUPPORTED_PATCH_SIZES, VIT_SIZES, backbone_config, create_backbone
+from fahr.models.backbone import IMAGE_SIZE_RANGE, backbone_args, backbone_config, create_backbone, resolved_facts
+from fahr.models.mae import MaskedAutoencoder, decoder_args
 from fahr.models.model_readme import README_FILE, model_readme
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
 
 #: an export is a folder of these two files; the card's "format" says what the weights are
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
+DECODER_FILE = "mae_decoder.safetensors"  # an MAE decoder beside a backbone (card section "decoder")
 CARD_FORMAT = "fahr-backbone/1"  # an encoder (fahr export of a pretraining run)
 MODEL_FORMAT = "fahr-model/1"  # a fine-tuned model (fahr.models.face_model): backbone.* + heads.*
 TABLE_FORMAT = "fahr-table-model/1"  # a survival head on a feature table (fahr finetune-survival data=table)
@@ -62,15 +71,25 @@ def write_export(export_dir: str | Path, state: dict[str, torch.Tensor], card: d
     return export_dir
 
 
-def save_backbone(export_dir: str | Path, encoder_state: dict[str, torch.Tensor], card: dict[str, Any]) -> Path:
-    """An encoder export (format ``fahr-backbone/1``): :func:`write_export`."""
+def save_backbone(export_dir: str | Path, encoder_state: dict[str, torch.Tensor], card: dict[str, Any],
+                  decoder_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """An encoder export (format ``fahr-backbone/1``): :func:`write_export`; with ``decoder_state`` (an
+    MAE decoder, described by ``card["decoder"]``) also ``mae_decoder.safetensors``, written first (the
+    card, written last, is what makes an export). A stale decoder file of an earlier export is removed."""
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    if decoder_state is not None:
+        tmp = export_dir / f".{DECODER_FILE}.tmp"
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in decoder_state.items()}, str(tmp),
+                  metadata={"format": "fahr-mae-decoder/1"})
+        os.replace(tmp, export_dir / DECODER_FILE)
+    elif (export_dir / DECODER_FILE).exists():
+        (export_dir / DECODER_FILE).unlink()
     return write_export(export_dir, encoder_state, card, CARD_FORMAT)
 
 
-#: largest weights file loaded (bytes): ViT-B with heads is ~350 MB
+#: largest weights file loaded (bytes): ViT-B with heads is ~350 MB, ViT-H/14 with its MAE decoder ~2.6 GB
 MAX_WEIGHTS_BYTES = 16 * 1024**3
-#: image sides a card may name (pixels); beyond, a typo would allocate gigabytes before anything fails
-IMAGE_SIZE_RANGE = (16, 1024)
 
 
 def _card_error(path: Path, key: str, expected: str) -> InputError:
@@ -100,16 +119,9 @@ def check_card(card: Any, path: Path) -> dict[str, Any]:
     prefix = "backbone." if card["format"] == MODEL_FORMAT else ""
     if not isinstance(arch, dict):
         raise _card_error(path, "backbone", "an object (arch, img_size, patch_size)")
-    if arch.get("arch") not in VIT_SIZES:
-        raise _card_error(path, f"{prefix}arch", f"one of {sorted(VIT_SIZES)}")
-    if arch.get("patch_size") not in SUPPORTED_PATCH_SIZES:
-        raise _card_error(path, f"{prefix}patch_size", f"one of {list(SUPPORTED_PATCH_SIZES)}")
-    size = arch.get("img_size")
-    lo, hi = IMAGE_SIZE_RANGE
-    if not isinstance(size, int) or isinstance(size, bool) or not lo <= size <= hi or size % arch["patch_size"]:
-        raise _card_error(path, f"{prefix}img_size", f"an integer in [{lo}, {hi}] divisible by the patch size")
-    if arch.get("global_pool", "token") not in ("token", "avg"):
-        raise _card_error(path, f"{prefix}global_pool", "'token' or 'avg'")
+    backbone_args(arch, f"{printable_path(path)}: {prefix}")
+    if card["format"] == CARD_FORMAT and "decoder" in card:
+        decoder_args(card["decoder"], f"{printable_path(path)}: decoder.")
     norm = card.get("normalization")
     if norm is not None or card["format"] == MODEL_FORMAT:
         if not isinstance(norm, dict):
@@ -240,16 +252,22 @@ def read_card(export_dir: str | Path) -> dict[str, Any]:
 
 
 def load_weights(export_dir: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of ``export_dir/model.safetensors``, each checked to be finite.
+    """The tensors of ``export_dir/model.safetensors``: :func:`read_safetensors`."""
+    return read_safetensors(Path(export_dir) / WEIGHTS_FILE, device)
+
+
+def read_safetensors(path: str | Path, device: str = "cpu", hint: str = "re-export the model or fetch the file again",
+                     ) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, each checked to be finite.
 
     safetensors holds raw tensors and a JSON header, nothing executable; a file that is not one (a
     pickle renamed ``.safetensors``, a truncated download) is refused unread.
 
     Raises:
         InputError: missing, not a regular file, too large, not a valid safetensors file, or a
-            tensor with NaN or infinite values (naming the tensor).
+            tensor with NaN or infinite values (naming the tensor); ``hint`` ends the invalid-file message.
     """
-    path = Path(export_dir) / WEIGHTS_FILE
+    path = Path(path)
     try:
         check_regular_file(path, MAX_WEIGHTS_BYTES)
     except FileRefused as err:
@@ -257,8 +275,8 @@ def load_weights(export_dir: str | Path, device: str = "cpu") -> dict[str, torch
     try:
         state = load_file(str(path), device=device)
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for bad files
-        raise InputError(f"{printable_path(path)}: not a valid safetensors file ({type(err).__name__}); "
-                         "re-export the model or fetch the file again") from None
+        problem = f"not a valid safetensors file ({type(err).__name__})"
+        raise InputError(f"{printable_path(path)}: {problem}; {hint}") from None
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"{printable_path(path)}: tensor {name[:100]!r} holds NaN or infinite values; "
@@ -266,9 +284,11 @@ def load_weights(export_dir: str | Path, device: str = "cpu") -> dict[str, torch
     return state
 
 
-def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path,
+                            against: str = f"the architecture in {CARD_FILE}") -> None:
     """``module.load_state_dict(state, strict=True)`` with a one-line :class:`InputError` naming the
-    missing, unexpected and mis-shaped tensors (at most a few of each)."""
+    missing, unexpected and mis-shaped tensors (at most a few of each); ``against`` names what the
+    architecture came from."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -279,8 +299,7 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tens
             if keys:
                 shown = ", ".join(k[:60] for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
                 parts.append(f"{label} {len(keys)} ({shown})")
-        raise InputError(f"{printable_path(path)}: the weights do not fit the architecture in {CARD_FILE}: "
-                         f"{'; '.join(parts)}")
+        raise InputError(f"{printable_path(path)}: the weights do not fit {against}: {'; '.join(parts)}")
     module.load_state_dict(state, strict=True)
 
 
@@ -301,20 +320,23 @@ def load_backbone(
     state = load_weights(export_dir)
     if card["format"] == MODEL_FORMAT:
         state = strip_prefix(state, "backbone.")
-    size = img_size or card["img_size"]
-    model = create_backbone(
-        arch=card["arch"], img_size=size, patch_size=card["patch_size"],
-        global_pool=overrides.pop("global_pool", card.get("global_pool", "token")), **overrides,
-    )
-    new_grid = list(model.patch_embed.grid_size)
-    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
-        old = card["img_size"] // card["patch_size"]
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=new_grid, old_size=[old, old], num_prefix_tokens=1
-        )
+    args = backbone_args(card)
+    args.update(img_size=img_size or card["img_size"], global_pool=overrides.pop("global_pool", args["global_pool"]))
+    model = create_backbone(**args, **overrides)
+    state = fit_pos_embed(state, model, card["img_size"] // card["patch_size"])
     state = _adapt_final_norm(state, model)
     load_state_dict_checked(model, state, Path(export_dir) / WEIGHTS_FILE)
     return model, card
+
+
+def fit_pos_embed(state: dict[str, torch.Tensor], model: VisionTransformer, old_grid: int) -> dict[str, torch.Tensor]:
+    """``state`` with its ``pos_embed`` (1, 1 + old_grid**2, D) resampled to ``model``'s patch grid
+    (bicubic, class token kept: timm's ``resample_abs_pos_embed``) when the two differ."""
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        state = {**state, "pos_embed": resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(model.patch_embed.grid_size), old_size=[old_grid, old_grid],
+            num_prefix_tokens=1)}
+    return state
 
 
 def _adapt_final_norm(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
@@ -332,3 +354,34 @@ def _adapt_final_norm(state: dict[str, torch.Tensor], model: VisionTransformer) 
 def model_card(encoder: VisionTransformer, **facts: Any) -> dict[str, Any]:
     """Architecture facts of ``encoder`` merged with caller facts (normalisation, data, step, ...)."""
     return {**backbone_config(encoder), **facts}
+
+
+def init_from_export(mae: MaskedAutoencoder, export_dir: str) -> dict[str, Any]:
+    """Load a backbone export's encoder (position embeddings resampled to ``mae``'s image size) and,
+    when the export has one, its MAE decoder into ``mae``; returns the export's card.
+
+    ``mae`` must have the export's architecture (``fahr pretrain`` builds it from the card): facts that
+    tensor shapes do not show (LayerNorm epsilons, qkv bias, the decoder's positions) are compared too.
+
+    Raises:
+        InputError: not an export, or an architecture that differs from the export's (naming the fact).
+    """
+    card = read_card(export_dir)
+    where = f"task.init_from={export_dir}"
+    have = backbone_config(mae.encoder)
+    for key, value in resolved_facts(backbone_args(card)).items():
+        if key not in ("arch", "img_size", "global_pool") and have.get(key) != value:
+            raise InputError(f"{where}: the export's backbone has {key} {value}, the model to train {have.get(key)}; "
+                             f"build the encoder from {CARD_FILE} (fahr pretrain does)")
+    encoder, _ = load_backbone(export_dir, img_size=have["img_size"], global_pool=have["global_pool"])
+    load_state_dict_checked(mae.encoder, encoder.state_dict(), Path(export_dir) / WEIGHTS_FILE)
+    if card["format"] == "fahr-backbone/1" and "decoder" in card:
+        wanted = decoder_args(card["decoder"], f"{Path(export_dir) / CARD_FILE}: decoder.")
+        built = {f"decoder_{k}" if k != "num_heads" else "decoder_heads": v for k, v in mae.decoder.config.items()}
+        for key, value in wanted.items():
+            if built.get(key) != value:
+                raise InputError(f"{where}: the export's decoder has {key[len('decoder_'):]} {value}, the model to "
+                                 f"train {built.get(key)}; build the decoder from {CARD_FILE} (fahr pretrain does)")
+        path = Path(export_dir) / DECODER_FILE
+        load_state_dict_checked(mae.decoder, read_safetensors(path), path)
+    return card

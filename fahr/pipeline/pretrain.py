@@ -53,12 +53,46 @@ def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
     return out
 
 
+def adopt_init_from(cfg: DictConfig) -> None:
+    """``task.init_from``: the export's architecture (``model.arch``, ``patch_size`` and size facts), its
+    decoder's facts (``task.decoder_*``, when it has a decoder) and its normalisation (``data.mean``,
+    ``data.std``) replace the config's, so the run trains, records and later exports what the export
+    holds. ``model.img_size`` stays the config's (position embeddings are resampled to it). The run id
+    is derived before (from ``task.init_from`` as given), so the same command finds the same run."""
+    from fahr.models.backbone import backbone_args
+    from fahr.models.mae import decoder_args
+    from fahr.models.weights import CARD_FILE, CARD_FORMAT, read_card
+
+    card = read_card(cfg.task.init_from)
+    args = backbone_args(card)
+    cfg.model.arch, cfg.model.patch_size = args["arch"], args["patch_size"]
+    for key in ("embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps", "qkv_bias"):
+        cfg.model[key] = args.get(key)
+    norm = card.get("normalization")
+    if norm is not None:
+        cfg.data.mean, cfg.data.std = list(norm["mean"]), list(norm["std"])
+    decoder = card.get("decoder") if card["format"] == CARD_FORMAT else None
+    if decoder is not None:
+        for key, value in decoder_args(decoder, f"{cfg.task.init_from}/{CARD_FILE}: decoder.").items():
+            cfg.task[key] = value
+        if decoder.get("norm_pix_loss") is not None and decoder["norm_pix_loss"] != cfg.task.norm_pix_loss:
+            log.warning("task.init_from: the decoder was trained with norm_pix_loss=%s, this run uses %s "
+                        "(task.norm_pix_loss): its first steps re-learn the target", decoder["norm_pix_loss"],
+                        cfg.task.norm_pix_loss)
+    log.info("task.init_from: %s (arch %s, %d px patches%s); its architecture and normalisation replace the "
+             "config's", cfg.task.init_from, args["arch"], args["patch_size"],
+             ", with its MAE decoder" if decoder is not None else ", new decoder")
+
+
 def pretrain(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train (or resume) the MAE run that ``cfg`` describes; returns where it is and how it ended."""
     validate(cfg)
     if cfg.trainer.max_steps is None:
         raise InputError("trainer.max_steps is required: the length of pretraining (its LR schedule counts steps)")
-    run_dir = run_dir_for(cfg)
+    run_dir = run_dir_for(cfg)  # the command as typed: `fahr export` / `fahr run-dir` with it find this run
+    if cfg.task.init_from:
+        adopt_init_from(cfg)  # config.yaml records the architecture trained, for `fahr export`
+        validate(cfg)
     metrics: dict[str, float] = {}
     with TrainingJob(cfg, run_dir) as job:
         L.seed_everything(cfg.seed, workers=True)

@@ -18,6 +18,7 @@ from fahr.boundary import InputError
 from fahr.data.augment import random_hflip
 from fahr.job import effective_batch
 from fahr.models import MaskedAutoencoder, create_backbone
+from fahr.models.weights import init_from_export
 from fahr.models.face_model import normalize_uint8
 from fahr.tasks.optim import adamw_warmup_cosine, param_groups
 from fahr.tasks.schedules import scaled_lr
@@ -29,8 +30,12 @@ class MAEPretrainTask(L.LightningModule):
     """Args are plain dicts (the ``model`` and ``task`` config nodes) so checkpoints stay pickle-free.
 
     Args:
-        model: backbone arguments (arch, img_size, patch_size, drop_path_rate, global_pool, grad_checkpointing).
-        task: MAE and optimiser settings (see ``fahr.config.schema.PretrainTaskConfig``).
+        model: backbone arguments (arch, img_size, patch_size, drop_path_rate, global_pool, grad_checkpointing,
+            and the size facts of ``fahr.config.schema.ModelConfig``).
+        task: MAE and optimiser settings (see ``fahr.config.schema.PretrainTaskConfig``). With
+            ``init_from`` (a backbone export), the encoder, and the decoder if the export has one, start
+            from its weights (:func:`fahr.models.weights.init_from_export`; the architecture must match it,
+            which ``fahr pretrain`` ensures); a resumed run then loads its checkpoint over them.
         mean, std: per-channel normalisation of [0, 1] RGB.
         image_dir: where reconstruction grids are saved (None: not saved).
         allow_image_logging: False for clinical data unless explicitly asked for.
@@ -45,7 +50,12 @@ class MAEPretrainTask(L.LightningModule):
             encoder, mask_ratio=task["mask_ratio"], decoder_dim=task["decoder_dim"],
             decoder_depth=task["decoder_depth"], decoder_heads=task["decoder_heads"],
             norm_pix_loss=task["norm_pix_loss"],
+            decoder_mlp_ratio=task.get("decoder_mlp_ratio") or 4.0, decoder_norm_eps=task.get("decoder_norm_eps"),
+            decoder_qkv_bias=task.get("decoder_qkv_bias") is not False,
+            decoder_pos_embed=task.get("decoder_pos_embed") or "timm",
         )
+        if task.get("init_from"):
+            init_from_export(self.model, task["init_from"])
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
         self.cfg = task

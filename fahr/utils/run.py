@@ -52,26 +52,38 @@ RUN_FILE = "run.json"
 LAST_CHECKPOINT = "last.ckpt"
 
 
+#: Dotted config keys added after runs existed, whose null default means "as before": left out of the
+#: run id while null, so a run started before they existed keeps its id (and resumes).
+IDENTITY_IF_SET: tuple[str, ...] = (
+    "model.embed_dim", "model.depth", "model.num_heads", "model.mlp_ratio", "model.norm_eps", "model.qkv_bias",
+    "task.decoder_mlp_ratio", "task.decoder_norm_eps", "task.decoder_qkv_bias", "task.decoder_pos_embed",
+    "task.init_from",
+)
+
+
 def derive_run_id(cfg: DictConfig) -> str:
     """``<experiment_name>-<8 hex>`` from a hash of the trajectory-defining config.
 
     Hashed unresolved, so paths interpolated into data locations do not change the id; the keys of
-    :data:`IDENTITY_EXCLUDED` are removed first.
+    :data:`IDENTITY_EXCLUDED`, and those of :data:`IDENTITY_IF_SET` that are null, are removed first.
     """
     identity = OmegaConf.to_container(cfg, resolve=False)
     for key in IDENTITY_EXCLUDED:
         _drop(identity, key)
+    for key in IDENTITY_IF_SET:
+        _drop(identity, key, only_if_none=True)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return f"{cfg.experiment_name}-{digest[:8]}"
 
 
-def _drop(container: dict[str, Any], dotted: str) -> None:
-    """Remove ``a.b.c`` from nested dicts; absent (or a parent that is not a mapping) is fine."""
+def _drop(container: dict[str, Any], dotted: str, only_if_none: bool = False) -> None:
+    """Remove ``a.b.c`` from nested dicts (``only_if_none``: when its value is None); absent (or a
+    parent that is not a mapping) is fine."""
     *parents, last = dotted.split(".")
     node: Any = container
     for part in parents:
         node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, dict):
+    if isinstance(node, dict) and (not only_if_none or node.get(last, 0) is None):
         node.pop(last, None)
 
 
