@@ -84,15 +84,15 @@ def decade_maps_png(rows: dict[str, dict[str, tuple[np.ndarray, np.ndarray, int]
 
 
 def region_bars_png(importance: dict[str, np.ndarray], regions: tuple[str, ...], path: str | Path) -> Path:
-    """Share of importance per region (each map's region means normalised to sum 1), one bar group
-    per map name."""
+    """Importance per region (:func:`fahr.analysis.regions.region_importance`: 1 = the average
+    pixel's), one bar group per map name."""
     fig, ax = _figure(7, 4)
     width = 0.8 / max(1, len(importance))
     x = np.arange(len(regions))
     for k, (name, values) in enumerate(importance.items()):
-        total = float(np.sum(values)) or 1.0
-        ax.bar(x + (k - (len(importance) - 1) / 2) * width, np.asarray(values) / total, width, label=name)
+        ax.bar(x + (k - (len(importance) - 1) / 2) * width, values, width, label=name)
     ax.set_xticks(x, regions)
-    ax.set(ylabel="share of mean |attribution| per pixel", title="importance per facial region")
+    ax.axhline(1, color="k", lw=0.8)
+    ax.set(ylabel="mean |attribution| per pixel / crop mean", title="importance per facial region")
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -70,10 +70,15 @@ def region_labels(image_size: int, margin: float = 0.0) -> np.ndarray:
 
 
 def region_importance(attribution: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Mean |attribution| per pixel of each region: (..., S, S) maps -> (..., len(REGIONS)).
+    """Importance of each region: (..., S, S) maps -> (..., len(REGIONS)), the mean |attribution| per
+    pixel of the region divided by the mean over the whole crop (1: as important as the average
+    pixel; an all-zero map gives zeros).
 
-    A mean, not a sum, so a region does not rank high for being large."""
+    A per-pixel mean, not a sum, so a region does not rank high for being large; a ratio, so maps of
+    different scales (years, log-hazard, rollout weights) and photos are comparable."""
     a = np.abs(np.asarray(attribution, dtype=np.float64))
     if a.shape[-2:] != labels.shape:
         raise ValueError(f"attribution maps {a.shape[-2:]} do not match the region labels {labels.shape}")
-    return np.stack([a[..., labels == i].mean(-1) for i in range(len(REGIONS))], axis=-1)
+    per_region = np.stack([a[..., labels == i].mean(-1) for i in range(len(REGIONS))], axis=-1)
+    whole = a.mean(axis=(-2, -1))[..., None]
+    return np.divide(per_region, whole, out=np.zeros_like(per_region), where=whole > 0)
