@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from fahr.boundary import InputError, check_output_dir
+from fahr.boundary import InputError, check_output_dir, printable_path
 from fahr.config.analysis_schema import RobustnessConfig
 from fahr.config.schema import validate
 
@@ -73,7 +72,7 @@ def robustness(cfg: DictConfig) -> dict[str, Any]:
     columns = [c.format(share=share) for c in TABLE_COLUMNS]
     columns = [c for c in columns if any(c in r for r in rows) or c in ("perturbation", "family", "level", "value",
                                                                           "unit", "n")]
-    title = f"Robustness of {Path(cfg.model).name}: change under perturbation (perturbed - original)"
+    title = f"Robustness of {printable_path(cfg.model)}: change under perturbation (perturbed - original)"
     write_tables(rows, columns, out / "robustness.csv", out / "robustness.md", title=title)
     key = "faceage_abs_change_mean" if "age" in model.heads else "risk_change_mean"
     order = ranking(rows, key) if key == "faceage_abs_change_mean" else sorted(
