@@ -119,6 +119,7 @@ def saliency(cfg: DictConfig) -> dict[str, Any]:
             random_maps[(method, name)], _ = attribution_maps(randomised, crops, method, head, **kw)
             if error is not None:
                 ig_error[name] = error
+            log.info("%s maps of %s (trained and randomised): done after %.0f s", method, name, time.perf_counter() - t0)
             if not np.isfinite(maps[(method, name)]).all():
                 raise InputError(f"the {name} model gave non-finite {method} maps: its weights are broken; re-export it")
 
