@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fahr.analysis.regions import REGIONS, region_importance, region_labels
+from fahr.analysis.regions import REGIONS, outside_importance, region_importance, region_labels
 from fahr.analysis.saliency import (
     attribution_maps,
     randomized_copy,
@@ -199,6 +199,10 @@ def test_region_importance_is_a_per_pixel_ratio():
     assert (np.delete(imp, MOUTH) == 0).all()
     assert np.allclose(region_importance(np.full((112, 112), 3.0), labels), 1.0)
     assert (region_importance(np.zeros((112, 112)), labels) == 0).all()
+    assert outside_importance(only_mouth, labels) == 0
+    assert outside_importance(np.full((2, 112, 112), 3.0), labels) == pytest.approx([1.0, 1.0])
+    border = (labels == -1).astype(float)
+    assert outside_importance(border, labels) == pytest.approx(112 * 112 / (labels == -1).sum())
 
 
 def test_missing_captum_is_one_line(monkeypatch):
@@ -255,10 +259,11 @@ def test_command_end_to_end_with_two_models(exports, crops_csv, tmp_path, run_fa
                     f"output={out}", CROPS, "device=cpu", "ig_steps=8", "photo_figures=2")
     assert done.status == 0, done
     regions = read_rows(out / "regions.csv")
-    assert len(regions) == 2 * 2 * 6
+    assert len(regions) == 2 * 2 * 7 and sum(r["region"] == "outside" and r["rank"] == "" for r in regions) == 4
     for method in ("rollout", "integrated_gradients"):
         for model in ("faceage", "facesurvival"):
-            ranks = sorted(int(r["rank"]) for r in regions if r["method"] == method and r["model"] == model)
+            ranks = sorted(int(r["rank"]) for r in regions if r["method"] == method and r["model"] == model
+                           and r["region"] != "outside")
             assert ranks == [1, 2, 3, 4, 5, 6]
     overlap = read_rows(out / "overlap.csv")
     assert [r["method"] for r in overlap] == ["rollout", "integrated_gradients"]

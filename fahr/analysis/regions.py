@@ -82,3 +82,12 @@ def region_importance(attribution: np.ndarray, labels: np.ndarray) -> np.ndarray
     per_region = np.stack([a[..., labels == i].mean(-1) for i in range(len(REGIONS))], axis=-1)
     whole = a.mean(axis=(-2, -1))[..., None]
     return np.divide(per_region, whole, out=np.zeros_like(per_region), where=whole > 0)
+
+
+def outside_importance(attribution: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The same ratio as :func:`region_importance` for the pixels outside every region (hair, ears,
+    background, crop borders): (..., S, S) -> (...). Above 1: the map favours what is not the face."""
+    a = np.abs(np.asarray(attribution, dtype=np.float64))
+    whole = a.mean(axis=(-2, -1))
+    outside = a[..., labels == -1].mean(-1)
+    return np.divide(outside, whole, out=np.zeros_like(outside), where=whole > 0)

@@ -4,7 +4,8 @@ Output directory:
 
 - ``regions.csv`` / ``regions.md``: per method and model, each region's importance (mean over photos
   of the region's mean |attribution| per pixel over the crop's, :func:`fahr.analysis.regions.region_importance`;
-  1 = as important as the average pixel), its share of the six regions' total and its rank (1 = most important);
+  1 = as important as the average pixel), its share of the six regions' total and its rank (1 = most important),
+  and a row ``outside`` for the pixels in no region (hair, ears, background; no share or rank);
 - ``overlap.csv`` / ``overlap.md``: per method, the Spearman rank correlation between the FaceAge and
   FaceSurvival region importances (of the mean importances, and the mean of the per-photo ones)
   and between their mean pixel maps;
@@ -82,7 +83,7 @@ def saliency(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fahr saliency``; returns the summary written to ``summary.json``."""
     from fahr.analysis.photos import load_aligned
     from fahr.analysis.plots import decade_maps_png, region_bars_png, saliency_grid_png
-    from fahr.analysis.regions import REGIONS, region_importance, region_labels
+    from fahr.analysis.regions import REGIONS, outside_importance, region_importance, region_labels
     from fahr.analysis.saliency import attribution_maps, normalised, randomized_copy, spearman
     from fahr.analysis.tables import write_tables
     from fahr.inference.predict import resolve_device
@@ -134,6 +135,8 @@ def saliency(cfg: DictConfig) -> dict[str, Any]:
             region_rows.append({"method": method, "model": name, "region": region, "importance": float(mean[r]),
                                 "share": float(mean[r] / mean.sum()) if mean.sum() > 0 else None,
                                 "rank": int(ranks[r]), "photos": len(imp)})
+        region_rows.append({"method": method, "model": name, "region": "outside", "photos": len(imp),
+                            "importance": float(outside_importance(maps[(method, name)], labels).mean())})
     write_tables(region_rows, ["method", "model", "region", "importance", "share", "rank", "photos"],
                  out / "regions.csv", out / "regions.md",
                  title="Importance per facial region (mean |attribution| per pixel / the crop's mean; 1 = average pixel)")
