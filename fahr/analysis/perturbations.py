@@ -284,7 +284,7 @@ PERTURBATIONS: dict[str, Perturbation] = {
     "side_shadow": Perturbation("lighting", side_shadow, (0, 0.3, 0.6, 0.85), "shadow depth"),
     "jpeg": Perturbation("device", jpeg, (0, 50, 80, 95), "100 - JPEG quality"),
     "downscale": Perturbation("device", downscale, (1, 2, 4, 8), "factor"),
-    "blur": Perturbation("device", blur, (0, 1, 2, 4), "sigma (px at 112)"),
+    "blur": Perturbation("device", blur, (0, 1, 2, 4), "Gaussian sigma (crop pixels)"),
     "sensor_noise": Perturbation("device", sensor_noise, (0, 5, 12, 25), "noise SD (grey levels)"),
     "greyscale": Perturbation("device", greyscale, (0, 0.5, 0.75, 1.0), "blend to luma"),
     "face_mask": Perturbation("coverings", face_mask, (0, 0.4, 0.7, 1.0), "chin-to-nose coverage"),
