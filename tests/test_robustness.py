@@ -324,3 +324,24 @@ def test_region_labels_put_the_landmarks_in_their_regions():
     for (x, y), name in zip(pts, names):
         assert REGIONS[labels[y, x]] == name
     assert torch.tensor(labels).unique().tolist() == [-1, 0, 1, 2, 3, 4, 5]
+
+
+def test_a_risk_only_model_gets_risk_changes(crops_csv, tmp_path, run_fahr):
+    from fahr.models.backbone import create_backbone
+    from fahr.models.face_model import FaceModel, save_face_model
+    from fahr.models.heads import RiskHead
+
+    torch.manual_seed(0)
+    bb = create_backbone("vit_test", img_size=64, patch_size=16)
+    export = save_face_model(tmp_path / "risk", FaceModel(bb, {"risk": RiskHead(bb.num_features)}, [0.5] * 3, [0.25] * 3),
+                             {"task": "test", "preprocessing": {"detect": False, "image_size": 64, "crops": "external"}})
+    out = tmp_path / "report"
+    done = run_fahr("robustness", f"model={export}", f"input={crops_csv}", f"output={out}", CROPS, "device=cpu",
+                    "perturbations=[gamma,sunglasses]")
+    assert done.status == 0, done
+    rows = read_rows(out / "robustness.csv")
+    assert list(rows[0]) == ["perturbation", "family", "level", "value", "unit", "n", "risk_change_mean", "risk_change_sd"]
+    ranked = read_rows(out / "ranking.csv")
+    assert [r["level"] for r in ranked] == ["3", "3"]
+    assert abs(float(ranked[0]["risk_change_mean"])) >= abs(float(ranked[1]["risk_change_mean"]))
+    assert {p.name for p in out.glob("*.png")} == {"robustness_lighting.png", "robustness_coverings.png"}
