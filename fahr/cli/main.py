@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "far": ("fahr.cli.far", "photos of the same people over time -> Face Aging Rate per person, CSV"),
     "evaluate": ("fahr.cli.evaluate", "per-patient predictions + clinical columns -> Cox HRs, KM, C-index report"),
     "report": ("fahr.cli.report", "run / export / evaluate / analysis folders -> one self-contained HTML report"),
+    "robustness": ("fahr.cli.robustness", "photos -> graded perturbations of the aligned faces -> FaceAge change, tables + figures"),
+    "saliency": ("fahr.cli.saliency", "photos -> attention rollout + integrated gradients, per facial region, two models"),
     "demo": ("fahr.cli.demo", "synthetic faces -> pretrain -> FaceAge -> FaceSurvival -> report, on a CPU"),
     "run-dir": ("fahr.cli.run_dir", "print the run directory of a training command with these overrides"),
 }
