@@ -47,7 +47,7 @@ def robustness(cfg: DictConfig) -> dict[str, Any]:
     from fahr.analysis.plots import robustness_family_png
     from fahr.analysis.robustness import baseline_summary, perturbation_predictions, ranking, robustness_table
     from fahr.analysis.tables import write_tables
-    from fahr.inference.predict import _image_risk_head, resolve_device
+    from fahr.inference.predict import photo_outputs, resolve_device
     from fahr.pipeline.predict import check_inference_options, load_model, model_files, preprocessing_overrides
     from fahr.utils.atomic import atomic_write_json
 
@@ -56,7 +56,7 @@ def robustness(cfg: DictConfig) -> dict[str, Any]:
     check_inference_options(cfg)
     out = check_output_dir(cfg.output, "output", inputs=(cfg.input, cfg.model, *model_files(cfg.model)))
     model, card = load_model(cfg.model)
-    if "age" not in model.heads and _image_risk_head(model) is None:
+    if not photo_outputs(model):
         raise InputError(f"model {cfg.model}: no FaceAge head and no image-only risk head, nothing to perturb")
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()

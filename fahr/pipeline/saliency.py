@@ -39,7 +39,7 @@ FACEAGE, SURVIVAL = "faceage", "facesurvival"
 
 def _load_models(cfg: DictConfig) -> tuple[dict[str, tuple[Any, str]], dict[str, Any]]:
     """name -> (FaceModel, head), and the FaceAge model's card."""
-    from fahr.inference.predict import _image_risk_head
+    from fahr.inference.predict import photo_outputs
     from fahr.pipeline.predict import load_model
 
     age_model, card = load_model(cfg.model)
@@ -49,7 +49,7 @@ def _load_models(cfg: DictConfig) -> tuple[dict[str, tuple[Any, str]], dict[str,
     models = {FACEAGE: (age_model, "age")}
     if cfg.risk_model is not None:
         risk_model, risk_card = load_model(cfg.risk_model)
-        if _image_risk_head(risk_model) is None:
+        if "risk" not in photo_outputs(risk_model):
             raise InputError(f"risk_model={cfg.risk_model} has no image-only risk head (a combined model needs "
                              "clinical covariates, which photos do not carry)")
         from fahr.inference.predict import resolve_preprocessing
@@ -60,7 +60,7 @@ def _load_models(cfg: DictConfig) -> tuple[dict[str, tuple[Any, str]], dict[str,
             raise InputError(f"model={cfg.model} and risk_model={cfg.risk_model} were trained on crops prepared "
                              "differently (their cards' preprocessing differ): one set of crops cannot serve both")
         models[SURVIVAL] = (risk_model, "risk")
-    elif _image_risk_head(age_model) is not None:
+    elif "risk" in photo_outputs(age_model):
         models[SURVIVAL] = (age_model, "risk")
     return models, card
 
