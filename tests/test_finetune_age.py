@@ -200,8 +200,10 @@ def test_demo_runs_all_five_steps_shrunk(tmp_path, capsys):
     report = summary["report"].read_text()
     assert "FAHR-FaceAge" in report and "FAHR-FaceSurvival" in report
     page = summary["html_report"].read_text()
-    for section in ("Run demo_pretrain", "Run demo_faceage", "Run demo_facesurvival", "Clinical statistics (report)"):
+    for section in ("Run demo_pretrain", "Run demo_faceage", "Run demo_facesurvival",
+                    "demo_facesurvival: clinical statistics (report)"):
         assert f">{section}" in page, section
+    assert "<th>time</th>" not in page and "evaluate_input.csv</td><td>a run&#x27;s per-row file" in page
     out = capsys.readouterr().out
     assert "fahr demo finished" in out and f"6 report       {summary['html_report']}" in out
 

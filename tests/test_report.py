@@ -40,6 +40,9 @@ def outputs(tmp_path_factory):
     pd.DataFrame({"perturbation": ["<script>alert(1)</script>", "blur"], "mean_change": [0.5, -1.25]}).to_csv(
         analysis / "summary.csv", index=False)
     pd.DataFrame({"photo": ["IMG_PERSON_A.jpg"], "change": [1.0]}).to_csv(analysis / "per_photo.csv", index=False)
+    # per-patient rows without an identifier column: an outcome column, or numbers only
+    pd.DataFrame({"time": [4321.0], "event": [1], "site": ["lung"]}).to_csv(analysis / "per_patient.csv", index=False)
+    pd.DataFrame({"age": [91.25], "faceage": [88.5]}).to_csv(analysis / "numbers.csv", index=False)
     return run, tmp / "eval", analysis
 
 
@@ -49,13 +52,16 @@ def test_report_of_a_run_an_evaluation_and_an_analysis(outputs, run_fahr, tmp_pa
     result = run_fahr("report", f"input=[{run.run_dir},{eval_dir},{analysis}]", f"output={out}")
     assert result.status == 0, result.err
     text = out.read_text()
-    for title in ("Run demo_facesurvival", "Training curves", "Metrics (metrics.json)", "Model card (export)",
-                  "Clinical statistics (eval)", "Results: analysis", "Left out of this page"):
+    for title in ("Run demo_facesurvival", "demo_facesurvival: training curves", "demo_facesurvival: metrics (metrics.json)",
+                  "demo_facesurvival: model card", "Clinical statistics (eval)", "Results: analysis", "Left out of this page"):
         assert f">{title}" in text, title
     persons = pd.read_csv(run.run_dir / "predictions_test.csv")["person"].astype(str)
     assert len(persons) and not any(p in text for p in persons), "a person id reached the report"
     assert "PSEUDO" not in text and "IMG_PERSON_A" not in text
-    assert "predictions_test.csv</td><td>per-person or per-photo table (identifier column)" in text
+    assert "predictions_test.csv</td><td>a run&#x27;s per-row file (predictions or evaluation input)" in text
+    assert "per_patient.csv</td><td>per-patient table (outcome or date column)" in text
+    assert "numbers.csv</td><td>numbers only, no row labels (taken for per-row data)" in text
+    assert "91.25" not in text and "4321" not in text
     assert "per_photo.csv</td><td>per-person or per-photo table (identifier column)" in text
     assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert not re.search(r"""(src|href)=["'](?!data:|#)""", text), "everything is embedded"

@@ -1,9 +1,12 @@
 """The report's sections, read from what fahr's commands wrote: run directories, exports, ``fahr evaluate``
 outputs and analysis folders (any folder of aggregate CSV tables and PNG figures).
 
-Only aggregate results go in. A CSV with an identifier-like column (person, patient, photo, path, ...)
-or more than :data:`MAX_TABLE_ROWS` rows is a per-person or per-photo table and is left out, as are
-command lines and file paths (they can name data); every file left out is listed with the reason.
+Only aggregate results go in. A run directory's own CSV files (predictions, evaluation inputs) are
+per-row files and never shown. Elsewhere a CSV is shown only when it reads as an aggregate table: no
+identifier-like column (person, patient, photo, path, ...), no per-patient outcome column (time,
+event, dates), at most :data:`MAX_TABLE_ROWS` rows, and at least one column of text labels naming what
+each row is (a table of numbers only is taken for per-row data). Command lines and file paths (they
+can name data) are left out too; every file left out is listed with the reason.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ MAX_CSV_BYTES = 32 * 1024**2
 #: column names that identify a person or a photo: such a table is never shown
 IDENTIFIER_COLUMNS = re.compile(r"(?i)^(person|patient|subject|id|photo|image|path|file|filename|name|sha1|sha256|key|"
                                 r"url|.*_id|.*_path|.*_file)$")
+#: per-patient outcome columns: a table holding one is per-row data, whatever its other columns
+OUTCOME_COLUMNS = re.compile(r"(?i)^(time|event|status|death|dead|followup|followup_days|days|duration|"
+                             r".*_date|date|dob|birth.*)$")
 #: packages whose versions the provenance shows
 PACKAGES = ("fahr", "torch", "lightning", "timm", "webdataset", "hydra-core", "lifelines", "scikit-survival", "numpy")
 #: config sections shown, as numbers, booleans and short strings without path separators
@@ -48,9 +54,9 @@ def collect(folder: Path) -> Collected:
     if (folder / "run.json").is_file():
         _run(folder, out)
     elif (folder / "model_card.json").is_file():
-        _export(folder, folder.name, out)
+        _export(folder, f"Model card ({folder.name})", out)
     elif (folder / "summary.json").is_file() and (folder / "report.md").is_file():
-        _evaluation(folder, folder, out)
+        _evaluation(folder, folder, out, f"Clinical statistics ({folder.name})")
     else:
         _tables_and_figures(folder, folder, f"Results: {folder.name}", out)
     if not out.sections:
@@ -89,23 +95,26 @@ def _run(run_dir: Path, out: Collected) -> None:
             facts.heading("Configuration (numbers, switches and names)")
             facts.table(["key", "value"], rows)
     out.sections.append(facts)
-    _curves(run_dir, out)
+    label = str(info.get("experiment_name", run_dir.name))
+    _curves(run_dir, out, label)
     metrics = run_dir / "metrics.json"
     if metrics.is_file():
         flat = _flatten(read_json_file(metrics, "metrics"))
         if flat:
-            sec = Section("Metrics (metrics.json)")
+            sec = Section(f"{label}: metrics (metrics.json)")
             sec.table(["metric", "value"], [[k, v] for k, v in flat])
             out.sections.append(sec)
     figures = run_dir / "figures"
     if figures.is_dir():
-        _tables_and_figures(figures, run_dir, "Figures", out, tables=False)
+        _tables_and_figures(figures, run_dir, f"{label}: figures", out, tables=False)
     if (run_dir / "export" / "model_card.json").is_file():
-        _export(run_dir / "export", "export", out)
+        _export(run_dir / "export", f"{label}: model card", out)
     for sub in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name not in ("figures", "export")):
         if (sub / "summary.json").is_file() and (sub / "report.md").is_file():
-            _evaluation(sub, run_dir, out)
-    _tables_and_figures(run_dir, run_dir, "Tables", out, skip=("metrics.csv",))
+            _evaluation(sub, run_dir, out, f"{label}: clinical statistics ({sub.name})")
+    for csv in sorted(run_dir.glob("*.csv")):
+        if csv.name != "metrics.csv":
+            out.left_out[_rel(csv, run_dir)] = "a run's per-row file (predictions or evaluation input)"
 
 
 def _config_rows(text: str) -> list[list[Any]]:
@@ -145,13 +154,13 @@ def _flatten(obj: Any, prefix: str = "", keep_text: bool = False, limit: int = 4
     return out[:limit]
 
 
-def _curves(run_dir: Path, out: Collected) -> None:
+def _curves(run_dir: Path, out: Collected, label: str) -> None:
     """Training curves from every Lightning ``metrics.csv`` of the run (stages included)."""
     import pandas as pd
 
     from fahr.utils.plots import training_curves_png
 
-    sec = Section("Training curves")
+    sec = Section(f"{label}: training curves")
     for csv in sorted(run_dir.rglob("metrics.csv")):
         if "export" in csv.relative_to(run_dir).parts:
             continue
@@ -176,11 +185,11 @@ def _curves(run_dir: Path, out: Collected) -> None:
         out.sections.append(sec)
 
 
-def _export(export_dir: Path, label: str, out: Collected) -> None:
+def _export(export_dir: Path, title: str, out: Collected) -> None:
     from fahr.models.weights import read_any_card
 
     card = read_any_card(export_dir)
-    sec = Section(f"Model card ({label})")
+    sec = Section(title)
     skip = ("baseline_hazard", "metrics", "git", "created_utc")
     sec.table(["key", "value"], [[k, v] for k, v in _flatten({k: v for k, v in card.items() if k not in skip},
                                                                 keep_text=True)
@@ -192,9 +201,9 @@ def _export(export_dir: Path, label: str, out: Collected) -> None:
     out.sections.append(sec)
 
 
-def _evaluation(folder: Path, root: Path, out: Collected) -> None:
+def _evaluation(folder: Path, root: Path, out: Collected, title: str) -> None:
     summary = read_json_file(folder / "summary.json", "evaluation summary")
-    sec = Section(f"Clinical statistics ({_rel(folder, root) if folder != root else folder.name})")
+    sec = Section(title)
     flags = summary.get("flags") if isinstance(summary, dict) else None
     if isinstance(flags, list) and flags:
         sec.heading("Flags")
@@ -232,12 +241,18 @@ def _table_file(csv: Path, root: Path, sec: Section, out: Collected) -> None:
     except (FileRefused, ValueError, OSError):
         out.left_out[name] = "not a readable CSV table"
         return
-    ident = [c for c in frame.columns if IDENTIFIER_COLUMNS.match(str(c).strip())]
-    if ident:
+    columns = [str(c).strip() for c in frame.columns]
+    if any(IDENTIFIER_COLUMNS.match(c) for c in columns):
         out.left_out[name] = "per-person or per-photo table (identifier column)"
+        return
+    if any(OUTCOME_COLUMNS.match(c) for c in columns):
+        out.left_out[name] = "per-patient table (outcome or date column)"
         return
     if len(frame) > MAX_TABLE_ROWS:
         out.left_out[name] = f"per-row table ({len(frame):,} rows > {MAX_TABLE_ROWS})"
+        return
+    if len(frame) and not any(isinstance(_cell(v), str) and v != "" for c in frame.columns for v in frame[c]):
+        out.left_out[name] = "numbers only, no row labels (taken for per-row data)"
         return
     sec.heading(name)
     sec.table([str(c) for c in frame.columns], [[_cell(v) for v in row] for row in frame.itertuples(index=False)])
