@@ -128,3 +128,11 @@ document.getElementById('f').onload = () => {{
 
     pixels = Image.open(shot).convert("L")
     assert pixels.getextrema()[0] < 100, "the page rendered text (dark pixels), not a blank screen"
+
+
+def test_a_run_file_that_is_not_an_object_is_one_line(tmp_path, run_fahr):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("[1, 2]")
+    (tmp_path / "run" / "provenance.json").write_text('"text"')
+    bad = run_fahr("report", str(tmp_path / "run"), f"output={tmp_path / 'x.html'}")
+    assert bad.status == 2 and "not a fahr run file" in bad.err and "Traceback" not in bad.err

@@ -74,11 +74,14 @@ def _rel(path: Path, root: Path) -> str:
 
 def _run(run_dir: Path, out: Collected) -> None:
     info = read_json_file(run_dir / "run.json", "run file")
+    if not isinstance(info, dict):
+        raise InputError(f"{printable_path(run_dir / 'run.json')}: not a fahr run file (a JSON object)")
     facts = Section(f"Run {info.get('experiment_name', '?')} / {info.get('run_id', '?')}")
     facts.table(["fact", "value"], [[k, info[k]] for k in ("experiment_name", "run_id") if k in info])
     prov = run_dir / "provenance.json"
     if prov.is_file():
         p = read_json_file(prov, "provenance")
+        p = p if isinstance(p, dict) else {}
         packages = p.get("packages") if isinstance(p.get("packages"), dict) else {}
         git = p.get("git")
         if isinstance(git, dict):
