@@ -91,7 +91,7 @@ import numpy as np
 from data_pipelines.options import AlignOptions, BuildOptions, check_options
 from data_pipelines.records import Record, check_labels
 from fahr.faces.rejection import RejectedError, Rejection
-from fahr.boundary import InputError, check_output_dir, printable_path, read_json_file
+from fahr.boundary import InputError, check_output_dir, file_sha256, printable_path, read_json_file
 from fahr.data import shard_index
 from fahr.utils.atomic import atomic_write_json
 
@@ -495,7 +495,7 @@ class _Inventory:
 
     def _hash(self, path: Path) -> str:
         if path not in self._sha256:
-            self._sha256[path] = _sha256(path)
+            self._sha256[path] = file_sha256(path)
         return self._sha256[path]
 
     def locate(self, shard: dict[str, Any]) -> tuple[Path | None, bool]:
@@ -765,14 +765,6 @@ def _flat_plan(summaries: list[dict[str, Any]], located: dict[int, dict[str, lis
                 series.append((where, {"name": f"{split}-{len(series):06d}.tar", "num_samples": shard["num_samples"],
                                        "bytes": shard["bytes"], "sha256": shard["sha256"]}))
     return moves
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _place(output: Path, moves: dict[str, list[tuple[Path, dict[str, Any]]]], index: dict[str, Any],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import io
 import json
 import math
@@ -112,6 +113,16 @@ def check_regular_file(path: str | os.PathLike, max_bytes: int) -> int:
     if info.st_size > max_bytes:
         raise FileRefused("too_large", f"{info.st_size:,} bytes, more than the {max_bytes:,}-byte limit")
     return info.st_size
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (check the file first where it is an input:
+    :func:`check_regular_file`)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:

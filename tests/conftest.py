@@ -116,6 +116,21 @@ def shared_data(sub: str) -> Path:
     return path
 
 
+def utk_subset(tmp_path: Path, n: int) -> Path:
+    """The first ``n`` UTKFace photos of ../shared as a source folder (manifest rows + the images linked)."""
+    import csv
+
+    utk = shared_data("utkface")
+    root = tmp_path / "utk"
+    root.mkdir()
+    (root / "images").symlink_to(utk / "images")
+    with open(utk / "manifest.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    with open(root / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows[: n + 1])
+    return root
+
+
 __all__ = ["compose_config", "open_dict", "shared_data", "write_shard_index", "write_described_index", "TINY_DATA", "REPO"]
 
 

@@ -14,23 +14,12 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from conftest import shared_data
+from conftest import shared_data, utk_subset
 from data_pipelines import build as build_mod
 from data_pipelines.build import build_shards
 from data_pipelines.options import AlignOptions, BuildOptions, DedupOptions, DeidOptions, SplitOptions
 from data_pipelines.sources import get_source
 from fahr.data.shard_index import resolve_shard_spec
-
-
-def _utk_subset(tmp_path: Path, n: int) -> Path:
-    utk = shared_data("utkface")
-    root = tmp_path / "utk"
-    root.mkdir()
-    (root / "images").symlink_to(utk / "images")
-    rows = list(csv.reader(open(utk / "manifest.csv")))
-    with open(root / "manifest.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows[: n + 1])
-    return root
 
 
 def _samples(index_path: Path, split: str) -> list[dict]:
@@ -48,7 +37,7 @@ def _utk_options(**kw) -> BuildOptions:
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.real_data
 def test_utkface_to_split_shards_and_back(tmp_path):
-    root = _utk_subset(tmp_path, 300)
+    root = utk_subset(tmp_path, 300)
     out = tmp_path / "shards"
     index = build_shards("utkface", lambda: get_source("utkface")(root), out, _utk_options())
     assert index["read"] == 300 == index["written"] + sum(index["rejected"].values())
@@ -81,7 +70,7 @@ def test_utkface_to_split_shards_and_back(tmp_path):
 
 @pytest.mark.real_data
 def test_rerun_after_a_crash_resumes_and_matches_a_clean_build(tmp_path, monkeypatch):
-    root = _utk_subset(tmp_path, 250)
+    root = utk_subset(tmp_path, 250)
     clean = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "clean", _utk_options())
 
     real = build_mod.write_chunk
@@ -121,7 +110,7 @@ def test_flat_shard_series_per_split_and_a_crash_mid_move_resumes(tmp_path, monk
     of parts/ survives a crash, and a rerun repairs a finished shard that holds other bytes."""
     from fahr.data.shard_reader import expand_shards
 
-    root = _utk_subset(tmp_path, 120)
+    root = utk_subset(tmp_path, 120)
     options = BuildOptions(align=AlignOptions(skip_detection=True), chunk_size=40, samples_per_shard=10,
                            split=SplitOptions(fractions={"train": 0.7, "test": 0.3}))
     build = lambda out: build_shards("utkface", lambda: get_source("utkface")(root), out, options)  # noqa: E731
@@ -241,7 +230,7 @@ def test_fahr_shards_command_config_and_summary(tmp_path, capsys):
     from fahr.config.schema import validate
     from fahr.pipeline.shards import shards
 
-    root = _utk_subset(tmp_path, 60)
+    root = utk_subset(tmp_path, 60)
     cfg = compose_config("shards", ["source=utkface", f"input={root}", f"output={tmp_path / 'out'}",
                                     "align.skip_detection=true", "chunk_size=25", "samples_per_shard=20"])
     index = shards(cfg)
@@ -269,7 +258,7 @@ def test_parallel_build_equals_sequential(tmp_path, monkeypatch):
     build: same duplicate decisions, splits, counts, shard names and sha256s."""
     import data_pipelines.plan as plan_module
 
-    root = _utk_subset(tmp_path, 120)
+    root = utk_subset(tmp_path, 120)
     one = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "one", _utk_options(processes=1))
     monkeypatch.setattr(plan_module, "PLAN_BATCH", 16)
     two = build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "two", _utk_options(processes=2))
@@ -375,7 +364,7 @@ def test_built_shards_stream_over_http_and_pipe(tmp_path):
 
     from fahr.data.shard_reader import ShardStream, make_loader
 
-    root = _utk_subset(tmp_path, 80)
+    root = utk_subset(tmp_path, 80)
     out = tmp_path / "out"
     index = build_shards("utkface", lambda: get_source("utkface")(root), out, _utk_options())
     expected = index["splits"]["train"]["count"]

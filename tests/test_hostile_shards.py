@@ -472,8 +472,8 @@ def test_a_copied_output_is_reused_by_content(tmp_path, monkeypatch):
     real = build_mod.write_chunk
     monkeypatch.setattr(build_mod, "write_chunk", lambda chunk, *a: written.append(chunk) or real(chunk, *a))
     hashed = []
-    real_sha = build_mod._sha256
-    monkeypatch.setattr(build_mod, "_sha256", lambda p: hashed.append(p) or real_sha(p))
+    real_sha = build_mod.file_sha256
+    monkeypatch.setattr(build_mod, "file_sha256", lambda p: hashed.append(p) or real_sha(p))
     _build(root, tmp_path / "copy", _options())
     assert written == [] and hashed and _result(tmp_path / "copy") == _result(tmp_path / "out")
     hashed.clear()

@@ -5,7 +5,6 @@ bytes."""
 
 from __future__ import annotations
 
-import csv
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, shared_data
+from conftest import REPO, shared_data, utk_subset
 from data_pipelines.build import build_shards
 from data_pipelines.options import AlignOptions, BuildOptions
 from data_pipelines.sources import get_source
@@ -24,17 +23,6 @@ from slurm_jobs import ensure_cluster, job_info, wait_until_ended
 @pytest.fixture(scope="module")
 def slurm_cluster() -> None:
     ensure_cluster()
-
-
-def _utk_subset(tmp_path: Path, n: int) -> Path:
-    utk = shared_data("utkface")
-    root = tmp_path / "utk"
-    root.mkdir()
-    (root / "images").symlink_to(utk / "images")
-    rows = list(csv.reader(open(utk / "manifest.csv")))
-    with open(root / "manifest.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows[: n + 1])
-    return root
 
 
 def _tree(out: Path) -> dict[str, bytes]:
@@ -50,7 +38,7 @@ CASES = {  # source -> (options as overrides, the same as BuildOptions)
 
 
 def _input(source: str, tmp_path: Path) -> Path:
-    return shared_data("fgnet") if source == "fgnet" else _utk_subset(tmp_path, 200)
+    return shared_data("fgnet") if source == "fgnet" else utk_subset(tmp_path, 200)
 
 
 @pytest.mark.slurm
@@ -102,7 +90,7 @@ def test_a_write_task_killed_mid_run_then_resubmitted_alone_gives_the_same_bytes
                                                                                 monkeypatch):
     # with face detection (slower: a chunk takes seconds, so the kill lands inside one)
     overrides, options = ["chunk_size=10", "samples_per_shard=6"], BuildOptions(chunk_size=10, samples_per_shard=6)
-    root = _utk_subset(tmp_path, 150)  # 15 chunks: write task 1 has chunks 1, 4, 7, 10, 13
+    root = utk_subset(tmp_path, 150)  # 15 chunks: write task 1 has chunks 1, 4, 7, 10, 13
     build_shards("utkface", lambda: get_source("utkface")(root), tmp_path / "one", options)
     out = tmp_path / "slurm"
     args = ["source=utkface", f"input={root}", f"output={out}", *overrides, "launcher=slurm", "launcher.tasks=3"]

@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from fahr.boundary import InputError, printable_path
+from fahr.boundary import InputError, file_sha256, printable_path
 
 FORMAT = "fahr-shards/2"
 FLAT_FORMAT = "fahr-shards/1"          # read only: one set of shards (split "all")
@@ -283,12 +283,9 @@ def verify_shards(folder: str | os.PathLike, check_hashes: bool = True) -> dict[
             if size != s["bytes"]:
                 raise InputError(f"shard {path}: {size} bytes on disk, {s['bytes']} in {INDEX_NAME}")
             if check_hashes:
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-                if h.hexdigest() != s["sha256"]:
-                    raise InputError(f"shard {path}: sha256 {h.hexdigest()} does not match {INDEX_NAME} ({s['sha256']})")
+                digest = file_sha256(path)
+                if digest != s["sha256"]:
+                    raise InputError(f"shard {path}: sha256 {digest} does not match {INDEX_NAME} ({s['sha256']})")
     return index
 
 

@@ -32,7 +32,6 @@ pretraining from it; ``model.safetensors`` stays the backbone alone, loadable by
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -42,7 +41,9 @@ from typing import Any, Callable
 
 import torch
 
-from fahr.boundary import FileRefused, InputError, check_regular_file, printable_path, read_json_file, read_text_file
+from fahr.boundary import (
+    FileRefused, InputError, check_regular_file, file_sha256, printable_path, read_json_file, read_text_file,
+)
 from fahr.models.backbone import CUSTOM_ARCH, backbone_args, create_backbone
 from fahr.models.mae import MAEDecoder, mae_sincos_pos_embed
 from fahr.models.weights import (
@@ -117,14 +118,6 @@ def read_torch_weights(path: Path) -> Any:
         what = f"it refers to {found.group(1)}" if found else f"{type(err).__name__}"
         raise InputError(f"{printable_path(path)}: not a plain weights file (torch.load with weights_only=True "
                          f"refused it: {what}); fahr reads tensors only, never code from a checkpoint") from None
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tensor_dict(value: Any, path: Path, where: str) -> dict[str, torch.Tensor]:
@@ -661,7 +654,7 @@ def import_weights(source: str, input_path: str | Path, output_dir: str | Path, 
         encoder,
         task="imported",
         normalization=normalization,
-        source={**converted.source, "sha256": _file_sha256(converted.weights_file)},
+        source={**converted.source, "sha256": file_sha256(converted.weights_file)},
         license=stated or license_name,
         license_from="the source" if stated else ("given (license=)" if license_name else None),
         conversion={**converted.conversion, "tool": "fahr import-weights",

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fahr import boundary
 from fahr.boundary import FileRefused, InputError, check_regular_file, printable_path, read_regular_file
 from fahr.models.face_model import FaceModel, load_face_model
 from fahr.models.weights import CARD_FILE, MAX_WEIGHTS_BYTES, MODEL_FORMAT, WEIGHTS_FILE, read_any_card
@@ -82,11 +83,7 @@ def file_sha256(path: str | Path, max_bytes: int, what: str) -> str:
         check_regular_file(path, max_bytes)
     except FileRefused as err:
         raise InputError(f"{what} {printable_path(path)}: {err.detail}") from None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return boundary.file_sha256(path)
 
 
 def graph_card_sha256(card: dict[str, Any]) -> str:

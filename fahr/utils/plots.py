@@ -10,22 +10,18 @@ import numpy as np
 from fahr.utils.atomic import atomic_write
 
 
-def _save(fig, path: str | Path) -> Path:
+def _png_bytes(fig, dpi: int = 100) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return atomic_write(Path(path), lambda f: f.write(buf.getvalue()), mode="wb")
-
-
-def _png_bytes(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
+
+
+def _save(fig, path: str | Path) -> Path:
+    data = _png_bytes(fig, dpi=120)
+    return atomic_write(Path(path), lambda f: f.write(data), mode="wb")
 
 
 def training_curves_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], max_panels: int = 12) -> bytes:
