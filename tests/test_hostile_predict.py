@@ -383,6 +383,7 @@ OPTION_CASES = {
     "multi_face_unknown": ("preprocessing.multi_face=everyone", r"preprocessing\.multi_face must be reject"),
     "min_confidence_above_one": ("preprocessing.min_confidence=1.5", r"preprocessing\.min_confidence must be a"),
     "workers_negative": ("workers=-1", r"workers must be in \[0, 64\], got -1"),
+    "threads_zero": ("threads=0", r"threads must be in \[1, 256\], got 0"),
     "unknown_key": ("batchsize=4", r"batchsize"),
     "unknown_appended_key": ("+preprocessing.marign=0.2", r"marign"),
 }
@@ -433,8 +434,8 @@ def test_outputs_are_checked_before_any_work(crop_export, crops, tmp_path, run_f
 @pytest.mark.real_data
 def test_same_photos_in_batches_of_1_7_32_shuffled_give_the_same_rows(detect_export, tmp_path, run_fahr):
     """With detection: the same photos, listed in four shuffled orders and predicted in batches of 1,
-    7 and 32 in this process and of 5 in two worker processes, get the same status and FaceAge (to the
-    CSV's 1e-4 years) row for row."""
+    7 and 32 in this process (the model on 1, 2 and the default threads) and of 5 in two worker
+    processes, get the same status and FaceAge (to the CSV's 1e-4 years) row for row."""
     fgnet = sorted(shared_data("fgnet/images").iterdir())[:10]
     utk = sorted(shared_data("utkface/images").iterdir())[:6]
     faces = [np.asarray(Image.open(p).convert("RGB")) for p in utk[:2]]
@@ -446,13 +447,14 @@ def test_same_photos_in_batches_of_1_7_32_shuffled_give_the_same_rows(detect_exp
     Image.fromarray(np.asarray(Image.open(utk[2]).convert("RGB").resize((900, 900)))).save(big)
     photos = [*map(str, fgnet + utk), str(tmp_path / "two_faces.png"), str(big)]
     results = {}
-    for size, seed, workers in ((1, 0, 0), (7, 1, 0), (32, 2, 0), (5, 3, 2)):
+    for size, seed, workers, threads in ((1, 0, 0, ["threads=1"]), (7, 1, 0, ["threads=2"]), (32, 2, 0, []),
+                                         (5, 3, 2, [])):
         order = photos[:]
         random.Random(seed).shuffle(order)
         listing = _write(tmp_path / f"list{size}.csv", "path\n" + "\n".join(order) + "\n")
         out = tmp_path / f"out{size}.csv"
         r = run_fahr("predict", f"model={detect_export}", f"input={listing}", f"output={out}", "device=cpu",
-                     f"batch_size={size}", f"workers={workers}")
+                     f"batch_size={size}", f"workers={workers}", *threads)
         assert r.status == 0, r
         results[size] = {row["path"]: row for row in read_rows(out)}
     ref = results[1]

@@ -308,3 +308,41 @@ def test_raw_photos_and_their_own_crops_give_the_same_faceage(export, photo_dir,
     assert [r["status"] for r in from_crops] == ["ok"] * len(crops)
     assert np.std(expected) > 0.1  # distinct faces, distinct ages: the comparison can fail
     np.testing.assert_allclose([r["faceage"] for r in from_crops], expected, atol=1e-3)
+
+
+# ---------------------------------------------------------------- CPUs: detection workers and model threads
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpus_are_shared_between_detection_workers_and_the_model(restore_threads, monkeypatch):
+    """The model gets torch's thread count less one per detection worker (at least 1) unless told;
+    workers start from 1,000 photos, one per usable CPU (at most 8), unless told."""
+    from fahr.inference import align_stream
+    from fahr.pipeline.predict import share_cpus
+
+    monkeypatch.setattr(align_stream, "usable_cpus", lambda: 4)
+    torch.set_num_threads(4)
+    assert share_cpus(None, None, 999) == (0, 4) and torch.get_num_threads() == 4
+    torch.set_num_threads(4)
+    assert share_cpus(None, None, 1000) == (4, 1) and torch.get_num_threads() == 1
+    torch.set_num_threads(4)
+    assert share_cpus(1, None, 10) == (1, 3) and torch.get_num_threads() == 3
+    assert share_cpus(2, 5, 10) == (2, 5) and torch.get_num_threads() == 5
+    monkeypatch.setattr(align_stream, "usable_cpus", lambda: 64)
+    assert share_cpus(None, None, 10**6)[0] == 8
+
+
+def test_detection_workers_import_no_model_code():
+    """What a spawned worker imports (fahr.inference.align_stream) leaves out the model, timm and
+    torchmetrics: each worker starts in the time of torch + the detector."""
+    code = ("import sys, fahr.inference.align_stream; "
+            "print(sorted(m for m in ('timm', 'torchmetrics', 'lightning', 'fahr.models', 'fahr.inference.predict') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout

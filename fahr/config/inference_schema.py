@@ -43,6 +43,9 @@ class PredictConfig:
     # torch: the FaceModel in PyTorch; onnx: the export's model.onnx in onnxruntime, CPU (`fahr export format=onnx`)
     runtime: str = bounded("torch", choices=("torch", "onnx"))
     workers: Optional[int] = bounded(None, lo=0, hi=64)  # detection processes; null: 0 below 1000 photos, else 1 per CPU (<= 8)
+    # the model's threads (torch intra-op, or onnxruntime's); null: torch's count (OMP_NUM_THREADS, else the
+    # cores) less one per detection worker, at least 1: the workers already keep those cores busy
+    threads: Optional[int] = bounded(None, lo=1, hi=256)
     preprocessing: PreprocessingOverrides = field(default_factory=PreprocessingOverrides)
 
 
@@ -70,6 +73,7 @@ class FarConfig:
     batch_size: int = 32
     device: str = "auto"
     workers: Optional[int] = bounded(None, lo=0, hi=64)  # as for predict
+    threads: Optional[int] = bounded(None, lo=1, hi=256)  # as for predict
     preprocessing: PreprocessingOverrides = field(default_factory=PreprocessingOverrides)
 
 

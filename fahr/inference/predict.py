@@ -18,7 +18,6 @@ else (decoding, detection, alignment, resizing, calibration, the rows) is the sa
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fahr.faces.rejection import RejectedError
 from fahr.boundary import InputError
-from fahr.inference.photos import Photo, load_photo, status_of
+from fahr.inference.align_stream import aligned_stream, make_aligner, resolve_workers
+from fahr.inference.photos import Photo
 from fahr.metrics.age import apply_bias_correction
 from fahr.models.face_model import DEFAULT_PREPROCESSING, FaceModel
 from fahr.models.onnx_export import OnnxFaceModel
@@ -109,15 +108,6 @@ def resolve_preprocessing(card: dict[str, Any], overrides: dict[str, Any] | None
                          f"was trained on {made}); use a model fine-tuned on shards built with detection, or give "
                          "crops made like its training crops with preprocessing.detect=false")
     return prep
-
-
-def make_aligner(prep: dict[str, Any]):
-    """A ``FaceAligner`` doing what ``prep`` (from :func:`resolve_preprocessing`) says."""
-    from fahr.faces.align import FaceAligner
-
-    return FaceAligner(image_size=int(prep["image_size"]), margin=float(prep["margin"]),
-                       multi_face=prep["multi_face"], min_confidence=float(prep["min_confidence"]),
-                       skip_detection=not prep["detect"])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -207,73 +197,6 @@ def run_model(model: Model, crops: torch.Tensor, batch_size: int, device: torch.
 # ---------------------------------------------------------------- photos -> rows
 
 
-def _align_photo(photo: Photo, aligner) -> np.ndarray | str:
-    """One photo -> its aligned crop (S, S, 3) uint8, or a status string."""
-    try:
-        image = load_photo(photo.path)
-    except RejectedError as e:
-        return status_of(e.reason)
-    (res,) = aligner.align([image])
-    return status_of(res.reason) if isinstance(res, RejectedError) else res.crop
-
-
-def _align_chunk(photos: Sequence[Photo], aligner) -> list[np.ndarray | str]:
-    """Each photo -> its aligned crop (S, S, 3) uint8, or a status string."""
-    return [_align_photo(photo, aligner) for photo in photos]
-
-
-_WORKER_ALIGNER = None
-
-
-def _init_worker(prep: dict[str, Any]) -> None:
-    global _WORKER_ALIGNER
-    torch.set_num_threads(1)  # the aligner runs on one thread anyway; the workers are the parallelism
-    _WORKER_ALIGNER = make_aligner(prep)
-
-
-def _align_in_worker(photo: Photo) -> np.ndarray | str:
-    return _align_photo(photo, _WORKER_ALIGNER)
-
-
-#: with ``workers=None``, photos from which detection runs in worker processes
-AUTO_WORKERS_FROM = 1000
-#: photos handed to the worker pool at a time (bounds the crops waiting for the model)
-_WINDOW = 1024
-
-
-def resolve_workers(workers: int | None, photos: int) -> int:
-    """Detection worker processes: the given number, or (None) none for fewer than
-    :data:`AUTO_WORKERS_FROM` photos (starting workers costs ~6 s on 2 cores, the time to align ~350
-    photos in-process) and else one per usable CPU, at most 8."""
-    if workers is not None:
-        return int(workers)
-    if photos < AUTO_WORKERS_FROM:
-        return 0
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-def _aligned_stream(photos: list[Photo], batch_size: int, aligner, prep: dict[str, Any], workers: int
-                    ) -> Iterator[tuple[list[Photo], list[np.ndarray | str]]]:
-    """(chunk of ``batch_size`` photos, their crops or statuses), in input order. With ``workers``,
-    photos are decoded and aligned in that many processes (spawned, one torch thread each) while this
-    process runs the model: the crops are bit-identical to the in-process ones (each photo's
-    alignment depends on that photo alone), only faster on several cores."""
-    if workers == 0:
-        for i in range(0, len(photos), batch_size):
-            chunk = photos[i : i + batch_size]
-            yield chunk, _align_chunk(chunk, aligner)
-        return
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(prep,)) as pool:
-        for start in range(0, len(photos), _WINDOW):
-            window = photos[start : start + _WINDOW]
-            results = pool.imap(_align_in_worker, window, chunksize=4)
-            for i in range(0, len(window), batch_size):
-                chunk = window[i : i + batch_size]
-                yield chunk, [next(results) for _ in chunk]
-
-
 def _rows_for_chunk(photos: Sequence[Photo], aligned: list[np.ndarray | str], model: Model,
                     card: dict[str, Any], columns: list[str], batch_size: int,
                     device: torch.device) -> list[dict[str, Any]]:
@@ -340,9 +263,7 @@ def iter_predictions(model: Model, card: dict[str, Any], paths: Iterable[str | P
     columns = output_columns(model, card)
     photos = _as_photos(paths)
     n_workers = 0 if aligner is not None else resolve_workers(workers, len(photos))
-    if n_workers == 0:
-        aligner = aligner or make_aligner(prep)
-    for chunk, aligned in _aligned_stream(photos, batch_size, aligner, prep, n_workers):
+    for chunk, aligned in aligned_stream(photos, batch_size, prep, n_workers, aligner):
         yield from _rows_for_chunk(chunk, aligned, model, card, columns, batch_size, dev)
         if progress is not None:
             progress(len(chunk))

@@ -128,7 +128,7 @@ def load_face_model(export_dir: str | Path, map_location: str | torch.device = "
             f"{export_dir} holds a backbone ({card['format']}) without task heads: fine-tune it first "
             "(`fahr finetune-age` / `fahr finetune-survival`), or load it with fahr.models.load_backbone"
         )
-    backbone = create_backbone(**backbone_args(card["backbone"]))
+    backbone = create_backbone(**backbone_args(card["backbone"]), init_weights=False)  # all loaded below
     heads = {}
     for name, cfg in card["heads"].items():
         try:

@@ -322,7 +322,7 @@ def load_backbone(
         state = strip_prefix(state, "backbone.")
     args = backbone_args(card)
     args.update(img_size=img_size or card["img_size"], global_pool=overrides.pop("global_pool", args["global_pool"]))
-    model = create_backbone(**args, **overrides)
+    model = create_backbone(**args, **overrides, init_weights=False)  # every tensor is loaded below (strict)
     state = fit_pos_embed(state, model, card["img_size"] // card["patch_size"])
     state = _adapt_final_norm(state, model)
     load_state_dict_checked(model, state, Path(export_dir) / WEIGHTS_FILE)

@@ -22,6 +22,7 @@ from fahr.pipeline.predict import (
     load_model,
     model_files,
     preprocessing_overrides,
+    share_cpus,
     write_csv,
 )
 
@@ -80,7 +81,8 @@ def corrected_faceage(card: dict[str, Any], use_corrected: bool | None) -> bool:
     return bool(use_corrected)
 
 
-def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], cfg: DictConfig) -> list[dict[str, Any]]:
+def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], cfg: DictConfig,
+                       workers: int | None = None) -> list[dict[str, Any]]:
     """Predict each distinct photo once; set ``status`` and ``faceage`` (corrected if configured) on
     every row. Returns the per-photo predictions, in input order of first appearance."""
     from fahr.inference.photos import Photo
@@ -90,7 +92,7 @@ def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], 
     files = list(dict.fromkeys(row["file"] for row in rows))
     labels = {row["file"]: row["path"] for row in reversed(rows)}
     preds = predict_photos(model, card, [Photo(labels[f], f) for f in files], batch_size=cfg.batch_size,
-                           device=cfg.device, preprocessing=preprocessing_overrides(cfg), workers=cfg.workers)
+                           device=cfg.device, preprocessing=preprocessing_overrides(cfg), workers=workers)
     by_file = dict(zip(files, preds))  # one None key at most: every row with an empty path
     for row in rows:
         pred = by_file[row["file"]]
@@ -117,10 +119,11 @@ def far(cfg: DictConfig) -> dict[str, Any]:
         log.warning("%d of %d rows: %s (an empty person is left out; a photo without a usable time cannot set "
                     "an interval)", sum(problems.values()), len(rows),
                     ", ".join(f"{n} {what}" for what, n in problems.most_common()))
+    workers, _ = share_cpus(cfg.workers, cfg.threads, len({row["file"] for row in rows}))
     model, card = load_model(cfg.model)
     if "age" not in model.heads:
         raise InputError(f"{cfg.model} has no FaceAge head (heads: {list(model.heads)}): FAR needs a FaceAge model")
-    preds = attach_predictions(rows, model, card, cfg)
+    preds = attach_predictions(rows, model, card, cfg, workers)
     if cfg.photos_output:
         write_csv(cfg.photos_output, output_columns(model, card), preds)
     table = far_table(rows, cfg.method)

@@ -97,6 +97,22 @@ def model_files(export_dir: str) -> tuple[str, ...]:
     return tuple(str(Path(export_dir) / name) for name in (CARD_FILE, WEIGHTS_FILE, ONNX_FILE))
 
 
+def share_cpus(workers: int | None, threads: int | None, photos: int) -> tuple[int, int]:
+    """(detection worker processes, model threads) for ``photos`` photos, and set torch's thread count
+    to the latter (onnxruntime sessions created afterwards follow it). ``workers`` None:
+    :func:`fahr.inference.align_stream.resolve_workers`; ``threads`` None: torch's count
+    (``OMP_NUM_THREADS``, else the cores) less one per worker, at least 1, so the model does not
+    fight the workers for cores (oversubscribed OpenMP threads wait on each other)."""
+    import torch
+
+    from fahr.inference.align_stream import resolve_workers
+
+    n_workers = resolve_workers(workers, photos)
+    n_threads = int(threads) if threads else max(1, torch.get_num_threads() - n_workers)
+    torch.set_num_threads(n_threads)
+    return n_workers, n_threads
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fahr predict``; returns ``{"output", "photos", "counts", "seconds", "photos_per_second"}``.
     ``cfg.runtime`` picks PyTorch or the export's ONNX graph; only the model forward differs."""
@@ -104,23 +120,26 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     from fahr.inference.photos import list_photos
     from fahr.inference.predict import iter_predictions, output_columns, resolve_preprocessing, summarize
+    from fahr.models.weights import read_any_card
 
     validate(cfg, PredictConfig)
     check_inference_options(cfg)
     check_output_file(cfg.output, "output", inputs=(cfg.input, *model_files(cfg.model)))
-    model, card = load_model(cfg.model, cfg.runtime)
+    read_any_card(cfg.model)  # a wrong model is the first thing to say; it loads once the threads are set
     photos = list_photos(cfg.input)
     if not photos:
         raise InputError(f"no photos in {printable_path(cfg.input)} (image extensions: jpg, jpeg, png, bmp, gif, "
                          "tif(f), webp, ppm, pgm)")
+    workers, threads = share_cpus(cfg.workers, cfg.threads, len(photos))  # before the model: ONNX fixes its threads
+    model, card = load_model(cfg.model, cfg.runtime)
     overrides = preprocessing_overrides(cfg)
-    log.info("%d photos from %s; runtime %s; preprocessing %s", len(photos), cfg.input, cfg.runtime,
-             resolve_preprocessing(card, overrides))
+    log.info("%d photos from %s; runtime %s, %d thread(s); %d detection worker(s); preprocessing %s", len(photos),
+             cfg.input, cfg.runtime, threads, workers, resolve_preprocessing(card, overrides))
     counts: Counter = Counter()
 
     def rows():
         for row in iter_predictions(model, card, photos, batch_size=cfg.batch_size, device=cfg.device,
-                                    preprocessing=overrides, progress=bar.update, workers=cfg.workers):
+                                    preprocessing=overrides, progress=bar.update, workers=workers):
             counts[row["status"]] += 1
             yield row
 
