@@ -7,7 +7,8 @@ wall clock, for:
 
 - ``before``: the code of ``--baseline`` (default f13e0ba, the last commit before issue 20's predict
   work; ``git archive`` into a temporary folder, run with this venv), its defaults;
-- ``now``: this checkout, its defaults; and ``now, runtime=onnx``;
+- ``now``: this checkout, its defaults (``runtime=auto``: the export's ONNX graph);
+- ``before, runtime=onnx`` and ``now, runtime=torch``: what the runtime alone changes;
 
 ``--repeats`` rounds, the order of the configurations rotating every round (a load change on the
 shared machine falls on all); medians with the range in brackets. Each configuration's rows are
@@ -148,7 +149,8 @@ def main() -> None:
     from fahr.models.onnx_export import export_onnx
 
     paths = utkface_photos(args.photos)
-    configs = {"before": ("before", []), "now": ("now", []), "now, runtime=onnx": ("now", ["runtime=onnx"])}
+    configs = {"before": ("before", []), "before, runtime=onnx": ("before", ["runtime=onnx"]),
+               "now": ("now", []), "now, runtime=torch": ("now", ["runtime=torch"])}
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-predict-e2e-") as tmp:
         tmp = Path(tmp)

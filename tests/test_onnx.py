@@ -261,24 +261,32 @@ def test_dynamic_batch_on_real_crops(exports):
 @pytest.mark.real_data
 def test_cli_export_then_predict_with_both_runtimes(tmp_path, run_fahr):
     """`fahr export format=onnx model=DIR` then `fahr predict runtime=onnx` gives the CSV of
-    `runtime=torch` (same rows and statuses, values to 1e-4 after the CSV's 4-decimal rounding)."""
+    `runtime=torch` (same rows and statuses, values to 1e-4 after the CSV's 4-decimal rounding).
+    `runtime=auto` (the default) is PyTorch before the export and the ONNX graph after it."""
     export_dir = save(make_model(("age", "risk"), seed=5), tmp_path / "export")
     photos = tmp_path / "photos"
     photos.mkdir()
     for p in utkface_paths():
         shutil.copy(p, photos / p.name)
+    tables = {}
+
+    def predict(name: str, *options: str) -> None:
+        out = tmp_path / f"{name}.csv"
+        r = run_fahr("predict", f"model={export_dir}", f"input={photos}", f"output={out}", "device=cpu",
+                     "batch_size=5", *options)
+        assert r.status == 0, r
+        with open(out, newline="") as f:
+            tables[name] = list(csv.DictReader(f))
+
+    predict("auto_before_export")
     r = run_fahr("export", "format=onnx", f"model={export_dir}")
     assert r.status == 0, r
     assert r.out.strip().splitlines()[-1] == str(export_dir / ONNX_FILE)
     assert read_card(export_dir)["onnx"]["weights_sha256"] == sha256(export_dir / WEIGHTS_FILE)
-    tables = {}
-    for runtime in ("torch", "onnx"):
-        out = tmp_path / f"{runtime}.csv"
-        r = run_fahr("predict", f"model={export_dir}", f"input={photos}", f"output={out}", "device=cpu",
-                     f"runtime={runtime}", "batch_size=5")
-        assert r.status == 0, r
-        with open(out, newline="") as f:
-            tables[runtime] = list(csv.DictReader(f))
+    for runtime in ("torch", "onnx", "auto"):
+        predict(runtime, f"runtime={runtime}")
+    assert tables["auto_before_export"] == tables["torch"]
+    assert tables["auto"] == tables["onnx"]
     assert list(tables["onnx"][0]) == list(tables["torch"][0]) == ["path", "status", "faceage", "faceage_corrected", "risk"]
     assert [(r["path"], r["status"]) for r in tables["onnx"]] == [(r["path"], r["status"]) for r in tables["torch"]]
     ok = [(t, o) for t, o in zip(tables["torch"], tables["onnx"]) if t["status"] == "ok"]
@@ -434,12 +442,27 @@ def test_missing_packages_say_what_to_install(fresh_export, tmp_path, monkeypatc
         export_onnx(fresh_export)
 
 
+def test_auto_runtime_is_onnx_only_where_it_can_run(fresh_export, tmp_path, monkeypatch):
+    """runtime=auto: ONNX for an export with a graph on the CPU; PyTorch on a GPU, for an export
+    without a graph, and without onnxruntime; an explicit runtime is kept."""
+    from fahr.pipeline.predict import resolve_runtime
+
+    bare = save(make_model(("age",), seed=1), tmp_path / "bare")
+    assert resolve_runtime(str(fresh_export), "auto", "cpu") == "onnx"
+    assert resolve_runtime(str(fresh_export), "auto", "cuda") == "torch"
+    assert resolve_runtime(str(bare), "auto", "cpu") == "torch"
+    assert resolve_runtime(str(fresh_export), "torch", "cpu") == "torch"
+    assert resolve_runtime(str(bare), "onnx", "cpu") == "onnx"  # and loading it says what to run
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert resolve_runtime(str(fresh_export), "auto", "cpu") == "torch"
+
+
 def test_options_are_checked(fresh_export, tmp_path, run_fahr):
     """runtime=onnx runs on the CPU; runtime and format take their named values only."""
     line = one_line_error(run_fahr, fresh_export, tmp_path, "device=cuda")
     assert line == "fahr predict: error: runtime=onnx runs on the CPU (onnxruntime's CPU provider): use device=cpu or auto, not 'cuda'"
     r = run_fahr("predict", f"model={fresh_export}", f"input={tmp_path}", f"output={tmp_path / 'o.csv'}", "runtime=tensorrt")
-    assert r.status == 2 and r.error_line == "fahr predict: error: runtime must be one of torch, onnx, got 'tensorrt'"
+    assert r.status == 2 and r.error_line == "fahr predict: error: runtime must be one of auto, torch, onnx, got 'tensorrt'"
     r = run_fahr("export", "format=pdf", f"model={fresh_export}")
     assert r.status == 2 and r.error_line == "fahr export: error: format must be one of safetensors, onnx, got 'pdf'"
     r = run_fahr("export", "format=onnx", f"model={fresh_export}", "opset=9")

@@ -40,8 +40,9 @@ class PredictConfig:
     output: str = MISSING  # CSV, one row per input photo
     batch_size: int = 32  # photos decoded + aligned + inferred per step
     device: str = "auto"  # auto, cpu, cuda
-    # torch: the FaceModel in PyTorch; onnx: the export's model.onnx in onnxruntime, CPU (`fahr export format=onnx`)
-    runtime: str = bounded("torch", choices=("torch", "onnx"))
+    # torch: the FaceModel in PyTorch; onnx: the export's model.onnx in onnxruntime, CPU (`fahr export format=onnx`);
+    # auto: onnx when the export has one, onnxruntime is installed and the model runs on the CPU, else torch
+    runtime: str = bounded("auto", choices=("auto", "torch", "onnx"))
     workers: Optional[int] = bounded(None, lo=0, hi=64)  # detection processes; null: 0 below 1000 photos, else 1 per CPU (<= 8)
     # the model's threads (torch intra-op, or onnxruntime's); null: torch's count (OMP_NUM_THREADS, else the
     # cores) less one per detection worker, at least 1: the workers already keep those cores busy
@@ -72,6 +73,7 @@ class FarConfig:
     photos_output: Optional[str] = None  # optional CSV of the per-photo predictions
     batch_size: int = 32
     device: str = "auto"
+    runtime: str = bounded("auto", choices=("auto", "torch", "onnx"))  # as for predict
     workers: Optional[int] = bounded(None, lo=0, hi=64)  # as for predict
     threads: Optional[int] = bounded(None, lo=1, hi=256)  # as for predict
     preprocessing: PreprocessingOverrides = field(default_factory=PreprocessingOverrides)

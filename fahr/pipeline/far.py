@@ -22,6 +22,7 @@ from fahr.pipeline.predict import (
     load_model,
     model_files,
     preprocessing_overrides,
+    resolve_runtime,
     share_cpus,
     write_csv,
 )
@@ -120,7 +121,7 @@ def far(cfg: DictConfig) -> dict[str, Any]:
                     "an interval)", sum(problems.values()), len(rows),
                     ", ".join(f"{n} {what}" for what, n in problems.most_common()))
     workers, _ = share_cpus(cfg.workers, cfg.threads, len({row["file"] for row in rows}))
-    model, card = load_model(cfg.model)
+    model, card = load_model(cfg.model, resolve_runtime(cfg.model, cfg.runtime, cfg.device))
     if "age" not in model.heads:
         raise InputError(f"{cfg.model} has no FaceAge head (heads: {list(model.heads)}): FAR needs a FaceAge model")
     preds = attach_predictions(rows, model, card, cfg, workers)

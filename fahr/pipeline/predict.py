@@ -56,16 +56,37 @@ def preprocessing_overrides(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(cfg.preprocessing).items() if v is not None}
 
 
+def resolve_runtime(export_dir: str, runtime: str = "auto", device: str = "auto") -> str:
+    """``"torch"`` or ``"onnx"``. ``auto``: ONNX where it is the faster choice, i.e. the export has an
+    ONNX graph (``fahr export format=onnx``: an ``onnx`` record in its card), onnxruntime is installed
+    and the model runs on the CPU (``device=cpu``, or ``auto`` without a visible GPU); else PyTorch.
+    The two agree to 1e-4 years / log-hazard (tests/test_onnx.py)."""
+    if runtime != "auto":
+        return runtime
+    import importlib.util
+
+    import torch
+
+    from fahr.models.weights import read_any_card
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    has_graph = "onnx" in read_any_card(export_dir)
+    return "onnx" if on_cpu and has_graph and importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
 def load_model(export_dir: str, runtime: str = "torch"):
     """(model, card) from an export directory: a ``FaceModel`` (``runtime="torch"``) or its
     ``model.onnx`` in onnxruntime (``"onnx"``, :func:`fahr.models.onnx_export.load_onnx_model`);
-    :class:`InputError` when it is not a valid one (for ONNX: also missing, stale or unloadable)."""
+    :class:`InputError` when it is not a valid one (for ONNX: also missing, stale or unloadable).
+    ``runtime="auto"``: :func:`resolve_runtime` on the CPU."""
+    if runtime == "auto":
+        runtime = resolve_runtime(export_dir, runtime, "cpu")
     if runtime == "onnx":
         from fahr.models.onnx_export import load_onnx_model
 
         return load_onnx_model(export_dir)
     if runtime != "torch":
-        raise InputError(f"runtime must be torch or onnx, got {runtime!r}")
+        raise InputError(f"runtime must be auto, torch or onnx, got {runtime!r}")
     from fahr.models.face_model import load_face_model
 
     return load_face_model(export_dir)
@@ -84,7 +105,7 @@ def check_inference_options(cfg: DictConfig) -> None:
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check_preprocessing(preprocessing_overrides(cfg), "preprocessing")
-    if cfg.get("runtime", "torch") == "onnx" and cfg.device not in ("auto", "cpu"):
+    if cfg.runtime == "onnx" and cfg.device not in ("auto", "cpu"):
         raise InputError(f"runtime=onnx runs on the CPU (onnxruntime's CPU provider): use device=cpu or auto, "
                          f"not {cfg.device!r}")
 
@@ -114,8 +135,9 @@ def share_cpus(workers: int | None, threads: int | None, photos: int) -> tuple[i
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
-    """Run ``fahr predict``; returns ``{"output", "photos", "counts", "seconds", "photos_per_second"}``.
-    ``cfg.runtime`` picks PyTorch or the export's ONNX graph; only the model forward differs."""
+    """Run ``fahr predict``; returns ``{"output", "photos", "counts", "seconds", "photos_per_second",
+    "runtime"}``. ``cfg.runtime`` picks PyTorch or the export's ONNX graph (``auto``:
+    :func:`resolve_runtime`); only the model forward differs."""
     from tqdm import tqdm
 
     from fahr.inference.photos import list_photos
@@ -131,10 +153,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise InputError(f"no photos in {printable_path(cfg.input)} (image extensions: jpg, jpeg, png, bmp, gif, "
                          "tif(f), webp, ppm, pgm)")
     workers, threads = share_cpus(cfg.workers, cfg.threads, len(photos))  # before the model: ONNX fixes its threads
-    model, card = load_model(cfg.model, cfg.runtime)
+    runtime = resolve_runtime(cfg.model, cfg.runtime, cfg.device)
+    model, card = load_model(cfg.model, runtime)
     overrides = preprocessing_overrides(cfg)
     log.info("%d photos from %s; runtime %s, %d thread(s); %d detection worker(s); preprocessing %s", len(photos),
-             cfg.input, cfg.runtime, threads, workers, resolve_preprocessing(card, overrides))
+             cfg.input, runtime, threads, workers, resolve_preprocessing(card, overrides))
     counts: Counter = Counter()
 
     def rows():
@@ -150,4 +173,4 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     assert written == len(photos), "one output row per input photo"
     log.info("fahr predict: %s -> %s", summarize(counts, seconds), cfg.output)
     return {"output": cfg.output, "photos": written, "counts": dict(counts), "seconds": seconds,
-            "photos_per_second": written / seconds if seconds > 0 else float("nan")}
+            "photos_per_second": written / seconds if seconds > 0 else float("nan"), "runtime": runtime}
