@@ -255,3 +255,15 @@ def test_cli_typo_fails_naming_the_key(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fahr.cli.main", "evaluate", "input=x.csv", f"output={tmp_path}",
                           "columns.tme=week"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode != 0 and "tme" in out.stderr
+
+
+def test_markdown_interval_with_a_negative_bound_reads_as_an_interval():
+    """A CI from -0.002 to 0.102 is '[-0.002, 0.102]' in report.md: not '-0.002-0.102' (a minus read
+    as a range dash) and not quoted as a spreadsheet formula; other text keeps the formula guard."""
+    from fahr.stats.report import markdown_table
+
+    table = pd.DataFrame({"label": ["x", "=cmd()"], "hr": [1.05, 2.0], "ci_low": [-0.002, float("nan")],
+                          "ci_high": [0.102, float("nan")]})
+    lines = markdown_table(table, {"label": "marker", "hr": "HR", "ci": "95% CI"}).splitlines()
+    assert lines[2] == "| x | 1.050 | [-0.002, 0.102] |"
+    assert lines[3] == "| '=cmd() | 2.000 |  |"

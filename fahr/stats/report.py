@@ -41,10 +41,11 @@ def fmt_num(x: Any, digits: int = 3) -> str:
 
 
 def fmt_ci(row: pd.Series) -> str:
-    """'low-high' of a row with ci_low/ci_high; blank for a reference row."""
+    """'[low, high]' of a row with ci_low/ci_high; blank for a reference row. Brackets, not 'low-high':
+    a negative bound would read as a range dash (and a leading '-' as a spreadsheet formula)."""
     if pd.isna(row.get("ci_low")) or pd.isna(row.get("ci_high")):
         return ""
-    return f"{row['ci_low']:.3f}-{row['ci_high']:.3f}"
+    return f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
 
 
 def markdown_table(df: pd.DataFrame, columns: dict[str, str], formats: dict[str, Callable[[Any], str]] | None = None) -> str:
