@@ -51,6 +51,35 @@ def test_hydra_config_errors_also_exit_2(run_fahr, tmp_path):
     assert r.status == 2 and "min_evnts" in r.err and "Traceback" not in r.err, r
 
 
+@pytest.mark.parametrize("override, line", [
+    ("batchsize=3", "fahr predict: error: Could not override 'batchsize'. Key 'batchsize' not in 'PredictConfig'. "
+                    "To append to your config use +batchsize=3"),
+    ("batch_size=many", "fahr predict: error: Error merging override batch_size=many. Value 'many' of type 'str' "
+                        "could not be converted to Integer"),
+    ("+preprocessing.marign=0.2", "fahr predict: error: preprocessing.marign: Key 'marign' not in 'PreprocessingOverrides'"),
+    ("model=[", "fahr predict: error: no viable alternative at input '['. See "
+                "https://hydra.cc/docs/1.2/advanced/override_grammar/basic for details"),
+])
+def test_a_config_hydra_cannot_compose_is_one_line(override, line, run_fahr, tmp_path):
+    """Hydra's own config errors (unknown key, wrong type, bad override syntax) are one line, like fahr's,
+    without Hydra's locator lines or its HYDRA_FULL_ERROR hint; HYDRA_FULL_ERROR is left as it was."""
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    r = run_fahr("predict", "model=x", f"input={tmp_path}", f"output={tmp_path}/o.csv", override)
+    assert r.status == 2 and r.err == line + "\n", r
+    assert os.environ.get("HYDRA_FULL_ERROR") == before
+
+
+def test_an_unknown_config_group_option_lists_the_options_in_one_line():
+    """The real console script: a misspelt experiment names the options there are, on one line."""
+    r = subprocess.run([sys.executable, "-m", "fahr.cli.main", "finetune-age", "experiment=demo_faceag"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("fahr finetune-age: error: In 'finetune_age': Could not find 'experiment/demo_faceag'. "
+                               "Available options in 'experiment': bench_deepsurv_gbsg, "), r.stderr
+    assert "demo_faceage, demo_facesurvival" in r.stderr and "search path" not in r.stderr
+
+
 def test_worker_tracebacks_collapse_to_their_message():
     from fahr.cli._hydra import _one_line
 

@@ -79,6 +79,34 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+#: lines of OmegaConf's error text that locate the key again, in its own words (the key is named already)
+_OMEGACONF_DETAIL = re.compile(r"^\s*(full_key|object_type|reference_type|value|child_node|parent_node)\s*[:=]")
+
+
+def config_error_line(err: BaseException) -> str:
+    """A config Hydra cannot compose (unknown key, wrong type, bad override syntax, missing config
+    group option) as one line: Hydra's message, then OmegaConf's reason without its locator lines.
+    ``"Could not override 'batchsize'. Key 'batchsize' not in 'PredictConfig'. To append to your
+    config use +batchsize=3"``."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    lines: list[str] = []
+    for raw in str(err).splitlines():
+        if raw.startswith("Config search path"):  # where Hydra looked: not the user's mistake
+            break
+        if raw[:1].isspace() and raw.strip() and lines and lines[-1].endswith((":", ",")):
+            lines[-1] += " " + raw.strip() + ","  # an option Hydra lists under its heading
+        elif raw.strip():
+            lines.append(raw.strip())
+    lines = [line.rstrip(",") for line in lines]
+    cause = err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and cause is not err:
+        reason = [line.strip() for line in str(cause).splitlines() if line.strip() and not _OMEGACONF_DETAIL.match(line)]
+        lines[1:1] = reason
+    text = ". ".join(line.rstrip(".") for line in lines if not _OMEGACONF_DETAIL.match(line))
+    return text or type(err).__name__
+
+
 def run_command(command: str, pipeline: Callable[[Any], Any], cfg: Any) -> Any:
     """Run ``pipeline(cfg)`` for ``fahr <command>`` and turn failures into one-line reports.
 

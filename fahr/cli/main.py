@@ -77,15 +77,36 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"fahr-{command}", *argv[1:]]
     from fahr.cli import _hydra
 
+    import os
+
     _hydra.REPORTED.clear()
+    debug = _hydra.debug_mode()
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    if not debug:
+        # Hydra then raises a config it cannot compose (unknown key, wrong type, bad override) instead of
+        # printing it over several lines with a hint about this variable; it is reported in one line below.
+        # The commands' own errors never reach Hydra (fahr.cli._hydra.run_command reports them).
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         status = module.main()  # Hydra apps return None; run-dir its exit status
     except SystemExit as exit_:
-        # Hydra reports a config it cannot compose (unknown key, wrong type, bad override) itself and
-        # exits 1; that is bad input too, so it gets the input-error status like every other
+        # Hydra exits 1 on what it reports itself (e.g. under a debugger); that is bad input too
         if exit_.code == 1 and not _hydra.REPORTED:
             raise SystemExit(_hydra.EXIT_INPUT_ERROR) from None
         raise
+    except Exception as err:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if debug or _hydra.REPORTED or not isinstance(err, (HydraException, OmegaConfBaseException)):
+            raise
+        print(f"fahr {command}: error: {_hydra.config_error_line(err)}", file=sys.stderr)
+        return _hydra.EXIT_INPUT_ERROR
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
     return int(status or 0)
 
 

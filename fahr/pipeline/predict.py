@@ -105,7 +105,7 @@ def check_inference_options(cfg: DictConfig) -> None:
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check_preprocessing(preprocessing_overrides(cfg), "preprocessing")
-    if cfg.runtime == "onnx" and cfg.device not in ("auto", "cpu"):
+    if cfg.get("runtime", "torch") == "onnx" and cfg.device not in ("auto", "cpu"):  # robustness, saliency: torch
         raise InputError(f"runtime=onnx runs on the CPU (onnxruntime's CPU provider): use device=cpu or auto, "
                          f"not {cfg.device!r}")
 
