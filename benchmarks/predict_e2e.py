@@ -8,7 +8,8 @@ wall clock, for:
 - ``before``: the code of ``--baseline`` (default f13e0ba, the last commit before issue 20's predict
   work; ``git archive`` into a temporary folder, run with this venv), its defaults;
 - ``now``: this checkout, its defaults (``runtime=auto``: the export's ONNX graph);
-- ``before, runtime=onnx`` and ``now, runtime=torch``: what the runtime alone changes;
+- ``before_onnx`` and ``now_torch`` (``runtime=onnx`` / ``runtime=torch``): what the runtime alone
+  changes; ``now_workers0`` / ``now_workers2`` on request (``--configs``): what the workers change;
 
 ``--repeats`` rounds, the order of the configurations rotating every round (a load change on the
 shared machine falls on all); medians with the range in brackets. Each configuration's rows are
@@ -45,6 +46,12 @@ from _common import print_table, write_result  # noqa: E402
 from predict import utkface_photos  # noqa: E402
 
 BASELINE = "f13e0ba"
+#: name -> (code, extra overrides of `fahr predict`)
+CONFIGS = {
+    "before": ("before", []), "before_onnx": ("before", ["runtime=onnx"]),
+    "now": ("now", []), "now_torch": ("now", ["runtime=torch"]),
+    "now_workers0": ("now", ["workers=0"]), "now_workers2": ("now", ["workers=2"]),
+}
 TARGET = 2.0
 RATE = re.compile(r"fahr predict: (\d+) photos in ([\d.]+) s \(([\d.]+) photos/s\)")
 
@@ -83,7 +90,10 @@ def run_predict(tree: Path, export_dir: Path, listing: Path, out: Path, extra: l
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    m = RATE.search(proc.stdout + proc.stderr)
+    text = proc.stdout + proc.stderr
+    # the code that ran is the code asked for: only this checkout logs its CPU sharing
+    assert ("detection worker(s)" in text) == (tree.resolve() == ROOT), f"{tree}: not the expected code"
+    m = RATE.search(text)
     return {"wall_s": wall, "logged_photos_per_s": float(m.group(3)) if m else None}
 
 
@@ -142,6 +152,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", default=BASELINE, help="the commit whose `fahr predict` is 'before'")
     parser.add_argument("--archs", default="vit_tiny@64,vit_tiny@112", help="ARCH@IMG_SIZE, comma-separated")
+    parser.add_argument("--configs", default="before,before_onnx,now,now_torch",
+                        help=f"comma-separated, from {', '.join(CONFIGS)} (before is required)")
     parser.add_argument("--tag", default="", help="write benchmarks/results/predict_e2e_TAG.json")
     args = parser.parse_args()
     import onnxruntime
@@ -149,8 +161,9 @@ def main() -> None:
     from fahr.models.onnx_export import export_onnx
 
     paths = utkface_photos(args.photos)
-    configs = {"before": ("before", []), "before, runtime=onnx": ("before", ["runtime=onnx"]),
-               "now": ("now", []), "now, runtime=torch": ("now", ["runtime=torch"])}
+    configs = {name: CONFIGS[name] for name in args.configs.split(",")}
+    if "before" not in configs:
+        raise SystemExit("--configs must include before (the reference of every ratio and parity check)")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-predict-e2e-") as tmp:
         tmp = Path(tmp)
@@ -170,7 +183,7 @@ def main() -> None:
             for i in range(args.repeats):
                 for name in names[i % len(names):] + names[: i % len(names)]:
                     tree, extra = configs[name]
-                    out = tmp / f"out-{spec}-{name.replace(', ', '-').replace('=', '-')}.csv"
+                    out = tmp / f"out-{spec}-{name}.csv"
                     load = os.getloadavg()[0]
                     run = run_predict(trees[tree], export_dir, listing, out, extra)
                     run["photos_per_s"] = len(paths) / run["wall_s"]
