@@ -338,6 +338,19 @@ def test_cpus_are_shared_between_detection_workers_and_the_model(restore_threads
     assert share_cpus(None, None, 10**6)[0] == 8
 
 
+def test_predict_leaves_torch_threads_as_it_found_them(restore_threads, export, photo_dir, tmp_path, caplog):
+    """`fahr predict` with a detection worker runs the model on one thread fewer, and gives it back."""
+    from fahr.pipeline.predict import predict
+
+    torch.set_num_threads(2)
+    cfg = compose_predict([f"model={export}", f"input={photo_dir}", f"output={tmp_path / 'o.csv'}", "device=cpu",
+                           "workers=1"])
+    with caplog.at_level("INFO", logger="fahr.predict"):
+        predict(cfg)
+    assert "runtime torch, 1 thread(s); 1 detection worker(s)" in caplog.text
+    assert torch.get_num_threads() == 2
+
+
 def test_detection_workers_import_no_model_code():
     """What a spawned worker imports (fahr.inference.align_stream) leaves out the model, timm and
     torchmetrics: each worker starts in the time of torch + the detector."""

@@ -24,6 +24,7 @@ from fahr.pipeline.predict import (
     preprocessing_overrides,
     resolve_runtime,
     share_cpus,
+    torch_threads_restored,
     write_csv,
 )
 
@@ -101,6 +102,7 @@ def attach_predictions(rows: list[dict[str, Any]], model, card: dict[str, Any], 
     return preds
 
 
+@torch_threads_restored
 def far(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fahr far``; returns ``{"output", "persons", "counts"}`` (counts by person status)."""
     from fahr.inference.far import METHODS, OUTPUT_COLUMNS, far_table

@@ -120,7 +120,8 @@ def model_files(export_dir: str) -> tuple[str, ...]:
 
 def share_cpus(workers: int | None, threads: int | None, photos: int) -> tuple[int, int]:
     """(detection worker processes, model threads) for ``photos`` photos, and set torch's thread count
-    to the latter (onnxruntime sessions created afterwards follow it). ``workers`` None:
+    to the latter (onnxruntime sessions created afterwards follow it; the commands restore it when
+    they end: :func:`torch_threads_restored`). ``workers`` None:
     :func:`fahr.inference.align_stream.resolve_workers`; ``threads`` None: torch's count
     (``OMP_NUM_THREADS``, else the cores) less one per worker, at least 1, so the model does not
     fight the workers for cores (oversubscribed OpenMP threads wait on each other)."""
@@ -134,6 +135,25 @@ def share_cpus(workers: int | None, threads: int | None, photos: int) -> tuple[i
     return n_workers, n_threads
 
 
+def torch_threads_restored(command):
+    """``command`` that leaves torch's thread count as it found it (:func:`share_cpus` changes it), so a
+    caller that goes on in the same process (the demo, a notebook) keeps its own."""
+    import functools
+
+    @functools.wraps(command)
+    def run(cfg):
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            return command(cfg)
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
+@torch_threads_restored
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fahr predict``; returns ``{"output", "photos", "counts", "seconds", "photos_per_second",
     "runtime"}``. ``cfg.runtime`` picks PyTorch or the export's ONNX graph (``auto``:
