@@ -784,6 +784,17 @@ class ShardStream(IterableDataset):
 def decode_sample_image(sample: dict[str, Any], size: int) -> torch.Tensor:
     """The sample's image as uint8 RGB (3, size, size) (resized, bilinear antialiased, if needed);
     raises _BadSample when there is none or it does not decode to one RGB image."""
+    ext, data = sample_image_member(sample)
+    try:
+        image = decode_rgb(torch.frombuffer(data, dtype=torch.uint8))
+    except RuntimeError as exn:
+        raise _BadSample(f"cannot decode {ext}: {str(exn).splitlines()[0]}") from exn
+    return rgb_at_size(image, ext, size)
+
+
+def sample_image_member(sample: dict[str, Any]) -> tuple[str, bytearray]:
+    """``(member type, encoded bytes)`` of the sample's image, the first of IMAGE_MEMBERS it has;
+    raises _BadSample when there is none or it is empty. Reads no pixels."""
     for ext in IMAGE_MEMBERS:
         data = sample.get(ext)
         if data is not None:
@@ -794,12 +805,15 @@ def decode_sample_image(sample: dict[str, Any], size: int) -> torch.Tensor:
         data = bytearray(data)  # torch.frombuffer wants a writable buffer
     if not data:
         raise _BadSample(f"empty {ext} member")
-    try:
-        image = decode_rgb(torch.frombuffer(data, dtype=torch.uint8))
-    except RuntimeError as exn:
-        raise _BadSample(f"cannot decode {ext}: {str(exn).splitlines()[0]}") from exn
+    return ext, data
+
+
+def rgb_at_size(image: torch.Tensor, ext: str, size: int) -> torch.Tensor:
+    """A freshly decoded ``ext`` image as uint8 RGB (3, size, size), on its own device: 16-bit values
+    scaled to 8 bits, other sizes resized (bilinear, antialiased); raises _BadSample when it is not
+    one (3, H, W) image (an animated GIF decodes to (frames, 3, H, W))."""
     shape = image.shape
-    if len(shape) != 3 or shape[0] != 3:  # e.g. an animated GIF: (frames, 3, H, W)
+    if len(shape) != 3 or shape[0] != 3:
         raise _BadSample(f"{ext} decodes to shape {tuple(shape)}, not (3, H, W)")
     if image.dtype != torch.uint8:  # 16-bit PNG
         image = tvf.to_dtype(image, torch.uint8, scale=True)
