@@ -76,6 +76,8 @@ class DataConfig(StreamedPhotosConfig):
     val_samples: int = bounded(0, lo=0)
     persistent_workers: bool = False
     pin_memory: bool = False
+    # training JPEGs: decoded in the loader workers, or batched on the training device (nvJPEG on a GPU)
+    decode: str = bounded("workers", choices=("workers", "device"))
     generate: Optional[SyntheticShardsConfig] = None
 
 

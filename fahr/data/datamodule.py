@@ -8,6 +8,7 @@ from typing import Any
 import lightning
 
 from fahr.boundary import InputError
+from fahr.data.device_decode import DeviceDecoder, is_encoded
 from fahr.data.shard_reader import (
     EvalStream,
     LabelAcceptance,
@@ -64,7 +65,13 @@ class ShardDataModule(lightning.LightningDataModule):
     ``val_samples`` in total (0 = the count in the shards' ``index.json``), rounded up to whole
     global batches. It uses at most ``num_workers`` workers: fewer if there are too few validation
     shards, or if the batch count is not a multiple of them (which would repeat samples). Each sample
-    is seen exactly once when the shards are equal-sized and split evenly over ranks and workers.
+    shard is seen exactly once when the shards are equal-sized and split evenly over ranks and workers.
+
+    ``decode="device"``: the training stream's workers leave the images encoded and
+    :meth:`transfer_batch_to_device` decodes each batch's JPEGs in one call onto the training device
+    (nvJPEG on a GPU, libjpeg on the CPU) before moving the rest; an image that fails to decode is
+    then dropped from its batch instead of replaced (:mod:`fahr.data.device_decode`). Validation
+    streams always decode in their workers.
 
     Args:
         train_shards: shard spec (brace pattern, ``::`` list, list of URLs; see ``expand_shards``).
@@ -77,6 +84,7 @@ class ShardDataModule(lightning.LightningDataModule):
         label_keys: json label keys returned as float32 tensors (e.g. ``("age",)``, years).
         image_size: image side in pixels (other sizes are resized).
         on_error: bad samples: "skip" (counted in ``n_skipped``, logged) or "raise".
+        decode: where training images are decoded: "workers" or "device" (see above).
         val_shards: validation shard spec, or None for no validation.
         val_samples: validation samples per pass over all ranks (0 = from ``index.json``).
         persistent_workers: keep DataLoader workers alive between epochs.
@@ -106,6 +114,7 @@ class ShardDataModule(lightning.LightningDataModule):
         val_batch_size: int | None = None,
         val_required: tuple = (),
         val_optional: tuple = (),
+        decode: str = "workers",
     ):
         super().__init__()
         if isinstance(label_keys, str):
@@ -120,6 +129,8 @@ class ShardDataModule(lightning.LightningDataModule):
         self.label_keys = tuple(label_keys)
         self.image_size = image_size
         self.on_error = on_error
+        self.decode = decode
+        self._device_decoder = DeviceDecoder(image_size, on_error) if decode == "device" else None
         self.val_shards = val_shards
         self.val_samples = val_samples
         self.persistent_workers = persistent_workers
@@ -163,6 +174,7 @@ class ShardDataModule(lightning.LightningDataModule):
                 rank=rank,
                 num_workers=self.num_workers,
                 accept=self.accept,
+                decode=self.decode,
             )
             self.set_epoch(self._epoch)
             log.info(
@@ -241,6 +253,16 @@ class ShardDataModule(lightning.LightningDataModule):
         return make_loader(self.val_stream, self.val_stream.num_workers, pin_memory=self.pin_memory,
                            persistent_workers=self.persistent_workers)
 
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        """Decode a ``decode="device"`` batch's images onto ``device``, then move the rest.
+
+        This hook, rather than ``on_before_batch_transfer``, because it is given the target device,
+        and ``decode_jpeg(device="cuda")`` takes the encoded bytes from host memory, as they come
+        from the loader."""
+        if self._device_decoder is not None and is_encoded(batch):
+            batch = self._device_decoder(batch, device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     # ---- epochs ----
     def set_epoch(self, epoch: int) -> None:
         """Select the training epoch (shard order, shuffling); call from ``on_train_epoch_start``.
@@ -285,4 +307,5 @@ def datamodule_from_config(data: Any) -> "ShardDataModule":
         val_samples=data.val_samples,
         persistent_workers=data.persistent_workers,
         pin_memory=data.pin_memory,
+        decode=data.decode,
     )

@@ -51,7 +51,12 @@ log = logging.getLogger(__name__)
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 """Sample members tried, in order, as the image of a sample."""
 
-_RESERVED_KEYS = frozenset({"image", "__key__", "n_skipped"})
+#: the batch fields of decode="device" that stand for "image" until the training process decodes them
+ENCODED_KEYS = ("encoded", "encoded_length", "encoded_member", "encoded_shard")
+_RESERVED_KEYS = frozenset({"image", "__key__", "n_skipped", *ENCODED_KEYS})
+DECODE_CHOICES = ("workers", "device")
+"""Where a ShardStream's JPEGs are decoded: in the DataLoader workers, or batched in the training
+process onto the training device (:mod:`fahr.data.device_decode`)."""
 _MAX_SAMPLE_WARNINGS = 5  # per worker process; later bad samples are only counted and summarised
 _READ_BUFFER = 1 << 20
 _BLOCK = 512
@@ -427,6 +432,19 @@ def _new_batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     return base.new(storage).view(shape)
 
 
+def _packed(encoded: list[bytearray], members: list[str], urls: list[str]) -> dict[str, Any]:
+    """The encoded images of a batch end to end in one uint8 buffer (see ShardStream, decode="device")."""
+    lengths = [len(data) for data in encoded]
+    buffer = _new_batch_buffer((sum(lengths),))
+    flat = buffer.numpy()
+    at = 0
+    for data, n in zip(encoded, lengths):
+        flat[at : at + n] = memoryview(data)
+        at += n
+    return {"encoded": buffer, "encoded_length": torch.tensor(lengths, dtype=torch.int64),
+            "encoded_member": members, "encoded_shard": urls}
+
+
 def _interleave(urls: list[str], at_once: int, rng: random.Random) -> Iterator[dict[str, Any]]:
     """The samples of ``urls``, reading ``at_once`` shards at a time: each sample comes from one of
     the open shards chosen by ``rng``; a finished shard is replaced by the next one of ``urls``."""
@@ -505,6 +523,17 @@ class ShardStream(IterableDataset):
     worker, then a per-epoch summary); ``on_error="raise"`` raises ValueError naming shard and key.
     A missing, truncated or corrupt shard always raises :class:`ShardReadError`.
 
+    ``decode="device"``: the workers read, check and batch samples as above but decode no pixels. A
+    batch then holds, instead of ``"image"``, the kept samples' encoded images packed end to end:
+    ``"encoded": uint8 (total bytes,)``, ``"encoded_length": int64 (B,)`` (bytes per sample, in
+    order), ``"encoded_member": list[str]`` (jpg, png, ...) and ``"encoded_shard": list[str]`` (the
+    sample's shard, for warnings); one buffer, so a batch crosses from a worker to the training
+    process as one shared-memory block whatever B is. :func:`fahr.data.device_decode.decode_batch`
+    turns it into ``"image"`` on the training device. Skipped and counted here are the samples that
+    are bad without decoding (no or empty image member, bad json or label) and those ``accept``
+    drops; an image that fails to decode is found only there, and dropped from its batch rather than
+    replaced (see :mod:`fahr.data.device_decode`).
+
     Args:
         shards: shard URLs (see :func:`expand_shards`); a string is expanded with it.
         samples_per_epoch: nominal samples per epoch over all ranks.
@@ -515,6 +544,7 @@ class ShardStream(IterableDataset):
         label_keys: json label keys returned as float32 tensors.
         image_size: output side length in pixels; other sizes are resized (bilinear, antialiased).
         on_error: "skip" or "raise" for bad samples.
+        decode: "workers" (decode in the DataLoader workers) or "device" (encoded bytes in the batch; see above).
         world_size, rank: None = from torch.distributed if initialised, else env WORLD_SIZE/RANK, else 1/0.
         num_workers: the DataLoader's num_workers (needed for the arithmetic; must match the loader).
         shuffle_shards: False keeps the given shard order every epoch and pass (validation).
@@ -541,6 +571,7 @@ class ShardStream(IterableDataset):
         shuffle_shards: bool = True,
         accept: "LabelAcceptance | None" = None,
         interleave: int = 1,
+        decode: str = "workers",
     ):
         super().__init__()
         self.accept = accept
@@ -560,6 +591,9 @@ class ShardStream(IterableDataset):
                 raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
         if on_error not in ("skip", "raise"):
             raise InputError(f'on_error must be "skip" or "raise", got {on_error!r}')
+        if decode not in DECODE_CHOICES:
+            raise InputError(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
+        self.decode = decode
         self.samples_per_epoch = samples_per_epoch
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -714,14 +748,20 @@ class ShardStream(IterableDataset):
         if not shards:
             raise InputError(f"rank {rank} worker {worker_id} has no shards (epoch {epoch})")
         bs, keys_wanted, size = self.batch_size, self.label_keys, self.image_size
+        on_device = self.decode == "device"
         skip_batches = len(range(worker_id, start_batch, self.workers))
         rejected = [0]  # samples `accept` dropped in the current pass
         source = self._raw_samples(shards, epoch, rank, worker_id, skip=skip_batches * bs, rejected=rejected)
         skipped_total = skipped = good_in_pass = 0
         try:
             for _ in range(self.batches_per_worker - skip_batches):
-                out = _new_batch_buffer((bs, size, size, 3))
-                pixels = out.numpy()
+                if on_device:
+                    encoded: list[bytearray] = []
+                    members: list[str] = []
+                    urls: list[str] = []
+                else:
+                    out = _new_batch_buffer((bs, size, size, 3))
+                    pixels = out.numpy()
                 keys: list[str] = []
                 labels: list[list[float]] = [[] for _ in keys_wanted]
                 while len(keys) < bs:
@@ -736,7 +776,10 @@ class ShardStream(IterableDataset):
                         good_in_pass = rejected[0] = 0
                         continue
                     try:
-                        image, values = self._decode(sample)
+                        if on_device:
+                            member, values = self._check(sample)
+                        else:
+                            image, values = self._decode(sample)
                     except _BadSample as bad:
                         reason = f"bad sample {sample['__key__']!r} in shard {sample['__url__']}: {bad}"
                         if self.on_error == "raise":
@@ -746,15 +789,23 @@ class ShardStream(IterableDataset):
                         self._warn_skip(rank, worker_id, reason)
                         continue
                     good_in_pass += 1
-                    # copied while the decoded pixels are still in cache; (3, H, W) -> (H, W, 3) is the
-                    # decoder's own memory layout, so this is a plain memcpy
-                    pixels[len(keys)] = image.numpy().transpose(1, 2, 0)
+                    if on_device:
+                        members.append(member[0])
+                        encoded.append(member[1])
+                        urls.append(sample["__url__"])
+                    else:
+                        # copied while the decoded pixels are still in cache; (3, H, W) -> (H, W, 3) is
+                        # the decoder's own memory layout, so this is a plain memcpy
+                        pixels[len(keys)] = image.numpy().transpose(1, 2, 0)
                     keys.append(sample["__key__"])
                     for column, value in zip(labels, values):
                         column.append(value)
-                # returned as a (B, 3, H, W) view of (B, H, W, 3) memory: un-interleaving uint8 pixels on
-                # the CPU costs ~25% of the decode time, and ~nothing on the device
-                batch: dict[str, Any] = {"image": out.permute(0, 3, 1, 2)}
+                if on_device:
+                    batch: dict[str, Any] = _packed(encoded, members, urls)
+                else:
+                    # returned as a (B, 3, H, W) view of (B, H, W, 3) memory: un-interleaving uint8 pixels
+                    # on the CPU costs ~25% of the decode time, and ~nothing on the device
+                    batch = {"image": out.permute(0, 3, 1, 2)}
                 for name, column in zip(keys_wanted, labels):
                     batch[name] = torch.tensor(column, dtype=torch.float32)
                 batch["__key__"] = keys
@@ -774,6 +825,13 @@ class ShardStream(IterableDataset):
             suffix = "" if n < _MAX_SAMPLE_WARNINGS else " (further bad samples of this worker are only counted)"
             log.warning("skipping %s%s", reason, suffix)
 
+    def _check(self, sample: dict[str, Any]) -> tuple[tuple[str, bytearray], list[float]]:
+        """``(member type, encoded image)`` and the float label values of ``sample``, checked as
+        :meth:`_decode` checks them but for the pixels; raises _BadSample."""
+        member = sample_image_member(sample)
+        meta = sample_labels(sample) if self.label_keys else {}
+        return member, [required_number(meta, key) for key in self.label_keys]
+
     def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[float]]:
         """uint8 (3, S, S) image and the float label values of ``sample``; raises _BadSample."""
         image = decode_sample_image(sample, self.image_size)
@@ -784,6 +842,17 @@ class ShardStream(IterableDataset):
 def decode_sample_image(sample: dict[str, Any], size: int) -> torch.Tensor:
     """The sample's image as uint8 RGB (3, size, size) (resized, bilinear antialiased, if needed);
     raises _BadSample when there is none or it does not decode to one RGB image."""
+    ext, data = sample_image_member(sample)
+    try:
+        image = decode_rgb(torch.frombuffer(data, dtype=torch.uint8))
+    except RuntimeError as exn:
+        raise _BadSample(f"cannot decode {ext}: {str(exn).splitlines()[0]}") from exn
+    return rgb_at_size(image, ext, size)
+
+
+def sample_image_member(sample: dict[str, Any]) -> tuple[str, bytearray]:
+    """``(member type, encoded bytes)`` of the sample's image, the first of IMAGE_MEMBERS it has;
+    raises _BadSample when there is none or it is empty. Reads no pixels."""
     for ext in IMAGE_MEMBERS:
         data = sample.get(ext)
         if data is not None:
@@ -794,12 +863,15 @@ def decode_sample_image(sample: dict[str, Any], size: int) -> torch.Tensor:
         data = bytearray(data)  # torch.frombuffer wants a writable buffer
     if not data:
         raise _BadSample(f"empty {ext} member")
-    try:
-        image = decode_rgb(torch.frombuffer(data, dtype=torch.uint8))
-    except RuntimeError as exn:
-        raise _BadSample(f"cannot decode {ext}: {str(exn).splitlines()[0]}") from exn
+    return ext, data
+
+
+def rgb_at_size(image: torch.Tensor, ext: str, size: int) -> torch.Tensor:
+    """A freshly decoded ``ext`` image as uint8 RGB (3, size, size), on its own device: 16-bit values
+    scaled to 8 bits, other sizes resized (bilinear, antialiased); raises _BadSample when it is not
+    one (3, H, W) image (an animated GIF decodes to (frames, 3, H, W))."""
     shape = image.shape
-    if len(shape) != 3 or shape[0] != 3:  # e.g. an animated GIF: (frames, 3, H, W)
+    if len(shape) != 3 or shape[0] != 3:
         raise _BadSample(f"{ext} decodes to shape {tuple(shape)}, not (3, H, W)")
     if image.dtype != torch.uint8:  # 16-bit PNG
         image = tvf.to_dtype(image, torch.uint8, scale=True)
