@@ -65,7 +65,7 @@ class ShardDataModule(lightning.LightningDataModule):
     ``val_samples`` in total (0 = the count in the shards' ``index.json``), rounded up to whole
     global batches. It uses at most ``num_workers`` workers: fewer if there are too few validation
     shards, or if the batch count is not a multiple of them (which would repeat samples). Each sample
-    shard is seen exactly once when the shards are equal-sized and split evenly over ranks and workers.
+    is seen exactly once when the shards are equal-sized and split evenly over ranks and workers.
 
     ``decode="device"``: the training stream's workers leave the images encoded and
     :meth:`transfer_batch_to_device` decodes each batch's JPEGs in one call onto the training device
