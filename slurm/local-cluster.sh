@@ -39,7 +39,9 @@ install() {
 write_conf() {
     local host cpus mem_mb
     host=$(hostname -s)
-    cpus=$(nproc)
+    # nproc honours OMP_NUM_THREADS (a test run's 1 thread would make a 1-CPU node on which a
+    # 2-CPU job pends forever); the CPUs this process may use are what the node offers
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     # Leave ~10% for the OS; slurmd refuses to register a node claiming more memory than it has.
     mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
     mkdir -p "$STATE"/{ctld,d,log} "$CONF_DIR"
@@ -145,10 +147,10 @@ stop_one() {  # stop_one <name> <pidfile>
 stop() {
     stop_one slurmd "$STATE/slurmd.pid"
     stop_one slurmctld "$STATE/slurmctld.pid"
-    if pgrep -x munged >/dev/null; then
-        # munged's own pid file; only ours if we started it, but the test cluster is the only user here
-        local pid_file=/run/munge/munged.pid
-        [[ -f $pid_file ]] && kill "$(cat "$pid_file")" 2>/dev/null && say "stopped munged"
+    # munged's own pid file; only ours if we started it, but the test cluster is the only user here.
+    # Waited for like the others: a `start` right after would see it still running and not restart it.
+    if pgrep -x munged >/dev/null && [[ -f /run/munge/munged.pid ]]; then
+        stop_one munged /run/munge/munged.pid
     fi
     return 0
 }
