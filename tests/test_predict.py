@@ -321,21 +321,22 @@ def restore_threads():
 
 
 def test_cpus_are_shared_between_detection_workers_and_the_model(restore_threads, monkeypatch):
-    """The model gets torch's thread count less one per detection worker (at least 1) unless told;
-    workers start from 1,000 photos, one per usable CPU (at most 8), unless told."""
+    """Workers start from 1,000 photos, one per usable CPU (at most 8), unless told; the model gets
+    torch's thread count less one per worker (at least 1) unless told."""
     from fahr.inference import align_stream
-    from fahr.pipeline.predict import share_cpus
+    from fahr.inference.align_stream import resolve_workers
+    from fahr.pipeline.predict import model_threads
 
     monkeypatch.setattr(align_stream, "usable_cpus", lambda: 4)
+    assert resolve_workers(None, 999) == 0 and resolve_workers(None, 1000) == 4 and resolve_workers(1, 10) == 1
     torch.set_num_threads(4)
-    assert share_cpus(None, None, 999) == (0, 4) and torch.get_num_threads() == 4
+    assert model_threads(None, 0) == 4 and torch.get_num_threads() == 4
+    assert model_threads(None, 4) == 1 and torch.get_num_threads() == 1
     torch.set_num_threads(4)
-    assert share_cpus(None, None, 1000) == (4, 1) and torch.get_num_threads() == 1
-    torch.set_num_threads(4)
-    assert share_cpus(1, None, 10) == (1, 3) and torch.get_num_threads() == 3
-    assert share_cpus(2, 5, 10) == (2, 5) and torch.get_num_threads() == 5
+    assert model_threads(None, 1) == 3 and torch.get_num_threads() == 3
+    assert model_threads(5, 2) == 5 and torch.get_num_threads() == 5
     monkeypatch.setattr(align_stream, "usable_cpus", lambda: 64)
-    assert share_cpus(None, None, 10**6)[0] == 8
+    assert resolve_workers(None, 10**6) == 8
 
 
 def test_predict_leaves_torch_threads_as_it_found_them(restore_threads, export, photo_dir, tmp_path, caplog):
@@ -353,9 +354,10 @@ def test_predict_leaves_torch_threads_as_it_found_them(restore_threads, export, 
 
 def test_detection_workers_import_no_model_code():
     """What a spawned worker imports (fahr.inference.align_stream) leaves out the model, timm and
-    torchmetrics: each worker starts in the time of torch + the detector."""
+    torchmetrics (and torch itself until a worker starts): the commands start their workers before
+    their own heavy imports, and each worker starts in the time of torch + the detector."""
     code = ("import sys, fahr.inference.align_stream; "
-            "print(sorted(m for m in ('timm', 'torchmetrics', 'lightning', 'fahr.models', 'fahr.inference.predict') "
-            "if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'timm', 'torchmetrics', 'lightning', 'fahr.models', "
+            "'fahr.inference.predict') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout

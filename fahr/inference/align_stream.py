@@ -1,9 +1,9 @@
 """Photos -> aligned crops, in this process or in detection worker processes, in input order.
 
 This is the part of `fahr predict` / `fahr far` that decodes, detects and aligns; the model runs
-elsewhere (:mod:`fahr.inference.predict`). It imports no model code, so a spawned worker starts in
-the time it takes to import torch and the detector (~3 s on 2 idle cores, not the ~6 s the whole
-predict module took).
+elsewhere (:mod:`fahr.inference.predict`). It imports no model code (nor torch until a worker or an
+aligner needs it), so the commands can start their workers before their own heavy imports, and a
+spawned worker starts in the time it takes to import torch and the detector.
 
 Each photo's crop depends on that photo alone (the detector runs per photo on one torch thread:
 :mod:`fahr.faces.align`), so the crops are bit-identical in any batch, order or worker count.
@@ -16,13 +16,15 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from fahr.faces.rejection import RejectedError
 from fahr.inference.photos import Photo, load_photo, status_of
 
 #: with ``workers=None``, photos from which detection runs in worker processes
 AUTO_WORKERS_FROM = 1000
+#: detection workers run at this lower priority: the model (the consumer) gets a core whenever it has
+#: crops to run and the workers take the rest, so neither a light nor a heavy model waits on the other
+WORKER_NICENESS = 10
 #: photos handed to the worker pool at a time (bounds the crops waiting for the model)
 _WINDOW = 1024
 
@@ -64,38 +66,61 @@ def align_photo(photo: Photo, aligner) -> np.ndarray | str:
     return status_of(res.reason) if isinstance(res, RejectedError) else res.crop
 
 
-_WORKER_ALIGNER = None
+#: a worker's aligners by preprocessing (one in practice; built on the first photo that needs it)
+_WORKER_ALIGNERS: dict[tuple, Any] = {}
 
 
-def _init_worker(prep: dict[str, Any]) -> None:
-    global _WORKER_ALIGNER
+def _init_worker() -> None:
+    import torch
+
     torch.set_num_threads(1)  # the aligner runs on one thread anyway; the workers are the parallelism
-    _WORKER_ALIGNER = make_aligner(prep)
+    os.nice(WORKER_NICENESS)
+    import fahr.faces.align  # noqa: F401 - the detector's imports are most of a worker's start-up: pay them now
 
 
-def _align_in_worker(photo: Photo) -> np.ndarray | str:
-    return align_photo(photo, _WORKER_ALIGNER)
+def _align_in_worker(task: tuple[Photo, dict[str, Any]]) -> np.ndarray | str:
+    photo, prep = task
+    key = tuple(sorted(prep.items()))
+    if key not in _WORKER_ALIGNERS:
+        _WORKER_ALIGNERS[key] = make_aligner(prep)
+    return align_photo(photo, _WORKER_ALIGNERS[key])
+
+
+def start_workers(workers: int):
+    """A pool of ``workers`` spawned detection processes (one torch thread each, lower priority),
+    importing the detector as they start; None for 0. Start it early (before loading the model) so
+    that start-up overlaps the caller's own; close it with ``terminate()`` (:func:`aligned_stream`
+    does not close a pool it was given)."""
+    if workers == 0:
+        return None
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
 
 
 def aligned_stream(photos: Sequence[Photo], batch_size: int, prep: dict[str, Any], workers: int,
-                   aligner=None) -> Iterator[tuple[Sequence[Photo], list[np.ndarray | str]]]:
+                   aligner=None, pool=None) -> Iterator[tuple[Sequence[Photo], list[np.ndarray | str]]]:
     """(chunk of ``batch_size`` photos, their crops or statuses), in input order.
 
-    ``workers=0``: decoded and aligned here, by ``aligner`` (else one made from ``prep``). Else in that
-    many spawned processes (one torch thread each, ``prep``'s aligner) while the caller runs the model
-    on the previous chunk; at most ``_WINDOW`` photos are handed out ahead. Same crops either way."""
-    if workers == 0:
+    ``workers=0`` and no ``pool``: decoded and aligned here, by ``aligner`` (else one made from
+    ``prep``). Else in ``pool`` (:func:`start_workers`), or in ``workers`` processes started here,
+    while the caller runs the model on the previous chunk; at most ``_WINDOW`` photos are handed out
+    ahead. Same crops either way."""
+    if workers == 0 and pool is None:
         aligner = aligner or make_aligner(prep)
         for i in range(0, len(photos), batch_size):
             chunk = photos[i : i + batch_size]
             yield chunk, [align_photo(photo, aligner) for photo in chunk]
         return
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(prep,)) as pool:
+    own = pool is None
+    pool = start_workers(workers) if own else pool
+    try:
         for start in range(0, len(photos), _WINDOW):
             window = photos[start : start + _WINDOW]
-            results = pool.imap(_align_in_worker, window, chunksize=4)
+            results = pool.imap(_align_in_worker, [(photo, prep) for photo in window], chunksize=4)
             for i in range(0, len(window), batch_size):
                 chunk = window[i : i + batch_size]
                 yield chunk, [next(results) for _ in chunk]
+    finally:
+        if own:
+            pool.terminate()

@@ -234,7 +234,7 @@ def _as_photos(paths: Iterable[str | Path | Photo]) -> list[Photo]:
 def iter_predictions(model: Model, card: dict[str, Any], paths: Iterable[str | Path | Photo], *,
                      batch_size: int = 32, device: str = "auto", preprocessing: dict[str, Any] | None = None,
                      aligner=None, progress: Callable[[int], None] | None = None,
-                     workers: int | None = 0) -> Iterator[dict[str, Any]]:
+                     workers: int | None = 0, pool=None) -> Iterator[dict[str, Any]]:
     """Yield one row per input photo, in input order, ``batch_size`` photos decoded at a time.
 
     Args:
@@ -252,6 +252,8 @@ def iter_predictions(model: Model, card: dict[str, Any], paths: Iterable[str | P
         progress: called with the number of photos done after each step.
         workers: processes that decode and align photos while this one runs the model (0: all in
             this process; None: :func:`resolve_workers` decides). The rows do not depend on it.
+        pool: detection workers already started (:func:`fahr.inference.align_stream.start_workers`),
+            used instead of ``workers`` and left open.
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -263,7 +265,7 @@ def iter_predictions(model: Model, card: dict[str, Any], paths: Iterable[str | P
     columns = output_columns(model, card)
     photos = _as_photos(paths)
     n_workers = 0 if aligner is not None else resolve_workers(workers, len(photos))
-    for chunk, aligned in aligned_stream(photos, batch_size, prep, n_workers, aligner):
+    for chunk, aligned in aligned_stream(photos, batch_size, prep, n_workers, aligner, pool):
         yield from _rows_for_chunk(chunk, aligned, model, card, columns, batch_size, dev)
         if progress is not None:
             progress(len(chunk))

@@ -12,7 +12,9 @@ import math
 
 import numpy as np
 import torch
-from torchmetrics.functional import mean_absolute_error, pearson_corrcoef
+
+# torchmetrics is imported where the metrics are computed, not here: `fahr predict` needs only the
+# calibration arithmetic below, and torchmetrics (with torchvision) is ~2 s of its start-up
 
 
 def decade_label(age: float) -> str:
@@ -21,6 +23,8 @@ def decade_label(age: float) -> str:
 
 
 def _mae(pred: np.ndarray, true: np.ndarray) -> float:
+    from torchmetrics.functional import mean_absolute_error
+
     return float(mean_absolute_error(torch.from_numpy(pred), torch.from_numpy(true)))
 
 
@@ -36,6 +40,8 @@ def age_metrics(pred: np.ndarray, true: np.ndarray, groups: dict[str, np.ndarray
     true = np.asarray(true, dtype=np.float64)
     if pred.shape != true.shape or pred.ndim != 1 or len(pred) == 0:
         raise ValueError(f"pred and true must be equal-length 1-D arrays, got {pred.shape} and {true.shape}")
+    from torchmetrics.functional import pearson_corrcoef
+
     err = pred - true
     out: dict[str, float] = {
         "n": float(len(pred)),

@@ -21,9 +21,9 @@ from fahr.pipeline.predict import (
     check_inference_options,
     load_model,
     model_files,
+    model_threads,
     preprocessing_overrides,
     resolve_runtime,
-    share_cpus,
     torch_threads_restored,
     write_csv,
 )
@@ -122,7 +122,10 @@ def far(cfg: DictConfig) -> dict[str, Any]:
         log.warning("%d of %d rows: %s (an empty person is left out; a photo without a usable time cannot set "
                     "an interval)", sum(problems.values()), len(rows),
                     ", ".join(f"{n} {what}" for what, n in problems.most_common()))
-    workers, _ = share_cpus(cfg.workers, cfg.threads, len({row["file"] for row in rows}))
+    from fahr.inference.align_stream import resolve_workers
+
+    workers = resolve_workers(cfg.workers, len({row["file"] for row in rows}))
+    model_threads(cfg.threads, workers)
     model, card = load_model(cfg.model, resolve_runtime(cfg.model, cfg.runtime, cfg.device))
     if "age" not in model.heads:
         raise InputError(f"{cfg.model} has no FaceAge head (heads: {list(model.heads)}): FAR needs a FaceAge model")

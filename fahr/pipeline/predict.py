@@ -118,25 +118,21 @@ def model_files(export_dir: str) -> tuple[str, ...]:
     return tuple(str(Path(export_dir) / name) for name in (CARD_FILE, WEIGHTS_FILE, ONNX_FILE))
 
 
-def share_cpus(workers: int | None, threads: int | None, photos: int) -> tuple[int, int]:
-    """(detection worker processes, model threads) for ``photos`` photos, and set torch's thread count
-    to the latter (onnxruntime sessions created afterwards follow it; the commands restore it when
-    they end: :func:`torch_threads_restored`). ``workers`` None:
-    :func:`fahr.inference.align_stream.resolve_workers`; ``threads`` None: torch's count
-    (``OMP_NUM_THREADS``, else the cores) less one per worker, at least 1, so the model does not
-    fight the workers for cores (oversubscribed OpenMP threads wait on each other)."""
+def model_threads(threads: int | None, workers: int) -> int:
+    """The model's threads, set as torch's thread count (onnxruntime sessions created afterwards
+    follow it; the commands restore it when they end: :func:`torch_threads_restored`): ``threads``,
+    or (None) torch's count (``OMP_NUM_THREADS``, else the cores) less one per detection worker, at
+    least 1, so the model does not fight the workers for cores (oversubscribed OpenMP threads wait
+    on each other). The workers run at a lower priority, so the model gets its core when it has work."""
     import torch
 
-    from fahr.inference.align_stream import resolve_workers
-
-    n_workers = resolve_workers(workers, photos)
-    n_threads = int(threads) if threads else max(1, torch.get_num_threads() - n_workers)
+    n_threads = int(threads) if threads else max(1, torch.get_num_threads() - workers)
     torch.set_num_threads(n_threads)
-    return n_workers, n_threads
+    return n_threads
 
 
 def torch_threads_restored(command):
-    """``command`` that leaves torch's thread count as it found it (:func:`share_cpus` changes it), so a
+    """``command`` that leaves torch's thread count as it found it (:func:`model_threads` changes it), so a
     caller that goes on in the same process (the demo, a notebook) keeps its own."""
     import functools
 
@@ -158,37 +154,47 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fahr predict``; returns ``{"output", "photos", "counts", "seconds", "photos_per_second",
     "runtime"}``. ``cfg.runtime`` picks PyTorch or the export's ONNX graph (``auto``:
     :func:`resolve_runtime`); only the model forward differs."""
-    from tqdm import tqdm
-
+    from fahr.inference.align_stream import resolve_workers, start_workers
     from fahr.inference.photos import list_photos
-    from fahr.inference.predict import iter_predictions, output_columns, resolve_preprocessing, summarize
-    from fahr.models.weights import read_any_card
 
     validate(cfg, PredictConfig)
-    check_inference_options(cfg)
-    check_output_file(cfg.output, "output", inputs=(cfg.input, *model_files(cfg.model)))
-    read_any_card(cfg.model)  # a wrong model is the first thing to say; it loads once the threads are set
     photos = list_photos(cfg.input)
-    if not photos:
-        raise InputError(f"no photos in {printable_path(cfg.input)} (image extensions: jpg, jpeg, png, bmp, gif, "
-                         "tif(f), webp, ppm, pgm)")
-    workers, threads = share_cpus(cfg.workers, cfg.threads, len(photos))  # before the model: ONNX fixes its threads
-    runtime = resolve_runtime(cfg.model, cfg.runtime, cfg.device)
-    model, card = load_model(cfg.model, runtime)
-    overrides = preprocessing_overrides(cfg)
-    log.info("%d photos from %s; runtime %s, %d thread(s); %d detection worker(s); preprocessing %s", len(photos),
-             cfg.input, runtime, threads, workers, resolve_preprocessing(card, overrides))
-    counts: Counter = Counter()
-
-    def rows():
-        for row in iter_predictions(model, card, photos, batch_size=cfg.batch_size, device=cfg.device,
-                                    preprocessing=overrides, progress=bar.update, workers=workers):
-            counts[row["status"]] += 1
-            yield row
-
     t0 = time.perf_counter()
-    with tqdm(total=len(photos), desc="predict", unit="photo", disable=None) as bar:
-        written = write_csv(cfg.output, output_columns(model, card), rows())
+    workers = resolve_workers(cfg.workers, len(photos))
+    # the workers' start-up (seconds of imports) overlaps this process's own: checks, imports, model load
+    pool = start_workers(workers)
+    try:
+        check_inference_options(cfg)
+        check_output_file(cfg.output, "output", inputs=(cfg.input, *model_files(cfg.model)))
+        from tqdm import tqdm
+
+        from fahr.inference.predict import iter_predictions, output_columns, resolve_preprocessing, summarize
+        from fahr.models.weights import read_any_card
+
+        read_any_card(cfg.model)  # a wrong model is the first thing to say, before the photos
+        if not photos:
+            raise InputError(f"no photos in {printable_path(cfg.input)} (image extensions: jpg, jpeg, png, bmp, "
+                             "gif, tif(f), webp, ppm, pgm)")
+
+        threads = model_threads(cfg.threads, workers)  # before the model: ONNX fixes its threads
+        runtime = resolve_runtime(cfg.model, cfg.runtime, cfg.device)
+        model, card = load_model(cfg.model, runtime)
+        overrides = preprocessing_overrides(cfg)
+        log.info("%d photos from %s; runtime %s, %d thread(s); %d detection worker(s); preprocessing %s",
+                 len(photos), cfg.input, runtime, threads, workers, resolve_preprocessing(card, overrides))
+        counts: Counter = Counter()
+
+        def rows():
+            for row in iter_predictions(model, card, photos, batch_size=cfg.batch_size, device=cfg.device,
+                                        preprocessing=overrides, progress=bar.update, pool=pool):
+                counts[row["status"]] += 1
+                yield row
+
+        with tqdm(total=len(photos), desc="predict", unit="photo", disable=None) as bar:
+            written = write_csv(cfg.output, output_columns(model, card), rows())
+    finally:
+        if pool is not None:
+            pool.terminate()
     seconds = time.perf_counter() - t0
     assert written == len(photos), "one output row per input photo"
     log.info("fahr predict: %s -> %s", summarize(counts, seconds), cfg.output)
