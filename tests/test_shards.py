@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from conftest import write_shard_index
+from conftest import REPO, write_shard_index
 from fahr.boundary import InputError
 from fahr.data.datamodule import ShardDataModule
 from fahr.data.shard_reader import ShardReadError, ShardStream, expand_shards, make_loader, read_shard
@@ -385,3 +387,31 @@ def test_interleaving_mixes_shards_written_in_sorted_order(tmp_path):
     assert min(mixed[:10]) >= 5, mixed  # while all 8 shards are open, every batch spans most ages
     with pytest.raises(InputError, match="interleave must be an integer >= 1"):
         ShardStream(paths, samples_per_epoch=8, batch_size=4, interleave=0)
+
+
+# ---- exit: a worker left running never holds the training process ------------------------------------
+
+
+EXIT_SCRIPT = """
+import glob, sys
+from fahr.data.shard_reader import ShardStream, make_loader
+from fahr.data.synthetic_shards import write_synthetic_shards
+
+write_synthetic_shards(sys.argv[1], num_samples=32, samples_per_shard=8, image_size=32)
+shards = sorted(glob.glob(sys.argv[1] + "/train-*.tar"))
+stream = ShardStream(shards, samples_per_epoch=32, batch_size=4, seed=0, num_workers=1, image_size=32)
+LEFT = iter(make_loader(stream, 1))  # never shut down: kept alive until the interpreter exits
+next(LEFT)
+print("one batch", flush=True)
+"""
+
+
+def test_a_dataloader_worker_left_running_does_not_hang_the_exit(tmp_path):
+    """A training process that exits with a DataLoader iterator still referenced (a run stopped by a
+    signal can) exits at once: its worker ignores SIGTERM (so a group-wide SIGTERM cannot kill it
+    mid-batch), so multiprocessing's exit handler alone would SIGTERM it and then wait forever."""
+    script = tmp_path / "leave_worker.py"
+    script.write_text(EXIT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "shards")], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout == "one batch\n", proc.stderr[-2000:]

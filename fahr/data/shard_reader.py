@@ -1026,6 +1026,8 @@ def eval_loader(stream: EvalStream) -> DataLoader:
     """A DataLoader over an :class:`EvalStream` (batch_size=None: the stream batches), with as many
     workers as its ``num_workers`` but no more than the shards this rank reads."""
     workers = min(stream.num_workers, len(stream.rank_shards()))
+    if workers > 0:
+        kill_workers_at_exit()
     return DataLoader(stream, batch_size=None, shuffle=False, num_workers=workers)
 
 
@@ -1040,6 +1042,30 @@ def ignore_stop_signals() -> None:
     dies (SIGKILL, which cannot be ignored, still ends everything)."""
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+
+
+_EXIT_GUARD = []
+
+
+def kill_workers_at_exit() -> None:
+    """In the training process: at interpreter exit, kill (SIGKILL) the daemonic child processes still
+    alive, i.e. DataLoader workers whose iterator was never shut down (a run stopped by a signal can
+    leave one referenced until exit). multiprocessing's own exit handler would SIGTERM them, which they
+    ignore (:func:`ignore_stop_signals`), and then wait for them forever. Registered once, after
+    multiprocessing's handler, so it runs before it (atexit runs last-registered first)."""
+    if _EXIT_GUARD:
+        return
+    import atexit
+    import multiprocessing
+
+    def kill_daemonic_children() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+                child.join(timeout=10)
+
+    atexit.register(kill_daemonic_children)
+    _EXIT_GUARD.append(kill_daemonic_children)
 
 
 def make_loader(
@@ -1061,6 +1087,7 @@ def make_loader(
         )
     extra: dict[str, Any] = {}
     if num_workers > 0:
+        kill_workers_at_exit()
         extra["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
