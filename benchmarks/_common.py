@@ -35,6 +35,15 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return atomic_write_json(RESULTS / f"{name}.json", payload)
 
 
+def baseline_tree(commit: str, into: Path) -> Path:
+    """The project at ``commit`` (``git archive``), to run with this venv (its ``fahr`` package first on
+    the path, as ``python -m`` puts the working folder first)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(RESULTS.parents[1]), "archive", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
 def median_rate(stamps: list[float], warmup: int) -> float:
     """Steps/s from step-end timestamps: 1 / median step duration after ``warmup`` steps (a median,
     so one scheduler hiccup on a shared 2-core machine does not decide a ratio)."""

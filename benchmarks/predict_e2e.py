@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from _common import print_table, write_result  # noqa: E402
+from _common import baseline_tree, print_table, write_result  # noqa: E402
 from predict import utkface_photos  # noqa: E402
 
 BASELINE = "f13e0ba"
@@ -69,15 +69,6 @@ def save_model(arch: str, img_size: int, export_dir: Path) -> None:
     torch.nn.init.normal_(head.net[-1].weight, std=0.05)  # faces get different ages
     model = FaceModel(backbone, {"age": head}, [0.5] * 3, [0.25] * 3, flip_average=True)
     save_face_model(export_dir, model, {"task": "faceage", "benchmark": "random weights, speed only"})
-
-
-def baseline_tree(commit: str, into: Path) -> Path:
-    """The project at ``commit`` (``git archive``), to run with this venv (its ``fahr`` package first on
-    the path, as ``python -m`` puts the working folder first)."""
-    into.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
 
 
 def run_predict(tree: Path, export_dir: Path, listing: Path, out: Path, extra: list[str]) -> dict:

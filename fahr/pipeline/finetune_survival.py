@@ -13,9 +13,11 @@ Breslow baseline hazard, so S(t | x) = exp(-H0(t) exp(risk)) can be produced lat
 Runs as a :class:`fahr.job.TrainingJob`. Images mode streams the training photos from their shards
 (one process or one per GPU; the covariates' scaler and the outcome checks come from one pass over
 the training labels, ``<run_dir>/train_labels.npz``) and evaluates every photo once over all ranks.
-Table mode trains full-batch in one process (srun/torchrun with several processes is refused: a
-table fits in one). A stop (SIGUSR1/SIGTERM) saves and ends the command with ``preempted``; the
-same command resumes, after training it redoes only the evaluation.
+Table mode trains full-batch in one process on the CPU (srun/torchrun with several processes is
+refused: a table fits in one), in a plain loop (:mod:`fahr.tasks.table_training`): Lightning's
+per-step bookkeeping was most of a fit that takes seconds. A stop (SIGUSR1/SIGTERM) ends the command
+with ``preempted``; the same command resumes: images mode from its last checkpoint, table mode by
+fitting again from the start (to the same weights); after training it redoes only the evaluation.
 """
 
 from __future__ import annotations
@@ -229,6 +231,8 @@ class _TableRows(Dataset):
 
     def __getitem__(self, i: int | list[int]) -> dict[str, torch.Tensor]:
         """One row, or a batch of rows (``i`` a list of indices: (B, F), (B,), (B,))."""
+        if isinstance(i, list):
+            i = torch.tensor(i)  # one conversion for the three lookups
         return {"x": self.x[i], "time": self.time[i], "event": self.event[i]}
 
 
@@ -321,10 +325,10 @@ def table_loader(rows: "_TableRows", batch_size: int, shuffle: torch.Generator |
 
 
 def train(job: TrainingJob, cfg: DictConfig, model: torch.nn.Module, scaler: dict[str, Any],
-          train_dataloaders: Any = None, val_dataloaders: Any = None, datamodule: Any = None,
-          batches_per_epoch: int | None = None) -> dict[str, Any] | None:
+          train_dataloaders: Any = None, val_dataloaders: Any = None, datamodule: Any = None) -> dict[str, Any] | None:
     """Train (or skip a finished training); leaves the best weights in ``model``. Returns the
-    summary (``train_done.json``), or None when a signal stopped it."""
+    summary (``train_done.json``), or None when a signal stopped it. Images mode trains under
+    Lightning (:meth:`TrainingJob.fit`); table mode with :func:`train_table`."""
     t = cfg.task
     run_dir = job.run_dir
     done_file = run_dir / "train_done.json"
@@ -333,10 +337,10 @@ def train(job: TrainingJob, cfg: DictConfig, model: torch.nn.Module, scaler: dic
         load_task_weights(model, run_dir / done["best"])
         log.info("training already finished (best val loss %.4f): skipped", done["best_val_loss"])
         return done
-    table = cfg.data.mode == "table"
-    columns = None if table else {"time": cfg.data.time, "event": cfg.data.event, **scaler}
-    task = SurvivalTask(model, OmegaConf.to_container(t, resolve=True), cfg.data.batch_size, columns=columns,
-                        scale_lr=not table)
+    if cfg.data.mode == "table":
+        return train_table(job, cfg, model, train_dataloaders, val_dataloaders.dataset)
+    columns = {"time": cfg.data.time, "event": cfg.data.event, **scaler}
+    task = SurvivalTask(model, OmegaConf.to_container(t, resolve=True), cfg.data.batch_size, columns=columns)
     ckpt_dir = run_dir / "checkpoints"
     every = min(t.val_every_n_steps, t.max_steps)
     best = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/loss", mode="min", save_top_k=1,
@@ -346,14 +350,9 @@ def train(job: TrainingJob, cfg: DictConfig, model: torch.nn.Module, scaler: dic
         # the kept weights are still the best checkpoint's; stopping forgoes only a new low > K validations later
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=t.early_stopping_patience,
                                        check_on_train_epoch_end=False))
-    overrides = None
-    if batches_per_epoch is not None and every >= batches_per_epoch:
-        # small tables: an epoch is one or a few batches, so validate every k epochs
-        overrides = {"val_check_interval": None, "check_val_every_n_epoch": max(1, every // batches_per_epoch)}
     outcome = job.fit(task, ckpt_dir=ckpt_dir, max_steps=t.max_steps, batch_size=max(1, cfg.data.batch_size),
                       datamodule=datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders,
-                      checkpoint_every=every, val_every=None if overrides else every, callbacks=callbacks,
-                      trainer_overrides=overrides, default_root_dir=run_dir)
+                      checkpoint_every=every, val_every=every, callbacks=callbacks, default_root_dir=run_dir)
     if outcome.preempted:
         return None
     if not best.best_model_path:
@@ -364,6 +363,49 @@ def train(job: TrainingJob, cfg: DictConfig, model: torch.nn.Module, scaler: dic
             "best_val_loss": float(best.best_model_score)}
     if job.is_rank_zero:
         atomic_write_json(done_file, done)
+    return done
+
+
+def train_table(job: TrainingJob, cfg: DictConfig, model: torch.nn.Module, train_batches: DataLoader,
+                val_rows: "_TableRows") -> dict[str, Any] | None:
+    """DeepSurv mode: :func:`fahr.tasks.table_training.fit_table` (a plain loop, not Lightning), the
+    kept weights saved as ``checkpoints/best.ckpt`` (the Lightning checkpoint layout: ``state_dict``
+    with ``model.*`` keys, ``global_step``). Returns the summary, or None when a signal stopped it
+    (nothing is saved: the rerun fits again from the start, to the same weights)."""
+    from fahr.tasks.table_training import fit_table
+    from fahr.utils.atomic import atomic_write
+
+    t, tr = OmegaConf.to_container(cfg.task, resolve=True), cfg.trainer
+    ignored = {k: tr.get(k) for k in ("accelerator", "devices", "precision")
+               if str(tr.get(k)) not in ("auto", "cpu", "1", "32-true", "32", "None")}
+    if ignored:
+        log.warning("table mode trains in one process on the CPU in float32; %s not used",
+                    ", ".join(f"trainer.{k}={v}" for k, v in ignored.items()))
+    for lg in job.loggers:
+        lg.log_hyperparams({"lr/base": t["base_lr"], "lr/peak": t["base_lr"],
+                            "batch/effective": cfg.data.batch_size or len(train_batches.dataset)})
+
+    def send(metrics: dict[str, float], step: int) -> None:
+        for lg in job.loggers:
+            lg.log_metrics(metrics, step=step)
+
+    fit = fit_table(model, t, train_batches, {"x": val_rows.x, "time": val_rows.time, "event": val_rows.event}, seed=cfg.seed,
+                    gradient_clip_val=tr.get("gradient_clip_val"),
+                    gradient_clip_algorithm=tr.get("gradient_clip_algorithm") or "norm",
+                    log_every=max(1, int(tr.get("log_every_n_steps") or 1)), log=send,
+                    should_stop=lambda: bool(job.preemption.pending))
+    if fit.interrupted:
+        job.stop_if_requested("training")  # raises Preempted: leaves the job's `with` quietly
+    model.load_state_dict(fit.best_state)
+    best = job.run_dir / "checkpoints" / "best.ckpt"
+    if job.is_rank_zero:
+        best.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint = {"state_dict": {f"model.{k}": v for k, v in fit.best_state.items()}, "global_step": fit.best_step}
+        atomic_write(best, lambda f: torch.save(checkpoint, f), mode="wb")
+    done = {"steps": fit.steps, "stopped_early": fit.stopped_early, "best": os.path.relpath(best, job.run_dir),
+            "best_val_loss": fit.best_val_loss}
+    if job.is_rank_zero:
+        atomic_write_json(job.run_dir / "train_done.json", done)
     return done
 
 
@@ -426,8 +468,7 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
             model, init = build_model(cfg, len(scaler["features"]))
             dl = table_loaders(cfg, splits)
             job.build_loggers()
-            done = train(job, cfg, model, scaler, train_dataloaders=dl["train"], val_dataloaders=dl["val"],
-                         batches_per_epoch=len(dl["train"]))
+            done = train(job, cfg, model, scaler, train_dataloaders=dl["train"], val_dataloaders=dl["val"])
         else:
             if cfg.data.val is None:
                 raise InputError("data.val is required in images mode (a person-disjoint split from `fahr shards`)")
@@ -482,7 +523,7 @@ def finetune_survival(cfg: DictConfig) -> SurvivalResult:
             log.info("test C-index %s; exported to %s",
                      f"{metrics['test_c_index']:.4f}" if "test_c_index" in metrics else "-", export_dir)
         job.log_final({k.replace("_", "/", 1): v for k, v in metrics.items() if k.startswith(("test_", "val_"))},
-                      export_dir=export_dir)
+                      export_dir=export_dir, step=done["steps"])
         job.barrier()
         result = SurvivalResult(run_dir=run_dir, export_dir=export_dir, metrics=metrics)
     return result

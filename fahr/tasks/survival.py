@@ -1,10 +1,10 @@
 """FAHR-FaceSurvival task (LightningModule): a Cox risk head trained with the partial likelihood.
 
-Two inputs, one task:
-- images: :class:`FaceModel` with a ``risk`` head (optionally fed clinical covariates too: the
-  "combined" model); batches ``{"image": uint8 (B, 3, S, S), "time": (B,) days, "event": (B,),
-  "covariates": (B, C)?}``;
-- table (DeepSurv mode): :class:`TableRiskModel` on standardised feature rows ``{"x": (B, F), ...}``.
+The task trains a :class:`FaceModel` with a ``risk`` head (optionally fed clinical covariates too:
+the "combined" model) on batches ``{"image": uint8 (B, 3, S, S), "time": (B,) days, "event": (B,),
+"covariates": (B, C)?}``. DeepSurv mode (a :class:`TableRiskModel` on standardised feature rows
+``{"x": (B, F), ...}``) trains without Lightning, in :mod:`fahr.tasks.table_training`;
+:func:`batch_risk` and :func:`predict_risk` serve both.
 
 The loss is computed on risks gathered from all ranks (``CoxPHLoss(sync_dist=True)``), so under DDP
 the risk set is the global batch. Validation accumulates the whole validation set (every photo once,
@@ -37,25 +37,21 @@ def batch_risk(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 class SurvivalTask(L.LightningModule):
     """Args:
-        model: a FaceModel with a ``risk`` head, or a :class:`TableRiskModel`.
+        model: a FaceModel with a ``risk`` head.
         task: the ``task`` config dict (ties, LRs, freeze_backbone, hflip, augment, ...).
         batch_size: samples per device per step.
         columns: images mode, streamed shards: ``{"time": key, "event": key, "features": [covariate
             keys], "mean": [...], "std": [...]}``: which batch fields are the outcome and the
-            covariates (standardised here); None when batches already hold ``time``, ``event``
-            (and ``x``).
-        scale_lr: peak LR = ``base_lr x effective batch / 256`` (images); False: ``base_lr`` itself
-            (DeepSurv mode: full-batch steps).
+            covariates (standardised here); None when batches already hold ``image``, ``time``
+            and ``event``.
     """
 
-    def __init__(self, model: nn.Module, task: dict[str, Any], batch_size: int, columns: dict[str, Any] | None = None,
-                 scale_lr: bool = True) -> None:
+    def __init__(self, model: nn.Module, task: dict[str, Any], batch_size: int, columns: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = task
         self.batch_size = int(batch_size)
         self.columns = columns
-        self.scale_lr = scale_lr
         self.lr = float(task["base_lr"])
         self.loss = CoxPHLoss(ties=task["ties"], reduction="mean", sync_dist=True)
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -127,7 +123,7 @@ class SurvivalTask(L.LightningModule):
     def configure_optimizers(self):
         c = self.cfg
         effective = effective_batch(self.trainer, self.batch_size)
-        self.lr = scaled_lr(c["base_lr"], effective) if self.scale_lr else c["base_lr"]
+        self.lr = scaled_lr(c["base_lr"], effective)
         for lg in self.loggers:
             lg.log_hyperparams({"lr/base": c["base_lr"], "lr/peak": self.lr, "batch/effective": effective})
         trainable = [p for p in self.model.parameters() if p.requires_grad]
