@@ -536,7 +536,30 @@ def main() -> None:
                      ci(faces["paired"]["facesurvival_minus_age"]), "-"),
                 ], ("model", "input", "test C", "FaceSurvival - this, 95% CI", "wall s"))
     result["wall_s_total"] = time.perf_counter() - t_start
+    carry_over(result, args.skip)
     print(f"\nwrote {write_result('survival', result)}")
+
+
+#: the result's key of each ``--skip`` section
+SECTION_KEYS = {"tables": "deepsurv", "recovery": "linear_recovery", "images": "images", "faces": "faces"}
+
+
+def carry_over(result: dict[str, Any], skipped: list[str]) -> None:
+    """A skipped section keeps its previous result (benchmarks/results/survival.json), marked with that
+    run's date (``<key>_measured_utc``), so re-running one section does not erase the others."""
+    from _common import RESULTS
+
+    previous_file = RESULTS / "survival.json"
+    if not skipped or not previous_file.is_file():
+        return
+    previous = json.loads(previous_file.read_text())
+    for section in skipped:
+        key = SECTION_KEYS[section]
+        if key in previous:
+            result[key] = previous[key]
+            result[f"{key}_measured_utc"] = previous.get(f"{key}_measured_utc", previous.get("when_utc"))
+            if key == "deepsurv" and "pass" in previous:
+                result["pass"] = previous["pass"]
 
 
 if __name__ == "__main__":
