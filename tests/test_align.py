@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 
 from fahr.faces.align import (
@@ -404,3 +405,62 @@ def test_fast_mtcnn_rejects_bad_input_and_finds_nothing_in_flat_images():
         det.detect(np.zeros((1, 64, 64, 3), np.float32))
     out = det.detect(np.full((2, 80, 100, 3), 128, np.uint8), 20.0)
     assert len(out) == 2 and all(len(b) == 0 and pts.shape == (0, 5, 2) for b, _, pts in out)
+
+
+@pytest.mark.parametrize("name", ["pnet", "rnet", "onet"])
+def test_functional_mtcnn_nets_equal_facenets_modules_bit_for_bit(name):
+    """The detector runs facenet's P/R/O-Net as functional calls on the wheel's weights (no facenet or
+    torchvision import): the outputs equal facenet's modules exactly, channels-last input included."""
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+
+    from fahr.faces import mtcnn
+
+    module = {"pnet": PNet, "rnet": RNet, "onet": ONet}[name]().eval()
+    forward = {"pnet": mtcnn._pnet, "rnet": mtcnn._rnet, "onet": mtcnn._onet}[name]
+    size = {"pnet": 57, "rnet": 24, "onet": 48}[name]
+    pixels = np.random.default_rng(0).integers(0, 256, (6, size, size, 3), dtype=np.uint8)
+    x = mtcnn._to_input(list(pixels))
+    with torch.inference_mode():
+        expected, got = module(x), forward(mtcnn.mtcnn_weights(name), x)
+    assert len(expected) == len(got)
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+def test_nms_is_torchvisions_nms_bit_for_bit():
+    """Random boxes on an integer grid (exact IoU ties with the threshold happen), tied scores, and
+    thresholds that float32 rounds up (0.6) or down (0.7): the same kept indices in the same order."""
+    from torchvision.ops import batched_nms as tv_batched_nms
+    from torchvision.ops import nms as tv_nms
+
+    from fahr.faces.mtcnn import batched_nms, nms
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        n = int(torch.randint(1, 120, (1,), generator=g))
+        xy = (torch.rand(n, 2, generator=g) * 60).round()
+        boxes = torch.cat([xy, xy + (torch.rand(n, 2, generator=g) * 30 + 1).round()], 1)
+        scores = (torch.rand(n, generator=g) * 10).round() / 10
+        for threshold in (0.3, 0.5, 0.6, 0.7):
+            assert torch.equal(nms(boxes, scores, threshold), tv_nms(boxes, scores, threshold))
+            one_photo = torch.zeros(n, dtype=torch.int64)
+            assert torch.equal(batched_nms(boxes, scores, one_photo, threshold),
+                               tv_batched_nms(boxes, scores, one_photo, threshold))
+    assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).tolist() == []
+
+
+def test_batched_nms_keeps_each_photos_own_result():
+    """Several photos: each photo's kept boxes are those it keeps alone, whatever the others hold."""
+    from fahr.faces.mtcnn import batched_nms, nms
+
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(90, 2, generator=g) * 500
+    boxes = torch.cat([xy, xy + torch.rand(90, 2, generator=g) * 80 + 1], 1)
+    scores = torch.rand(90, generator=g)
+    photo = torch.randint(0, 3, (90,), generator=g)
+    kept = batched_nms(boxes, scores, photo, 0.5)
+    assert scores[kept].tolist() == sorted(scores[kept].tolist(), reverse=True)
+    for j in range(3):
+        rows = torch.nonzero(photo == j)[:, 0]
+        alone = rows[nms(boxes[rows], scores[rows], 0.5)]
+        assert sorted(kept[photo[kept] == j].tolist()) == sorted(alone.tolist())

@@ -361,3 +361,34 @@ def test_detection_workers_import_no_model_code():
             "'fahr.inference.predict') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(("n", "side", "size"), [(1, 112, 64), (5, 112, 64), (3, 100, 224), (2, 112, 112)])
+def test_resize_crops_is_torchvisions_resize(dtype, layout, n, side, size):
+    """predict resizes crops without importing torchvision, bit for bit as torchvision's v2 resize
+    (what the training loaders use) does."""
+    from torchvision.transforms.v2 import functional as tvf
+
+    from fahr.inference.predict import resize_crops
+
+    g = torch.Generator().manual_seed(n * side)
+    crops = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8)
+    if layout == "channels_last":  # as crops stacked from (N, S, S, 3) arrays arrive
+        crops = crops.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    crops = crops.to(dtype)
+    ours = resize_crops(crops, size)
+    theirs = tvf.resize(crops, [size, size], antialias=True)
+    assert ours.dtype == dtype and ours.shape == (n, 3, size, size)
+    assert torch.equal(ours, theirs)
+
+
+def test_predict_and_the_detection_workers_import_neither_timm_nor_torchvision(tmp_path):
+    """The ONNX path's main process and the detection workers need neither (seconds of start-up)."""
+    code = ("import sys, fahr.pipeline.predict, fahr.inference.predict, fahr.inference.align_stream, "
+            "fahr.models.onnx_export, fahr.faces.align\n"
+            "fahr.faces.align.FaceAligner()\n"
+            "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo', 'facenet_pytorch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

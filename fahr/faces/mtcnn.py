@@ -10,7 +10,11 @@ facenet's clip-then-stretch candidate crops); what differs is speed:
   on a float copy of the whole batch, which was ~30% of our detect+align time;
 - the pyramid levels are PIL ``BOX`` resamples of the uint8 photo (no float copy of the batch);
 - the networks run on channels-last tensors (2-4x faster on CPU, same outputs);
-- optional stricter NMS between stages (``nms``) sends fewer duplicate boxes to R-Net and O-Net.
+- optional stricter NMS between stages (``nms``) sends fewer duplicate boxes to R-Net and O-Net;
+- the three networks run as plain functional calls on facenet's weights (read from the wheel's
+  ``data/*.pt`` with ``weights_only``), and non-maximum suppression is :func:`nms` here: the detector
+  imports neither facenet-pytorch's package nor torchvision, ~1 s of every detection worker's start,
+  and skips the module-call overhead; outputs are bit-identical (tests/test_align.py).
 
 PIL's box filter averages exact pixel fractions where ``adaptive_avg_pool2d`` uses overlapping
 integer bins, and rounds to uint8, so network inputs differ slightly from facenet's: with the same
@@ -23,12 +27,15 @@ Coordinates are facenet's: boxes (x1, y1, x2, y2) and landmarks (x, y) in input 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torchvision.ops import batched_nms
 
-__all__ = ["MTCNNDetector"]
+__all__ = ["MTCNNDetector", "nms", "batched_nms", "mtcnn_weights"]
 
 _BOX = Image.Resampling.BOX
 
@@ -93,6 +100,96 @@ def _nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndar
     return np.array(pick, dtype=np.int64)
 
 
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression, torchvision's ``ops.nms`` computed the same way (so the same
+    indices, bit for bit): boxes (K, 4) x1 y1 x2 y2, visited in stable descending score order; a box
+    is dropped when its IoU with a kept one, ``inter / (area_i + area_j - inter)`` with areas
+    ``(x2 - x1) * (y2 - y1)`` in the boxes' dtype, exceeds ``iou_threshold`` (compared in float64,
+    as torchvision's C++ does). Returns the kept indices (int64), highest score first."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    order = torch.sort(scores, stable=True, descending=True).indices
+    x1, y1, x2, y2 = boxes[order].unbind(1)
+    area = (x2 - x1) * (y2 - y1)
+    w = (torch.minimum(x2[:, None], x2[None]) - torch.maximum(x1[:, None], x1[None])).clamp(min=0)
+    h = (torch.minimum(y2[:, None], y2[None]) - torch.maximum(y1[:, None], y1[None])).clamp(min=0)
+    inter = w * h
+    # (K, K): box i (row) suppresses box j; only j after i in the order counts
+    suppresses = ((inter / (area[:, None] + area[None] - inter)).double() > iou_threshold).numpy()
+    alive = np.ones(len(order), dtype=bool)
+    keep = []
+    for i in range(len(order)):
+        if alive[i]:
+            keep.append(i)
+            alive[i + 1:] &= ~suppresses[i, i + 1:]
+    return order[torch.from_numpy(np.asarray(keep, dtype=np.int64))]
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """:func:`nms` within each photo (``idxs``: (K,) photo index of each box), never across photos.
+    Returns the kept indices, highest score first (stable). With one photo this is ``nms`` itself,
+    and torchvision's ``batched_nms``; with several, each photo's result is the one it would get
+    alone (torchvision shifts boxes by photo, which can round their coordinates)."""
+    photos = torch.unique(idxs)
+    if len(photos) <= 1:
+        return nms(boxes, scores, iou_threshold)
+    kept = torch.cat([torch.nonzero(idxs == j)[:, 0][nms(boxes[idxs == j], scores[idxs == j], iou_threshold)]
+                      for j in photos])
+    return kept[torch.sort(scores[kept], stable=True, descending=True).indices]
+
+
+def mtcnn_weights(name: str) -> dict[str, torch.Tensor]:
+    """facenet-pytorch's pretrained ``pnet`` / ``rnet`` / ``onet`` state dict, read from the installed
+    wheel's ``data`` folder (weights only: no pickle) without importing the package."""
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("facenet-pytorch is not installed: the MTCNN weights ship in its wheel")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"{name}.pt"
+    # contiguous, as facenet's modules hold them after load_state_dict: the R-/O-Net files store
+    # transposed tensors, and a strided weight would take another kernel (other rounding)
+    return {k: v.float().contiguous() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+
+
+def _pnet(w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """facenet's ``PNet.forward``: (N, 3, H, W) -> box offsets (N, 4, h, w), face probabilities (N, 2, h, w)."""
+    x = F.prelu(F.conv2d(x, w["conv1.weight"], w["conv1.bias"]), w["prelu1.weight"])
+    x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+    x = F.prelu(F.conv2d(x, w["conv2.weight"], w["conv2.bias"]), w["prelu2.weight"])
+    x = F.prelu(F.conv2d(x, w["conv3.weight"], w["conv3.bias"]), w["prelu3.weight"])
+    prob = F.softmax(F.conv2d(x, w["conv4_1.weight"], w["conv4_1.bias"]), dim=1)
+    return F.conv2d(x, w["conv4_2.weight"], w["conv4_2.bias"]), prob
+
+
+def _rnet(w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """facenet's ``RNet.forward``: (K, 3, 24, 24) -> box offsets (K, 4), face probabilities (K, 2)."""
+    x = F.prelu(F.conv2d(x, w["conv1.weight"], w["conv1.bias"]), w["prelu1.weight"])
+    x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+    x = F.prelu(F.conv2d(x, w["conv2.weight"], w["conv2.bias"]), w["prelu2.weight"])
+    x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+    x = F.prelu(F.conv2d(x, w["conv3.weight"], w["conv3.bias"]), w["prelu3.weight"])
+    x = x.permute(0, 3, 2, 1).contiguous()
+    x = F.prelu(F.linear(x.view(x.shape[0], -1), w["dense4.weight"], w["dense4.bias"]), w["prelu4.weight"])
+    prob = F.softmax(F.linear(x, w["dense5_1.weight"], w["dense5_1.bias"]), dim=1)
+    return F.linear(x, w["dense5_2.weight"], w["dense5_2.bias"]), prob
+
+
+def _onet(w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """facenet's ``ONet.forward``: (K, 3, 48, 48) -> box offsets (K, 4), landmarks (K, 10), face
+    probabilities (K, 2)."""
+    x = F.prelu(F.conv2d(x, w["conv1.weight"], w["conv1.bias"]), w["prelu1.weight"])
+    x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+    x = F.prelu(F.conv2d(x, w["conv2.weight"], w["conv2.bias"]), w["prelu2.weight"])
+    x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+    x = F.prelu(F.conv2d(x, w["conv3.weight"], w["conv3.bias"]), w["prelu3.weight"])
+    x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+    x = F.prelu(F.conv2d(x, w["conv4.weight"], w["conv4.bias"]), w["prelu4.weight"])
+    x = x.permute(0, 3, 2, 1).contiguous()
+    x = F.prelu(F.linear(x.view(x.shape[0], -1), w["dense5.weight"], w["dense5.bias"]), w["prelu5.weight"])
+    prob = F.softmax(F.linear(x, w["dense6_1.weight"], w["dense6_1.bias"]), dim=1)
+    return (F.linear(x, w["dense6_2.weight"], w["dense6_2.bias"]), F.linear(x, w["dense6_3.weight"], w["dense6_3.bias"]),
+            prob)
+
+
 class MTCNNDetector:
     """MTCNN with facenet-pytorch's pretrained weights (shipped in the wheel), CPU, batched.
 
@@ -105,12 +202,13 @@ class MTCNNDetector:
     """
 
     def __init__(self, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709, nms=(0.7, 0.7)) -> None:
-        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
-
         self.thresholds = [float(t) for t in thresholds]
         self.factor = float(factor)
         self.nms = [float(t) for t in nms]
-        self.pnet, self.rnet, self.onet = PNet().eval(), RNet().eval(), ONet().eval()
+        weights = {name: mtcnn_weights(name) for name in ("pnet", "rnet", "onet")}
+        self.pnet = lambda x: _pnet(weights["pnet"], x)
+        self.rnet = lambda x: _rnet(weights["rnet"], x)
+        self.onet = lambda x: _onet(weights["onet"], x)
 
     def scales(self, h: int, w: int, min_face: float) -> list[float]:
         """facenet's pyramid: scale 12 / min_face, times ``factor`` while the short side is >= 12 px."""

@@ -22,14 +22,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from timm.layers import LayerNorm
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
-from timm.models.vision_transformer import VisionTransformer
 
 from fahr.boundary import InputError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,12 @@ def create_backbone(
              "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
              "norm_eps": norm_eps, "qkv_bias": qkv_bias}
     full = resolved_facts(backbone_args(facts))
+    # timm (and, through it, torchvision) is imported where a model is built, not with this module:
+    # reading and checking cards stays light (predict's ONNX path never builds one)
+    from timm.layers import LayerNorm
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+    from timm.models.vision_transformer import VisionTransformer
+
     model = VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,

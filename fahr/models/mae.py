@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from timm.layers import LayerNorm
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
-from timm.models._manipulate import checkpoint_seq
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from fahr.boundary import InputError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -116,9 +115,14 @@ class MAEDecoder(nn.Module):
         if pos_embed == "mae":
             pos = mae_sincos_pos_embed(grid_size[0], dim)
         else:
+            from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
             pos = build_sincos2d_pos_embed(list(grid_size), dim=dim)
         # Fixed sin-cos positions (class token slot = 0), as in MAE; a buffer, not trained.
         self.register_buffer("pos_embed", torch.cat([torch.zeros(1, dim), pos]).unsqueeze(0), persistent=False)
+        from timm.layers import LayerNorm
+        from timm.models.vision_transformer import Block
+
         block_norm = LayerNorm if norm_eps is None else partial(LayerNorm, eps=norm_eps)
         self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=block_norm)
                                       for _ in range(depth)])
@@ -218,6 +222,8 @@ class MaskedAutoencoder(nn.Module):
         x = enc.pos_drop(torch.cat([cls, x], dim=1))
         x = enc.norm_pre(x)
         if enc.grad_checkpointing and self.training:
+            from timm.models._manipulate import checkpoint_seq
+
             x = checkpoint_seq(enc.blocks, x)
         else:
             x = enc.blocks(x)

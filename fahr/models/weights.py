@@ -17,18 +17,19 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
 
 from fahr.boundary import FileRefused, InputError, check_regular_file, printable_path, read_json_file
 from fahr.models.backbone import IMAGE_SIZE_RANGE, backbone_args, backbone_config, create_backbone, resolved_facts
 from fahr.models.mae import MaskedAutoencoder, decoder_args
 from fahr.models.model_readme import README_FILE, model_readme
 from fahr.utils.atomic import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 #: an export is a folder of these two files; the card's "format" says what the weights are
 WEIGHTS_FILE = "model.safetensors"
@@ -333,6 +334,8 @@ def fit_pos_embed(state: dict[str, torch.Tensor], model: VisionTransformer, old_
     """``state`` with its ``pos_embed`` (1, 1 + old_grid**2, D) resampled to ``model``'s patch grid
     (bicubic, class token kept: timm's ``resample_abs_pos_embed``) when the two differ."""
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        from timm.layers import resample_abs_pos_embed
+
         state = {**state, "pos_embed": resample_abs_pos_embed(
             state["pos_embed"], new_size=list(model.patch_embed.grid_size), old_size=[old_grid, old_grid],
             num_prefix_tokens=1)}
