@@ -215,3 +215,37 @@ def test_pretrain_with_device_decoding_runs_and_logs_the_same_metrics(tiny_overr
     assert "train/loss_step" in on_device.metrics and on_device.metrics["data/skipped"] == 0.0
     # the same pixels, the same seed: the same losses
     assert on_device.metrics["train/loss_step"] == plain.metrics["train/loss_step"]
+
+
+@pytest.mark.parametrize("command", ["finetune_age", "finetune_survival"])
+def test_finetunes_take_device_decoding_and_train_the_same_weights(tmp_path, command, monkeypatch):
+    """``data.decode=device`` in both fine-tunes (images mode): the training batches are decoded in
+    the transfer hook, and on the CPU to the same pixels, so the same kept weights as decoding in the
+    workers."""
+    from safetensors.torch import load_file
+
+    decoded = []
+    call = DeviceDecoder.__call__
+    monkeypatch.setattr(DeviceDecoder, "__call__", lambda self, batch, device: decoded.append(1) or call(self, batch, device))
+
+    from test_finetune_age import TINY
+
+    if command == "finetune_age":
+        from fahr.pipeline.finetune_age import finetune_age as run
+
+        overrides = list(TINY)
+    else:
+        from fahr.pipeline.finetune_survival import finetune_survival as run
+
+        overrides = ["experiment=demo_facesurvival", "backbone=null", "model=vit_test", "trainer=cpu",
+                     "data.generate.n_patients=120", "data.generate.samples_per_shard=32", "data.batch_size=16",
+                     "data.num_workers=0", "task.max_steps=3", "task.val_every_n_steps=3"]
+    exports = []
+    for decode in ("workers", "device"):
+        result = run(compose_config(command, [*overrides, f"paths.root_dir={tmp_path / decode}",
+                                              f"data.decode={decode}"]))
+        exports.append(load_file(str(result.export_dir / "model.safetensors")))
+        assert bool(decoded) == (decode == "device")
+    assert exports[0].keys() == exports[1].keys()
+    for key, value in exports[0].items():
+        assert torch.equal(value, exports[1][key]), key

@@ -392,3 +392,24 @@ def test_predict_and_the_detection_workers_import_neither_timm_nor_torchvision(t
             "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo', 'facenet_pytorch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_commands_give_back_torchs_thread_count_without_importing_torch_first(restore_threads):
+    """predict/far change torch's threads for the model and restore them on the way out; the wrapper
+    imports torch only through the command (the workers start first), and a process that had not
+    imported torch gets torch's own default back."""
+    from fahr.pipeline.predict import model_threads, torch_threads_restored
+
+    @torch_threads_restored
+    def command(threads):
+        model_threads(threads, 0)
+        return torch.get_num_threads()
+
+    torch.set_num_threads(3)
+    assert command(1) == 1 and torch.get_num_threads() == 3
+    code = ("import sys\nfrom fahr.pipeline.predict import model_threads, torch_threads_restored\n"
+            "seen = torch_threads_restored(lambda n: ('torch' in sys.modules, model_threads(n, 0)))(1)\n"
+            "import torch\nprint(seen[0], seen[1], torch.get_num_threads())")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["False", "1", "2"]  # torch not yet imported when the command began

@@ -58,6 +58,8 @@ class StreamedPhotosConfig:
     num_workers: int = bounded(2, lo=0, hi=256)  # per device: decoding workers of each stream
     shuffle_buffer: int = bounded(1000, lo=0, hi=10_000_000)  # training photos mixed per worker
     interleave: int = bounded(16, lo=1, hi=1024)  # training shards each worker reads at once (mixing)
+    # training JPEGs: decoded in the loader workers, or batched on the training device (nvJPEG on a GPU)
+    decode: str = bounded("workers", choices=("workers", "device"))
     clinical: bool = False  # clinical photos are never logged as images unless task.log_clinical_images
     synthetic: bool = False
     mean: list[float] = bounded(lo=-10, hi=10, factory=lambda: list(IMAGENET_MEAN))
@@ -76,8 +78,6 @@ class DataConfig(StreamedPhotosConfig):
     val_samples: int = bounded(0, lo=0)
     persistent_workers: bool = False
     pin_memory: bool = False
-    # training JPEGs: decoded in the loader workers, or batched on the training device (nvJPEG on a GPU)
-    decode: str = bounded("workers", choices=("workers", "device"))
     generate: Optional[SyntheticShardsConfig] = None
 
 

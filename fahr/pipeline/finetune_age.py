@@ -135,7 +135,7 @@ def training_data(cfg: DictConfig, shards: dict[str, list[str]], samples: int, l
     return ShardDataModule(train_shards=shards["train"], samples_per_epoch=samples, batch_size=d.batch_size,
                            num_workers=d.num_workers, seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
                            interleave=d.interleave, label_keys=label_keys, image_size=d.image_size, val_shards=shards["val"],
-                           persistent_workers=d.num_workers > 0, accept=accept, val_exact=True,
+                           persistent_workers=d.num_workers > 0, accept=accept, val_exact=True, decode=d.decode,
                            val_batch_size=d.eval_batch_size, val_required=label_keys, val_optional=val_optional)
 
 

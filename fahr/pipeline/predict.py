@@ -6,9 +6,11 @@ status, photos/s) is logged. Paths are logged, image content never.
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import logging
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -118,6 +120,10 @@ def model_files(export_dir: str) -> tuple[str, ...]:
     return tuple(str(Path(export_dir) / name) for name in (CARD_FILE, WEIGHTS_FILE, ONNX_FILE))
 
 
+#: torch's thread count when the running command began (or first imported torch): what it restores
+_THREADS_BEFORE: contextvars.ContextVar[int | None] = contextvars.ContextVar("fahr_threads_before", default=None)
+
+
 def model_threads(threads: int | None, workers: int) -> int:
     """The model's threads, set as torch's thread count (onnxruntime sessions created afterwards
     follow it; the commands restore it when they end: :func:`torch_threads_restored`): ``threads``,
@@ -126,6 +132,8 @@ def model_threads(threads: int | None, workers: int) -> int:
     on each other). The workers run at a lower priority, so the model gets its core when it has work."""
     import torch
 
+    if _THREADS_BEFORE.get() is None:
+        _THREADS_BEFORE.set(torch.get_num_threads())
     n_threads = int(threads) if threads else max(1, torch.get_num_threads() - workers)
     torch.set_num_threads(n_threads)
     return n_threads
@@ -133,18 +141,21 @@ def model_threads(threads: int | None, workers: int) -> int:
 
 def torch_threads_restored(command):
     """``command`` that leaves torch's thread count as it found it (:func:`model_threads` changes it), so a
-    caller that goes on in the same process (the demo, a notebook) keeps its own."""
+    caller that goes on in the same process (the demo, a notebook) keeps its own. It does not import
+    torch itself: the detection workers start before the command's first torch import (~1 s)."""
     import functools
 
     @functools.wraps(command)
     def run(cfg):
-        import torch
-
-        before = torch.get_num_threads()
+        torch = sys.modules.get("torch")
+        token = _THREADS_BEFORE.set(torch.get_num_threads() if torch is not None else None)
         try:
             return command(cfg)
         finally:
-            torch.set_num_threads(before)
+            before, torch = _THREADS_BEFORE.get(), sys.modules.get("torch")
+            if before is not None and torch is not None:
+                torch.set_num_threads(before)
+            _THREADS_BEFORE.reset(token)
 
     return run
 
