@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -415,3 +416,44 @@ def test_a_dataloader_worker_left_running_does_not_hang_the_exit(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "shards")], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout == "one batch\n", proc.stderr[-2000:]
+
+
+class _SlowToStart(torch.utils.data.IterableDataset):
+    """Yields 0..2 after ``delay`` seconds (a stream still opening its shards)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __iter__(self):
+        time.sleep(self.delay)
+        yield from range(3)
+
+
+@pytest.mark.parametrize("after", [0.0, 0.3])
+def test_a_stop_signal_cannot_kill_a_starting_dataloader_worker(after):
+    """A job-wide SIGTERM that reaches a DataLoader worker as it starts (before its stream ran) would
+    kill it (PyTorch's worker SIGTERM handler), and the training process would raise instead of
+    saving. StopSignalSafeLoader's workers are immune from their first instruction; the creating
+    thread's signal mask is restored."""
+    import signal as sig
+
+    from torch.utils.data import DataLoader
+
+    from fahr.data.shard_reader import StopSignalSafeLoader
+
+    def run(loader_class) -> list:
+        loader = loader_class(_SlowToStart(1.0), batch_size=None, num_workers=1)
+        it = iter(loader)
+        time.sleep(after)
+        for pid in [w.pid for w in it._workers]:
+            os.kill(pid, sig.SIGTERM)
+        try:
+            return list(it)
+        finally:
+            del it
+
+    assert run(StopSignalSafeLoader) == [0, 1, 2]
+    assert sig.SIGTERM not in sig.pthread_sigmask(sig.SIG_BLOCK, [])
+    if after > 0:  # the plain loader's worker has PyTorch's handler by then: the reference failure
+        with pytest.raises(RuntimeError, match="exited unexpectedly|killed by signal"):
+            run(DataLoader)

@@ -1028,7 +1028,44 @@ def eval_loader(stream: EvalStream) -> DataLoader:
     workers = min(stream.num_workers, len(stream.rank_shards()))
     if workers > 0:
         kill_workers_at_exit()
-    return DataLoader(stream, batch_size=None, shuffle=False, num_workers=workers)
+    return StopSignalSafeLoader(stream, batch_size=None, shuffle=False, num_workers=workers)
+
+
+#: the signals a job stop sends every process (SLURM, terminals); DataLoader workers ignore them
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _worker_init_ignoring_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of :class:`StopSignalSafeLoader`: ignore the stop signals, then unblock them
+    (one that arrived while the worker started was pending, and is now discarded)."""
+    ignore_stop_signals()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class StopSignalSafeLoader(DataLoader):
+    """A DataLoader whose workers no stop signal can kill, even while they start.
+
+    PyTorch's worker loop installs its own SIGTERM handler (exit, or die of the signal) before the
+    dataset runs, so a worker that a job-wide SIGTERM reaches in its first milliseconds dies, and the
+    training process raises "DataLoader worker ... exited unexpectedly" instead of saving (seen when a
+    stop lands as validation starts its workers). So the stop signals are blocked in the creating
+    thread while the workers fork: a forked worker starts with them blocked, and its
+    ``worker_init_fn`` sets them to ignored before unblocking them. The parent's handlers still see
+    any such signal (other threads, or at the unblock)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs.setdefault("worker_init_fn", _worker_init_ignoring_stop_signals)
+        super().__init__(*args, **kwargs)
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def ignore_stop_signals() -> None:
@@ -1040,7 +1077,7 @@ def ignore_stop_signals() -> None:
     (:mod:`fahr.utils.preemption`) can save at the next batch end. The training process decides
     instead; it shuts its workers down when it stops, and PyTorch's worker watchdog ends them if it
     dies (SIGKILL, which cannot be ignored, still ends everything)."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -1091,4 +1128,5 @@ def make_loader(
         extra["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
-    return DataLoader(stream, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory, **extra)
+    return StopSignalSafeLoader(stream, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                                **extra)

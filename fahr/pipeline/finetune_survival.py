@@ -15,7 +15,7 @@ Runs as a :class:`fahr.job.TrainingJob`. Images mode streams the training photos
 the training labels, ``<run_dir>/train_labels.npz``) and evaluates every photo once over all ranks.
 Table mode trains full-batch in one process on the CPU (srun/torchrun with several processes is
 refused: a table fits in one), in a plain loop (:mod:`fahr.tasks.table_training`): Lightning's
-per-step bookkeeping was most of a fit that takes seconds. A stop (SIGUSR1/SIGTERM) ends the command
+per-step bookkeeping was about half of a fit that takes seconds. A stop (SIGUSR1/SIGTERM) ends the command
 with ``preempted``; the same command resumes: images mode from its last checkpoint, table mode by
 fitting again from the start (to the same weights); after training it redoes only the evaluation.
 """

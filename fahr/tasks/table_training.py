@@ -1,7 +1,8 @@
 """DeepSurv mode's trainer: a plain full-batch loop for a :class:`~fahr.models.table_model.TableRiskModel`.
 
 A feature table fits in memory and a step is a few small matrix products, so Lightning's per-step
-bookkeeping (hooks, logging, callbacks: ~10 ms a step) was most of a fit. This loop does the same
+bookkeeping (hooks, logging, callbacks: ~3 ms a step) was about half of a fit
+(docs/benchmarks.md, ``survival_speed``). This loop does the same
 training as :class:`fahr.tasks.survival.SurvivalTask` did under :meth:`fahr.job.TrainingJob.fit`, in
 one process on the CPU in float32, drawing the same random numbers:
 
