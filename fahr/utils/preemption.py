@@ -21,9 +21,10 @@ What happens:
   :meth:`PreemptionCheckpoint.requeue_if_requested`, after the loggers are closed: a requeue makes
   SLURM SIGTERM every process of the job at once, W&B's service process included, so requeueing
   before W&B has flushed would cut the run's last steps.
-- DataLoader workers ignore the stop signals (:func:`fahr.data.shard_reader.ignore_stop_signals`): SLURM
-  signals all processes, and a worker killed by SIGTERM would crash the training process before it
-  saves. So ``scontrol requeue``, ``scancel`` (without ``--signal``) and SLURM preemption, which
+- DataLoader workers ignore the stop signals from their first instruction
+  (:class:`fahr.data.shard_reader.StopSignalSafeLoader`: blocked while they fork, ignored before
+  unblocked): SLURM signals all processes, and a worker killed by SIGTERM, even one just starting for
+  a validation, would crash the training process before it saves. So ``scontrol requeue``, ``scancel`` (without ``--signal``) and SLURM preemption, which
   SIGTERM every process and SIGKILL them ``KillWait`` seconds later, still get their save when a
   batch ends within ``KillWait``. W&B's service process cannot be kept alive through that SIGTERM,
   so with a hard stop W&B may miss what it had not flushed of that attempt.
