@@ -150,44 +150,43 @@ def mtcnn_weights(name: str) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
 
 
+def _conv(w: dict[str, torch.Tensor], x: torch.Tensor, n: int | str, pool: tuple[int, int] | None = None) -> torch.Tensor:
+    """facenet's ``conv<n>`` -> ``prelu<n>`` (-> ``MaxPool2d(*pool, ceil_mode=True)``)."""
+    x = F.prelu(F.conv2d(x, w[f"conv{n}.weight"], w[f"conv{n}.bias"]), w[f"prelu{n}.weight"])
+    return F.max_pool2d(x, *pool, ceil_mode=True) if pool else x
+
+
+def _dense(w: dict[str, torch.Tensor], x: torch.Tensor, name: str, prelu: str | None = None) -> torch.Tensor:
+    """facenet's Linear ``name`` (-> PReLU ``prelu``)."""
+    x = F.linear(x, w[f"{name}.weight"], w[f"{name}.bias"])
+    return F.prelu(x, w[f"{prelu}.weight"]) if prelu else x
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    """facenet's flatten before the dense layers: (K, C, H, W) -> (K, W * H * C), W-major."""
+    return x.permute(0, 3, 2, 1).contiguous().view(x.shape[0], -1)
+
+
 def _pnet(w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """facenet's ``PNet.forward``: (N, 3, H, W) -> box offsets (N, 4, h, w), face probabilities (N, 2, h, w)."""
-    x = F.prelu(F.conv2d(x, w["conv1.weight"], w["conv1.bias"]), w["prelu1.weight"])
-    x = F.max_pool2d(x, 2, 2, ceil_mode=True)
-    x = F.prelu(F.conv2d(x, w["conv2.weight"], w["conv2.bias"]), w["prelu2.weight"])
-    x = F.prelu(F.conv2d(x, w["conv3.weight"], w["conv3.bias"]), w["prelu3.weight"])
+    x = _conv(w, _conv(w, _conv(w, x, 1, (2, 2)), 2), 3)
     prob = F.softmax(F.conv2d(x, w["conv4_1.weight"], w["conv4_1.bias"]), dim=1)
     return F.conv2d(x, w["conv4_2.weight"], w["conv4_2.bias"]), prob
 
 
 def _rnet(w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """facenet's ``RNet.forward``: (K, 3, 24, 24) -> box offsets (K, 4), face probabilities (K, 2)."""
-    x = F.prelu(F.conv2d(x, w["conv1.weight"], w["conv1.bias"]), w["prelu1.weight"])
-    x = F.max_pool2d(x, 3, 2, ceil_mode=True)
-    x = F.prelu(F.conv2d(x, w["conv2.weight"], w["conv2.bias"]), w["prelu2.weight"])
-    x = F.max_pool2d(x, 3, 2, ceil_mode=True)
-    x = F.prelu(F.conv2d(x, w["conv3.weight"], w["conv3.bias"]), w["prelu3.weight"])
-    x = x.permute(0, 3, 2, 1).contiguous()
-    x = F.prelu(F.linear(x.view(x.shape[0], -1), w["dense4.weight"], w["dense4.bias"]), w["prelu4.weight"])
-    prob = F.softmax(F.linear(x, w["dense5_1.weight"], w["dense5_1.bias"]), dim=1)
-    return F.linear(x, w["dense5_2.weight"], w["dense5_2.bias"]), prob
+    x = _conv(w, _conv(w, _conv(w, x, 1, (3, 2)), 2, (3, 2)), 3)
+    x = _dense(w, _flatten(x), "dense4", "prelu4")
+    return _dense(w, x, "dense5_2"), F.softmax(_dense(w, x, "dense5_1"), dim=1)
 
 
 def _onet(w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """facenet's ``ONet.forward``: (K, 3, 48, 48) -> box offsets (K, 4), landmarks (K, 10), face
     probabilities (K, 2)."""
-    x = F.prelu(F.conv2d(x, w["conv1.weight"], w["conv1.bias"]), w["prelu1.weight"])
-    x = F.max_pool2d(x, 3, 2, ceil_mode=True)
-    x = F.prelu(F.conv2d(x, w["conv2.weight"], w["conv2.bias"]), w["prelu2.weight"])
-    x = F.max_pool2d(x, 3, 2, ceil_mode=True)
-    x = F.prelu(F.conv2d(x, w["conv3.weight"], w["conv3.bias"]), w["prelu3.weight"])
-    x = F.max_pool2d(x, 2, 2, ceil_mode=True)
-    x = F.prelu(F.conv2d(x, w["conv4.weight"], w["conv4.bias"]), w["prelu4.weight"])
-    x = x.permute(0, 3, 2, 1).contiguous()
-    x = F.prelu(F.linear(x.view(x.shape[0], -1), w["dense5.weight"], w["dense5.bias"]), w["prelu5.weight"])
-    prob = F.softmax(F.linear(x, w["dense6_1.weight"], w["dense6_1.bias"]), dim=1)
-    return (F.linear(x, w["dense6_2.weight"], w["dense6_2.bias"]), F.linear(x, w["dense6_3.weight"], w["dense6_3.bias"]),
-            prob)
+    x = _conv(w, _conv(w, _conv(w, _conv(w, x, 1, (3, 2)), 2, (3, 2)), 3, (2, 2)), 4)
+    x = _dense(w, _flatten(x), "dense5", "prelu5")
+    return _dense(w, x, "dense6_2"), _dense(w, x, "dense6_3"), F.softmax(_dense(w, x, "dense6_1"), dim=1)
 
 
 class MTCNNDetector:
