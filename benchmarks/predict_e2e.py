@@ -1,4 +1,4 @@
-"""Benchmark `predict_e2e` (issue 20): `fahr predict` end to end, detection included, against an earlier commit.
+"""Benchmark `predict_e2e` (issue 20): `fahr predict` end to end, with and without detection, against an earlier commit.
 
 The command a user runs, ``fahr predict model=EXPORT input=LIST.csv output=OUT.csv`` as a subprocess
 (interpreter start, imports, model load, worker start, decoding, detection, alignment, the model and
@@ -11,6 +11,8 @@ wall clock, for:
 - ``before_onnx`` and ``now_torch`` (``runtime=onnx`` / ``runtime=torch``): what the runtime alone
   changes; ``now_workers0`` / ``now_workers2`` on request (``--configs``): what the workers change;
 
+Each configuration runs with detection (the photos are raw photos) and without
+(``preprocessing.detect=false``: the photos are taken as crops, decoded and resized only).
 ``--repeats`` rounds, the order of the configurations rotating every round (a load change on the
 shared machine falls on all); medians with the range in brackets. Each configuration's rows are
 compared with ``before``'s: same statuses, FaceAge within 1e-4 years.
@@ -137,6 +139,39 @@ def stage_rates(export_dir: Path, paths: list[str]) -> dict:
     return out
 
 
+def run_configs(configs: dict, trees: dict, export_dir: Path, listing: Path, n_photos: int, spec: str,
+                detection: bool, repeats: int, tmp: Path) -> dict:
+    """Every configuration ``repeats`` times, the order rotating each round, with or without detection
+    (``preprocessing.detect=false``: the photos are taken as crops and only resized); medians, ranges,
+    ratios over ``before`` and each configuration's rows against ``before``'s."""
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    parity: dict[str, list] = {}
+    names = list(configs)
+    mode = "with" if detection else "without"
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            tree, extra = configs[name]
+            out = tmp / f"out-{spec}-{mode}-{name}.csv"
+            load = os.getloadavg()[0]
+            run = run_predict(trees[tree], export_dir, listing, out,
+                              [*extra, *([] if detection else ["preprocessing.detect=false"])])
+            run["photos_per_s"] = n_photos / run["wall_s"]
+            run["load_average_1min"] = load
+            runs[name].append(run)
+            print(f"  {spec} {mode} detection, round {i + 1}/{repeats} {name}: {run['photos_per_s']:.1f} photos/s "
+                  f"end to end ({run['wall_s']:.1f} s; logged {run['logged_photos_per_s']}), load {load:.1f}", flush=True)
+            if i == 0:
+                parity[name] = read_rows(out)
+    median = {n: statistics.median(r["photos_per_s"] for r in runs[n]) for n in configs}
+    return {
+        "runs": runs, "median_photos_per_s": median,
+        "min_max": {n: [min(r["photos_per_s"] for r in runs[n]), max(r["photos_per_s"] for r in runs[n])]
+                    for n in configs},
+        "over_before": {n: median[n] / median["before"] for n in configs},
+        "parity_vs_before": {n: compare(parity[n], parity["before"]) for n in configs if n != "before"},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=2000)
@@ -168,44 +203,24 @@ def main() -> None:
             export_onnx(export_dir)
             stages = stage_rates(export_dir, paths[:200])
             print(f"{spec} stages (photos/s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
-            runs: dict[str, list[dict]] = {name: [] for name in configs}
-            parity: dict[str, dict] = {}
-            names = list(configs)
-            for i in range(args.repeats):
-                for name in names[i % len(names):] + names[: i % len(names)]:
-                    tree, extra = configs[name]
-                    out = tmp / f"out-{spec}-{name}.csv"
-                    load = os.getloadavg()[0]
-                    run = run_predict(trees[tree], export_dir, listing, out, extra)
-                    run["photos_per_s"] = len(paths) / run["wall_s"]
-                    run["load_average_1min"] = load
-                    runs[name].append(run)
-                    print(f"  {spec} round {i + 1}/{args.repeats} {name}: {run['photos_per_s']:.1f} photos/s end to "
-                          f"end ({run['wall_s']:.1f} s; logged {run['logged_photos_per_s']}), load {load:.1f}", flush=True)
-                    if i == 0:
-                        parity[name] = read_rows(out)
-            ref = parity["before"]
-            median = {n: statistics.median(r["photos_per_s"] for r in runs[n]) for n in configs}
-            results.append({
-                "model": spec, "stages_photos_per_s": stages, "runs": runs, "median_photos_per_s": median,
-                "min_max": {n: [min(r["photos_per_s"] for r in runs[n]), max(r["photos_per_s"] for r in runs[n])]
-                            for n in configs},
-                "over_before": {n: median[n] / median["before"] for n in configs},
-                "parity_vs_before": {n: compare(parity[n], ref) for n in configs if n != "before"},
-            })
+            for detection in (True, False):
+                results.append({"model": spec, "detection": detection, "stages_photos_per_s": stages,
+                                **run_configs(configs, trees, export_dir, listing, len(paths), spec, detection,
+                                              args.repeats, tmp)})
     rows = []
     for res in results:
         for n in configs:
             lo, hi = res["min_max"][n]
             p = res["parity_vs_before"].get(n)
-            rows.append((res["model"] + ", flip", n, f"{res['median_photos_per_s'][n]:.1f} ({lo:.1f}-{hi:.1f})",
+            rows.append((res["model"] + ", flip", "yes" if res["detection"] else "no", n,
+                         f"{res['median_photos_per_s'][n]:.1f} ({lo:.1f}-{hi:.1f})",
                          f"{res['over_before'][n]:.2f}x",
                          "-" if p is None else f"{p['status_differences']} / {p['faceage_max_abs_diff_years']:.1e}"))
-    table = print_table(f"fahr predict end to end, {len(paths)} UTKFace photos, detection included, "
+    table = print_table(f"fahr predict end to end, {len(paths)} UTKFace photos, "
                         f"{os.cpu_count()} CPUs, medians (min-max) of {args.repeats}", rows,
-                        ("model", "code", "photos/s", "vs before", "status diffs / max |dFaceAge| (years)"))
+                        ("model", "detection", "code", "photos/s", "vs before", "status diffs / max |dFaceAge| (years)"))
     stage_rows = [(res["model"] + ", flip", *(f"{res['stages_photos_per_s'][k]:.1f}" for k in res["stages_photos_per_s"]))
-                  for res in results]
+                  for res in results if res["detection"]]
     stage_table = print_table("stages, photos/s (in-process, 200 photos)", stage_rows,
                               ("model", *results[0]["stages_photos_per_s"]))
     write_result("predict_e2e" + (f"_{args.tag}" if args.tag else ""), {

@@ -321,14 +321,15 @@ def restore_threads():
 
 
 def test_cpus_are_shared_between_detection_workers_and_the_model(restore_threads, monkeypatch):
-    """Workers start from 1,000 photos, one per usable CPU (at most 8), unless told; the model gets
-    torch's thread count less one per worker (at least 1) unless told."""
+    """Workers start from 1,000 photos, one per usable CPU (at most 8), and never without detection,
+    unless told; the model gets torch's thread count less one per worker (at least 1) unless told."""
     from fahr.inference import align_stream
     from fahr.inference.align_stream import resolve_workers
     from fahr.pipeline.predict import model_threads
 
     monkeypatch.setattr(align_stream, "usable_cpus", lambda: 4)
     assert resolve_workers(None, 999) == 0 and resolve_workers(None, 1000) == 4 and resolve_workers(1, 10) == 1
+    assert resolve_workers(None, 10**6, detect=False) == 0 and resolve_workers(3, 10, detect=False) == 3
     torch.set_num_threads(4)
     assert model_threads(None, 0) == 4 and torch.get_num_threads() == 4
     assert model_threads(None, 4) == 1 and torch.get_num_threads() == 1
@@ -349,6 +350,25 @@ def test_predict_leaves_torch_threads_as_it_found_them(restore_threads, export, 
     with caplog.at_level("INFO", logger="fahr.predict"):
         predict(cfg)
     assert "runtime torch, 1 thread(s); 1 detection worker(s)" in caplog.text
+    assert torch.get_num_threads() == 2
+
+
+def test_predict_without_detection_keeps_every_core_for_the_model(restore_threads, monkeypatch, export, photo_dir,
+                                                                 tmp_path, caplog):
+    """`preprocessing.detect=false` on a large input: no workers (decoding a crop is a fraction of the
+    model's time), the model on all of torch's threads; with detection the same input gets workers."""
+    from fahr.inference import align_stream
+    from fahr.pipeline.predict import detects_faces, predict
+
+    monkeypatch.setattr(align_stream, "AUTO_WORKERS_FROM", 1)  # this small folder counts as large
+    monkeypatch.setattr(align_stream, "usable_cpus", lambda: 2)
+    torch.set_num_threads(2)
+    args = [f"model={export}", f"input={photo_dir}", "device=cpu"]
+    cfg = compose_predict([*args, f"output={tmp_path / 'o.csv'}", "preprocessing.detect=false"])
+    assert not detects_faces(cfg) and detects_faces(compose_predict([*args, f"output={tmp_path / 'p.csv'}"]))
+    with caplog.at_level("INFO", logger="fahr.predict"):
+        predict(cfg)
+    assert "runtime torch, 2 thread(s); 0 detection worker(s)" in caplog.text
     assert torch.get_num_threads() == 2
 
 

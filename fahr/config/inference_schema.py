@@ -43,7 +43,7 @@ class PredictConfig:
     # torch: the FaceModel in PyTorch; onnx: the export's model.onnx in onnxruntime, CPU (`fahr export format=onnx`);
     # auto: onnx when the export has one, onnxruntime is installed and the model runs on the CPU, else torch
     runtime: str = bounded("auto", choices=("auto", "torch", "onnx"))
-    workers: Optional[int] = bounded(None, lo=0, hi=64)  # detection processes; null: 0 below 1000 photos, else 1 per CPU (<= 8)
+    workers: Optional[int] = bounded(None, lo=0, hi=64)  # decoding + detection processes; null: 0 below 1000 photos or without detection, else 1 per CPU (<= 8)
     # the model's threads (torch intra-op, or onnxruntime's); null: torch's count (OMP_NUM_THREADS, else the
     # cores) less one per detection worker, at least 1: the workers already keep those cores busy
     threads: Optional[int] = bounded(None, lo=1, hi=256)

@@ -44,13 +44,18 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def resolve_workers(workers: int | None, photos: int) -> int:
-    """Detection worker processes: the given number, or (None) none for fewer than
-    :data:`AUTO_WORKERS_FROM` photos (starting them costs seconds: the time to align a few hundred
-    photos in-process) and else one per usable CPU, at most 8."""
+def resolve_workers(workers: int | None, photos: int, detect: bool = True) -> int:
+    """Decoding (and detection) worker processes: the given number, or (None) none when faces are not
+    detected or for fewer than :data:`AUTO_WORKERS_FROM` photos, and else one per usable CPU, at most 8.
+
+    Without detection a photo costs its decoding and a resize, a fraction of the model's time (a
+    200x200 JPEG: ~0.3 ms against ~2-9 ms of a ViT-Tiny on 2 threads): workers would take cores from the
+    model and cost seconds to start (2,000 crops on 2 cores: 232 photos/s in one process against 191
+    with 2 workers, 64 px; 112 against 71 at 112 px). With detection, starting workers costs about
+    the time to align a few hundred photos in-process."""
     if workers is not None:
         return int(workers)
-    if photos < AUTO_WORKERS_FROM:
+    if not detect or photos < AUTO_WORKERS_FROM:
         return 0
     return max(1, min(8, usable_cpus()))
 

@@ -279,7 +279,7 @@ def iter_predictions(model: Model, card: dict[str, Any], paths: Iterable[str | P
     prep = resolve_preprocessing(card, preprocessing) if aligner is None else card_preprocessing(card, preprocessing)
     columns = output_columns(model, card)
     photos = _as_photos(paths)
-    n_workers = 0 if aligner is not None else resolve_workers(workers, len(photos))
+    n_workers = 0 if aligner is not None else resolve_workers(workers, len(photos), prep["detect"])
     for chunk, aligned in aligned_stream(photos, batch_size, prep, n_workers, aligner, pool):
         yield from _rows_for_chunk(chunk, aligned, model, card, columns, batch_size, dev)
         if progress is not None:

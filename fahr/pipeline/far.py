@@ -19,6 +19,7 @@ from fahr.config.inference_schema import FarConfig
 from fahr.config.schema import validate
 from fahr.pipeline.predict import (
     check_inference_options,
+    detects_faces,
     load_model,
     model_files,
     model_threads,
@@ -124,7 +125,7 @@ def far(cfg: DictConfig) -> dict[str, Any]:
                     ", ".join(f"{n} {what}" for what, n in problems.most_common()))
     from fahr.inference.align_stream import resolve_workers
 
-    workers = resolve_workers(cfg.workers, len({row["file"] for row in rows}))
+    workers = resolve_workers(cfg.workers, len({row["file"] for row in rows}), detects_faces(cfg))
     model_threads(cfg.threads, workers)
     model, card = load_model(cfg.model, resolve_runtime(cfg.model, cfg.runtime, cfg.device))
     if "age" not in model.heads:

@@ -58,6 +58,13 @@ def preprocessing_overrides(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(cfg.preprocessing).items() if v is not None}
 
 
+def detects_faces(cfg: DictConfig) -> bool:
+    """Whether the run detects faces, known before the model card is read (the workers start first):
+    only ``preprocessing.detect=false`` turns detection off, as a model trained on crops made elsewhere
+    needs it said (:func:`fahr.inference.predict.resolve_preprocessing`)."""
+    return preprocessing_overrides(cfg).get("detect", True) is not False
+
+
 def resolve_runtime(export_dir: str, runtime: str = "auto", device: str = "auto") -> str:
     """``"torch"`` or ``"onnx"``. ``auto``: ONNX where it is the faster choice, i.e. the export has an
     ONNX graph (``fahr export format=onnx``: an ``onnx`` record in its card), onnxruntime is installed
@@ -171,7 +178,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, PredictConfig)
     photos = list_photos(cfg.input)
     t0 = time.perf_counter()
-    workers = resolve_workers(cfg.workers, len(photos))
+    workers = resolve_workers(cfg.workers, len(photos), detects_faces(cfg))
     # the workers' start-up (seconds of imports) overlaps this process's own: checks, imports, model load
     pool = start_workers(workers)
     try:
