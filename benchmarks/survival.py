@@ -115,12 +115,14 @@ def split_table(name: str, seed: int, out: Path) -> tuple[Path, Path, pd.DataFra
     return train_csv, test_csv, train_df, test_df
 
 
-def run_fahr_table(name: str, train_csv: Path, test_csv: Path, seed: int, root: Path, quick: bool) -> dict[str, Any]:
+def run_fahr_table(name: str, train_csv: Path, test_csv: Path, seed: int, root: Path, quick: bool,
+                   extra: list[str] = ()) -> dict[str, Any]:
+    """``fahr finetune-survival experiment=bench_deepsurv_<name>`` (+ ``extra`` overrides) in this process."""
     from fahr.pipeline.finetune_survival import finetune_survival
 
     overrides = [f"experiment=bench_deepsurv_{name}", f"data.train={train_csv}",
                  f"data.test={test_csv}", f"seed={seed}", f"paths.root_dir={root}", "resume=false",
-                 "trainer.enable_progress_bar=false"]
+                 "trainer.enable_progress_bar=false", *extra]
     if quick:
         overrides += ["task.max_steps=40", "task.val_every_n_steps=20"]
     t0 = time.perf_counter()

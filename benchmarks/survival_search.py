@@ -7,11 +7,14 @@ does the same for our head, on the validation parts only (never the test parts):
   of the rest (seed s) scores each setting;
 - each setting is a draw from SPACE (hidden layers, dropout, peak LR, steps, weight decay), trained
   on every split seed, and ranked by its mean validation Harrell C;
-- training is the table trainer's recipe in a plain loop (full batch, AdamW, cosine to min_lr, the
-  checkpoint with the lowest validation partial likelihood, checked every 20 steps), because the
-  Lightning run costs ~10 s of overhead per fit and a search is hundreds of fits. The chosen
-  setting is then re-run through the real pipeline by `make bench-survival`.
-The test C of each setting is printed for the record only; it plays no part in the choice.
+- each fit is the real command, ``fahr finetune-survival experiment=bench_deepsurv_<name>`` with the
+  setting's overrides, in this process: the shipped trainer (:mod:`fahr.tasks.table_training`: full
+  batch, AdamW, cosine to min_lr, per-step reseeding, the checkpoint with the lowest validation
+  partial likelihood checked every 20 steps, early stopping 10 checks after it), so the search ranks
+  exactly what `make bench-survival` then runs.
+The test C of each setting is printed for the record only; it plays no part in the choice. Each
+setting's ``wall_s`` is its commands' wall time summed over the split seeds (one torch thread), so
+the ranking also shows what a faster recipe would cost in validation C.
 Writes benchmarks/results/survival_search.json.
 """
 
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import tempfile
@@ -28,12 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, print_table, write_result  # noqa: E402
-from survival import PAPER_C, SURVIVAL_DATA, VAL_FRACTION, groups_of, split_table  # noqa: E402
+from survival import PAPER_C, SURVIVAL_DATA, _quiet, run_fahr_table, split_table  # noqa: E402
 
 SPACE: dict[str, list[Any]] = {
     "hidden": [[32], [64], [128], [256], [32, 32], [64, 64], [128, 128], [256, 256], [64, 64, 64]],
@@ -42,72 +42,31 @@ SPACE: dict[str, list[Any]] = {
     "max_steps": [100, 200, 400, 800],
     "weight_decay": [1e-4, 1e-3, 1e-2, 1e-1],
 }
-VAL_EVERY = 20
-MIN_LR = 1e-6  # conf: task.min_lr
 
 
-def tensors(df: pd.DataFrame, feats: list[str], mean: np.ndarray, std: np.ndarray) -> tuple[torch.Tensor, ...]:
-    x = torch.tensor((df[feats].to_numpy(np.float64) - mean) / std, dtype=torch.float32)
-    return x, torch.tensor(df["time"].to_numpy(), dtype=torch.float32), torch.tensor(df["event"].to_numpy(), dtype=torch.float32)
-
-
-def fit(setting: dict[str, Any], train: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, ...], seed: int) -> torch.nn.Module:
-    """One head, trained as the table trainer trains it; returns the lowest-validation-loss weights."""
-    from fahr.losses.cox import cox_ph_loss
-    from fahr.models.heads import RiskHead
-    from fahr.tasks.schedules import warmup_cosine
-
-    torch.manual_seed(seed)
-    model = RiskHead(train[0].shape[1], 0, setting["hidden"], setting["dropout"])
-    lr, steps = setting["base_lr"], setting["max_steps"]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=setting["weight_decay"])
-    best_loss, best_state = math.inf, None
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, lr, 0, steps, min_lr=min(MIN_LR, lr))
-        model.train()
-        loss = cox_ph_loss(model(train[0])["risk"], train[1], train[2])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (step + 1) % VAL_EVERY == 0 or step + 1 == steps:
-            model.eval()
-            with torch.no_grad():
-                val_loss = cox_ph_loss(model(val[0])["risk"].double(), val[1].double(), val[2].double()).item()
-            if val_loss < best_loss:
-                best_loss, best_state = val_loss, {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    return model.eval()
+def setting_overrides(setting: dict[str, Any]) -> list[str]:
+    """The ``fahr finetune-survival`` overrides of one setting (over the table's bench experiment)."""
+    hidden = ",".join(str(h) for h in setting["hidden"])
+    return [f"task.head.hidden=[{hidden}]", f"task.head.dropout={setting['dropout']}",
+            f"task.base_lr={setting['base_lr']}", f"task.max_steps={setting['max_steps']}",
+            f"task.weight_decay={setting['weight_decay']}"]
 
 
 def search(name: str, n_settings: int, seeds: list[int], root: Path) -> dict[str, Any]:
-    from fahr.metrics.survival import harrell_c
-    from fahr.pipeline.finetune_survival import holdout
-
-    folds = []
-    for seed in seeds:
-        _, _, train_df, test_df = split_table(name, seed, root)
-        val = holdout(len(train_df), train_df["event"].to_numpy(), VAL_FRACTION, seed, groups_of(train_df))
-        feats = [c for c in train_df.columns if c not in ("time", "event")]
-        fit_df, val_df = train_df[~val], train_df[val]
-        mean = fit_df[feats].mean().to_numpy(np.float64)
-        std = fit_df[feats].std(ddof=0).replace(0, 1.0).to_numpy(np.float64)
-        folds.append((seed, *(tensors(d, feats, mean, std) for d in (fit_df, val_df, test_df))))
+    splits = [(seed, *split_table(name, seed, root / "splits")[:2]) for seed in seeds]
     rng = random.Random(0)  # the same draws for every data set
     settings = [{k: rng.choice(v) for k, v in SPACE.items()} for _ in range(n_settings)]
     rows = []
     for i, setting in enumerate(settings):
         t0 = time.perf_counter()
-        val_c, test_c = [], []
-        for seed, tr, va, te in folds:
-            model = fit(setting, tr, va, seed)
-            with torch.no_grad():
-                val_c.append(harrell_c(va[1].numpy(), va[2].numpy(), model(va[0])["risk"].numpy()))
-                test_c.append(harrell_c(te[1].numpy(), te[2].numpy(), model(te[0])["risk"].numpy()))
-        rows.append({"setting": setting, "val_c_mean": float(np.mean(val_c)), "test_c_mean": float(np.mean(test_c)),
-                     "wall_s": time.perf_counter() - t0})
+        fits = [run_fahr_table(name, train_csv, test_csv, seed, root / "runs" / f"{i}-{seed}", quick=False,
+                               extra=setting_overrides(setting))
+                for seed, train_csv, test_csv in splits]
+        rows.append({"setting": setting, "val_c_mean": float(np.mean([f["val_c_index"] for f in fits])),
+                     "test_c_mean": float(np.mean([f["c_index"] for f in fits])),
+                     "steps_mean": float(np.mean([f["steps"] for f in fits])), "wall_s": time.perf_counter() - t0})
         print(f"  {name} {i + 1}/{n_settings}: val C {rows[-1]['val_c_mean']:.4f} (test {rows[-1]['test_c_mean']:.4f}) "
-              f"{setting}", flush=True)
+              f"{rows[-1]['wall_s']:.1f} s {setting}", flush=True)
     rows.sort(key=lambda r: -r["val_c_mean"])
     return {"paper_c_index": PAPER_C[name], "chosen": rows[0]["setting"], "ranked": rows}
 
@@ -120,16 +79,21 @@ def main() -> None:
     args = parser.parse_args()
     if not SURVIVAL_DATA.is_dir():
         sys.exit(f"skipped: {SURVIVAL_DATA} is absent (see ../shared/data/README.md)")
+    import torch
+
     torch.set_num_threads(1)
+    _quiet()
     result: dict[str, Any] = {"space": SPACE, "settings": args.settings, "seeds": list(range(args.seeds)),
-                              "selection": "highest mean validation Harrell C", "data": {}}
+                              "selection": "highest mean validation Harrell C",
+                              "trainer": "fahr finetune-survival experiment=bench_deepsurv_<name> (table_training)",
+                              "data": {}}
     with tempfile.TemporaryDirectory(prefix="fahr-survival-search-") as tmp:
         for name in args.data:
             result["data"][name] = search(name, args.settings, list(range(args.seeds)), Path(tmp))
     previous = RESULTS / "survival_search.json"
     if previous.is_file():  # data sets searched in separate runs (e.g. in parallel) accumulate
         old = json.loads(previous.read_text())
-        if all(old.get(k) == result[k] for k in ("space", "settings", "seeds")):
+        if all(old.get(k) == result[k] for k in ("space", "settings", "seeds", "trainer")):
             result["data"] = {**old["data"], **result["data"]}
     rows = []
     for name, r in sorted(result["data"].items()):
