@@ -117,32 +117,48 @@ def split_table(name: str, seed: int, out: Path) -> tuple[Path, Path, pd.DataFra
 
 def run_fahr_table(name: str, train_csv: Path, test_csv: Path, seed: int, root: Path, quick: bool,
                    extra: list[str] = ()) -> dict[str, Any]:
-    """``fahr finetune-survival experiment=bench_deepsurv_<name>`` (+ ``extra`` overrides) in this process."""
-    from fahr.pipeline.finetune_survival import finetune_survival
+    """``fahr finetune-survival experiment=bench_deepsurv_<name>`` (+ ``extra`` overrides) in this process
+    (the ``fahr`` package first on the path: this checkout's, or an older tree's for survival_speed),
+    in ``root``, which must be new (an earlier run's ``train_done.json`` would skip the training).
+    Test and validation C, the kept and the last step, and two times: ``fit_s`` the training itself
+    (the pipeline's ``train``: validations and early stopping included) and ``wall_s`` the command."""
+    import fahr.pipeline.finetune_survival as command
 
     overrides = [f"experiment=bench_deepsurv_{name}", f"data.train={train_csv}",
                  f"data.test={test_csv}", f"seed={seed}", f"paths.root_dir={root}", "resume=false",
                  "trainer.enable_progress_bar=false", *extra]
     if quick:
         overrides += ["task.max_steps=40", "task.val_every_n_steps=20"]
-    t0 = time.perf_counter()
-    cfg = compose("finetune_survival", overrides)
-    with _silenced():
-        result = finetune_survival(cfg)
-    wall = time.perf_counter() - t0
+    fit_s: list[float] = []
+    train = command.train
+
+    def timed_train(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return train(*args, **kwargs)
+        finally:
+            fit_s.append(time.perf_counter() - t0)
+
+    command.train = timed_train
+    try:
+        t0 = time.perf_counter()
+        cfg = compose("finetune_survival", overrides)
+        with _silenced():
+            result = command.finetune_survival(cfg)
+        wall = time.perf_counter() - t0
+    finally:
+        command.train = train
     m = result.metrics
-    return {"c_index": m["test_c_index"], "val_c_index": m["val_c_index"], "wall_s": wall,
+    return {"c_index": m["test_c_index"], "val_c_index": m["val_c_index"], "wall_s": wall, "fit_s": fit_s[-1],
             "best_step": _best_step(result.run_dir), "steps": m["training"]["steps"]}
 
 
-def _best_step(run_dir: Path) -> int | None:
-    """Global step of the kept checkpoint (the lowest validation loss)."""
+def _best_step(run_dir: Path) -> int:
+    """Global step of the kept checkpoint (the lowest validation loss), as ``train_done.json`` names it."""
     import torch
 
-    try:
-        return int(torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["global_step"])
-    except (OSError, KeyError, RuntimeError):
-        return None
+    best = json.loads((run_dir / "train_done.json").read_text())["best"]
+    return int(torch.load(run_dir / best, map_location="cpu", weights_only=True)["global_step"])
 
 
 def run_lifelines(train_df: pd.DataFrame, test_df: pd.DataFrame) -> dict[str, Any]:

@@ -46,46 +46,21 @@ TABLES = ("metabric", "support", "gbsg", "whas")
 
 def fahr_fits(jobs: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
     """Run each job's ``fahr finetune-survival`` in this process (the ``fahr`` package on the path: this
-    checkout's or the baseline's), each in a new folder under ``root`` (an earlier run's
-    ``train_done.json`` would skip the training); test and validation C, kept and last step, the two times."""
+    checkout's or the baseline's; :func:`survival.run_fahr_table`), each in a new folder under ``root``,
+    after an untimed warm-up fit; test and validation C, kept and last step, the two times."""
     import torch
 
     torch.set_num_threads(1)
-    from survival import _quiet, _silenced, compose
-
-    import fahr.pipeline.finetune_survival as command
+    from survival import _quiet, run_fahr_table
 
     _quiet()
-    fit_s: list[float] = []
-    train = command.train
-
-    def timed_train(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return train(*args, **kwargs)
-        finally:
-            fit_s.append(time.perf_counter() - t0)
-
-    command.train = timed_train
     out = []
     for i, job in enumerate([{**jobs[0], "warmup": True}, *jobs]):
-        overrides = [f"experiment=bench_deepsurv_{job['name']}", f"data.train={job['train_csv']}",
-                     f"data.test={job['test_csv']}", f"seed={job['seed']}", f"paths.root_dir={root / str(i)}",
-                     "resume=false", "trainer.enable_progress_bar=false"]
-        if job.get("warmup"):
-            overrides += ["task.max_steps=20"]
-        t0 = time.perf_counter()
-        with _silenced():
-            result = command.finetune_survival(compose("finetune_survival", overrides))
-        all_s = time.perf_counter() - t0
-        if job.get("warmup"):
-            continue
-        m = result.metrics
-        best = json.loads((result.run_dir / "train_done.json").read_text())["best"]
-        kept = torch.load(result.run_dir / best, map_location="cpu", weights_only=True)["global_step"]
-        out.append({"name": job["name"], "seed": job["seed"], "c_index": m["test_c_index"],
-                    "val_c_index": m["val_c_index"], "best_step": int(kept), "steps": m["training"]["steps"],
-                    "fit_s": fit_s[-1], "all_s": all_s})
+        fit = run_fahr_table(job["name"], job["train_csv"], job["test_csv"], job["seed"], root / str(i), quick=False,
+                             extra=["task.max_steps=20"] if job.get("warmup") else [])
+        if not job.get("warmup"):
+            out.append({"name": job["name"], "seed": job["seed"], **{k: fit[k] for k in ("c_index", "val_c_index", "best_step", "steps", "fit_s")},
+                        "all_s": fit["wall_s"]})
     return out
 
 
