@@ -51,7 +51,7 @@ test: $(STAMP) $(HF_REFERENCE)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-# the hyperparameter search (~50 min) is a tuning tool, not a measurement: only on request
+# the hyperparameter search (~25 min) is a tuning tool, not a measurement: only on request
 bench: $(addprefix bench-,$(filter-out survival_search,$(BENCHMARKS)))
 
 $(addprefix bench-,$(BENCHMARKS)): bench-%: $(STAMP)
