@@ -41,6 +41,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -116,7 +117,7 @@ def split_table(name: str, seed: int, out: Path) -> tuple[Path, Path, pd.DataFra
 
 
 def run_fahr_table(name: str, train_csv: Path, test_csv: Path, seed: int, root: Path, quick: bool,
-                   extra: list[str] = ()) -> dict[str, Any]:
+                   extra: Sequence[str] = ()) -> dict[str, Any]:
     """``fahr finetune-survival experiment=bench_deepsurv_<name>`` (+ ``extra`` overrides) in this process
     (the ``fahr`` package first on the path: this checkout's, or an older tree's for survival_speed),
     in ``root``, which must be new (an earlier run's ``train_done.json`` would skip the training).
