@@ -185,10 +185,9 @@ def run_pycox(train_df: pd.DataFrame, test_df: pd.DataFrame, seed: int, tmp: Pat
     from pycox.models import CoxPH
 
     from fahr.metrics.survival import harrell_c
-    from fahr.pipeline.finetune_survival import holdout
 
     t0 = time.perf_counter()
-    val = holdout(len(train_df), train_df["event"].to_numpy(), VAL_FRACTION, seed, groups_of(train_df))
+    val = validation_part(train_df, seed)
     tr, va = train_df[~val], train_df[val]
     feats = [c for c in train_df.columns if c not in ("time", "event")]
     mean = tr[feats].mean().to_numpy()
@@ -208,6 +207,28 @@ def run_pycox(train_df: pd.DataFrame, test_df: pd.DataFrame, seed: int, tmp: Pat
     wall = time.perf_counter() - t0
     return {"c_index": harrell_c(test_df["time"], test_df["event"], risk), "wall_s": wall, "fit_s": fit_s,
             "epochs": len(log.to_pandas())}
+
+
+def pycox_recipe_overrides(n_train: int) -> list[str]:
+    """``fahr finetune-survival`` overrides that train :func:`run_pycox`'s recipe (for survival_speed's
+    same-work row): [32, 32] hidden, dropout 0.1, batch 256, Adam (AdamW without decay) at a constant
+    0.01, no gradient clipping, Breslow ties, validation once an epoch (``n_train // 256`` steps: fahr
+    drops the last partial batch), early stopping after 10 validations without a lower loss, at most
+    512 epochs. What stays fahr's: GELU for ReLU, no batch norm, exact tied-time handling, per-step
+    reseeding and the validation C-index it logs."""
+    epoch = max(1, n_train // 256)
+    return ["task.head.hidden=[32,32]", "task.head.dropout=0.1", "data.batch_size=256", "task.base_lr=0.01",
+            "task.min_lr=0.01", "task.warmup_steps=0", "task.weight_decay=0", "trainer.gradient_clip_val=null",
+            "task.ties=breslow",
+            f"task.max_steps={512 * epoch}", f"task.val_every_n_steps={epoch}", "task.early_stopping_patience=10"]
+
+
+def validation_part(train_df: pd.DataFrame, seed: int) -> np.ndarray:
+    """(N,) bool: the rows of the non-test part that fahr (data.val_fraction, the run's seed) and
+    :func:`run_pycox` hold out for validation; the rest is trained on."""
+    from fahr.pipeline.finetune_survival import holdout
+
+    return holdout(len(train_df), train_df["event"].to_numpy(), VAL_FRACTION, seed, groups_of(train_df))
 
 
 def deepsurv_benchmark(seeds: list[int], root: Path, quick: bool) -> dict[str, Any]:

@@ -7,10 +7,12 @@ For each DeepSurv table and split seed (benchmarks/survival.py's test parts), ``
 - ``before``: the same command in the code of ``--baseline`` (default 5aaa22f, the last commit that
   trained tables under Lightning; ``git archive`` into a temporary folder, run with this venv);
 - pycox ``CoxPH`` with benchmarks/survival.py's recipe (the tutorial's [32, 32] MLP, batch 256, early
-  stopping), on the same training, validation and test rows.
+  stopping), on the same training, validation and test rows;
+- ``recipe``: this checkout's command trained with pycox's recipe instead of the shipped one
+  (``survival.pycox_recipe_overrides``): the same work as pycox, so the trainer's own speed.
 
 fahr runs in-process in a warm worker process per code version and round (the first fit of a process,
-an untimed warm-up, pays the lazy imports); the order of the three rotates every round. One torch
+an untimed warm-up, pays the lazy imports); the order of the four rotates every round. One torch
 thread for all. Two times per fit:
 
 - ``fit``: the training itself, validations and early stopping included: fahr's ``train`` of
@@ -57,7 +59,7 @@ def fahr_fits(jobs: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
     out = []
     for i, job in enumerate([{**jobs[0], "warmup": True}, *jobs]):
         fit = run_fahr_table(job["name"], job["train_csv"], job["test_csv"], job["seed"], root / str(i), quick=False,
-                             extra=["task.max_steps=20"] if job.get("warmup") else [])
+                             extra=[*job.get("extra", []), *(["task.max_steps=20"] if job.get("warmup") else [])])
         if not job.get("warmup"):
             out.append({"name": job["name"], "seed": job["seed"], **{k: fit[k] for k in ("c_index", "val_c_index", "best_step", "steps", "fit_s")},
                         "all_s": fit["wall_s"]})
@@ -94,7 +96,7 @@ def main() -> None:
 
     import torch
 
-    from survival import SURVIVAL_DATA, _quiet, run_pycox, split_table
+    from survival import SURVIVAL_DATA, _quiet, pycox_recipe_overrides, run_pycox, split_table, validation_part
 
     if not SURVIVAL_DATA.is_dir():
         sys.exit(f"skipped: {SURVIVAL_DATA} is absent (see ../shared/data/README.md)")
@@ -102,27 +104,33 @@ def main() -> None:
     torch.set_num_threads(1)
     _quiet()
     t_start = time.perf_counter()
-    runs: dict[str, list[list[dict[str, Any]]]] = {"now": [], "before": [], "pycox": []}
+    runs: dict[str, list[list[dict[str, Any]]]] = {"now": [], "before": [], "pycox": [], "recipe": []}
     with tempfile.TemporaryDirectory(prefix="fahr-bench-survival-speed-") as tmp_name:
         tmp = Path(tmp_name)
         trees = {"now": ROOT, "before": baseline_tree(args.baseline, tmp / "before")}
-        jobs, frames = [], {}
+        jobs, recipe_jobs, frames, epoch_steps = [], [], {}, {}
         for name in args.data:
             for seed in range(args.seeds):
                 train_csv, test_csv, train_df, test_df = split_table(name, seed, tmp / "csv")
                 frames[name, seed] = (train_df, test_df)
                 jobs.append({"name": name, "seed": seed, "train_csv": str(train_csv), "test_csv": str(test_csv)})
-        jobs_file = tmp / "jobs.json"
+                n_train = int((~validation_part(train_df, seed)).sum())
+                epoch_steps[name, seed] = max(1, n_train // 256)  # as pycox_recipe_overrides
+                recipe_jobs.append({**jobs[-1], "extra": pycox_recipe_overrides(n_train)})
+        jobs_file, recipe_jobs_file = tmp / "jobs.json", tmp / "recipe_jobs.json"
         jobs_file.write_text(json.dumps(jobs))
-        order = ["now", "before", "pycox"]
+        recipe_jobs_file.write_text(json.dumps(recipe_jobs))
+        order = ["now", "before", "pycox", "recipe"]
         for r in range(args.repeats):
-            for who in order[r % 3:] + order[: r % 3]:
+            for who in order[r % 4:] + order[: r % 4]:
                 t0 = time.perf_counter()
                 if who == "pycox":
                     rows = [{"name": j["name"], "seed": j["seed"],
                              **run_pycox(*frames[j["name"], j["seed"]], j["seed"], tmp, quick=False)} for j in jobs]
                     for row in rows:
                         row["all_s"] = row.pop("wall_s")
+                elif who == "recipe":
+                    rows = run_fahr(ROOT, recipe_jobs_file, tmp / f"{who}_{r}.json")
                 else:
                     rows = run_fahr(trees[who], jobs_file, tmp / f"{who}_{r}.json")
                 runs[who].append(rows)
@@ -147,17 +155,27 @@ def main() -> None:
         s["fit_ratio_now_over_pycox"] = s["now_fit_s"] / s["pycox_fit_s"]
         s["all_ratio_now_over_pycox"] = s["now_all_s"] / s["pycox_all_s"]
         s["fit_speedup_now_over_before"] = s["before_fit_s"] / s["now_fit_s"]
-        s["c_index_mean"] = statistics.fmean(x["c_index"] for x in runs["now"][0] if x["name"] == name)
-        s["pycox_c_index_mean"] = statistics.fmean(x["c_index"] for x in runs["pycox"][0] if x["name"] == name)
+        s["fit_ratio_recipe_over_pycox"] = s["recipe_fit_s"] / s["pycox_fit_s"]
+        # per epoch (the training rows once, one validation): early stopping ends the two after other epochs
+        s["fit_ratio_recipe_over_pycox_per_epoch"] = statistics.fmean(
+            (times["recipe", "fit_s"][k] / (per_fit("recipe", "steps")[k] / epoch_steps[k]))
+            / (times["pycox", "fit_s"][k] / per_fit("pycox", "epochs")[k])
+            for k in times["recipe", "fit_s"] if k[0] == name)
+        for who in ("now", "pycox", "recipe"):
+            s[f"{who}_c_index_mean"] = statistics.fmean(x["c_index"] for x in runs[who][0] if x["name"] == name)
+        s["c_index_mean"] = s.pop("now_c_index_mean")
         summary[name] = s
         table.append((name.upper(), f"{s['now_fit_s']:.2f}", f"{s['before_fit_s']:.2f}", f"{s['pycox_fit_s']:.2f}",
                       f"**{s['fit_ratio_now_over_pycox']:.1f}**", f"{s['fit_speedup_now_over_before']:.1f}x",
+                      f"{s['recipe_fit_s']:.2f}", f"**{s['fit_ratio_recipe_over_pycox']:.2f}** "
+                      f"({s['fit_ratio_recipe_over_pycox_per_epoch']:.2f})",
                       f"{s['now_all_s']:.2f} / {s['before_all_s']:.2f} / {s['pycox_all_s']:.2f}",
-                      f"{s['c_index_mean']:.3f} / {s['pycox_c_index_mean']:.3f}"))
+                      f"{s['c_index_mean']:.3f} / {s['recipe_c_index_mean']:.3f} / {s['pycox_c_index_mean']:.3f}"))
     print_table(f"DeepSurv mode, seconds per fit (one thread; mean over {args.seeds} split seeds of the median of "
                 f"{args.repeats} rounds); now = before on {sum(same)} of {len(same)} fits (test C, val C, kept step, steps)",
                 table, ("data", "fit now", "fit before", "fit pycox", "now / pycox (goal <= 1)", "now vs before",
-                        "all: now / before / pycox", "test C fahr / pycox"))
+                        "fit now, pycox's recipe", "that / pycox (per epoch)",
+                        "all: now / before / pycox", "test C: now / pycox's recipe / pycox"))
     result = {"baseline": args.baseline, "repeats": args.repeats, "seeds": args.seeds, "summary": summary,
               "identical_fits": sum(same), "fits_compared": len(same), "runs": runs,
               "wall_s_total": time.perf_counter() - t_start}
