@@ -103,6 +103,8 @@ def read_table(path: str, time: str, event: str) -> tuple[pd.DataFrame, np.ndarr
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"survival table {path}: not a readable CSV ({first[:120]})") from None
+    if len(df) == 0:
+        raise InputError(f"survival table {path}: no rows under the header")
     missing = [c for c in (time, event) if c not in df.columns]
     if missing:
         raise InputError(f"survival table {path}: missing column(s) {missing} (data.time / data.event); "
@@ -190,28 +192,29 @@ def table_splits(cfg: DictConfig) -> tuple[dict[str, Split], dict[str, Any], dic
     check_enough(t_val, e_val, "the validation part" + (f" ({d.val})" if d.val else f" (data.val_fraction={d.val_fraction})"),
                  2, 1)
     columns = list(x_train.columns)
-    mean = x_train.mean().to_numpy(np.float64)
-    std = x_train.std(ddof=0).replace(0, 1.0).to_numpy(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the InputError below, not a warning
+        mean = x_train.mean().to_numpy(np.float64)
+        std = x_train.std(ddof=0).replace(0, 1.0).to_numpy(np.float64)
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
         raise InputError(f"{d.train}: feature values too large to standardise (their mean or SD overflows)")
     scaler = {"features": columns, "mean": mean.tolist(), "std": std.tolist()}
 
-    def make(x: pd.DataFrame, t: np.ndarray, e: np.ndarray) -> Split:
+    def make(x: pd.DataFrame, t: np.ndarray, e: np.ndarray, source: str) -> Split:
         if list(x.columns) != columns:
             extra, lacking = len(set(x.columns) - set(columns)), len(set(columns) - set(x.columns))
-            raise InputError(f"feature columns differ from {d.train}'s: {extra} extra, {lacking} missing"
-                             + ("" if extra or lacking else ", or in another order"))
+            raise InputError(f"survival table {source}: its feature columns differ from {d.train}'s: {extra} extra, "
+                             f"{lacking} missing" + ("" if extra or lacking else ", or in another order"))
         z = torch.tensor((x.to_numpy(np.float64) - mean) / std, dtype=torch.float32)
         if not torch.isfinite(z).all():
             raise InputError("standardised feature values overflow float32: rescale the features")
         ds = _TableRows(z, torch.tensor(t, dtype=torch.float32), torch.tensor(e, dtype=torch.float32))
         return Split(ds, t, e)
 
-    splits = {"train": make(x_train, t_train, e_train), "val": make(x_val, t_val, e_val)}
+    splits = {"train": make(x_train, t_train, e_train, d.train), "val": make(x_val, t_val, e_val, d.val or d.train)}
     held_out = {"val": ((x_val, t_val, e_val), (x_train, t_train, e_train))}
     if d.test:
         test = read_table(d.test, d.time, d.event)
-        splits["test"] = make(*test)
+        splits["test"] = make(*test, d.test)
         held_out["test"] = (test, table)
     for name, ((x, t, e), reference) in held_out.items():
         copied = rows_copied_from(x, t, e, *reference)
