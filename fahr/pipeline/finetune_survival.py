@@ -83,7 +83,7 @@ def read_table(path: str, time: str, event: str) -> tuple[pd.DataFrame, np.ndarr
     have data there).
 
     Raises:
-        InputError: unreadable or malformed CSV, missing ``time``/``event`` column, no feature
+        InputError: unreadable or malformed CSV, no rows, missing ``time``/``event`` column, no feature
             column, non-numeric, missing or infinite feature values, and every check of
             :func:`fahr.stats.validation.check_survival_arrays`.
     """
