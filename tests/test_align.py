@@ -427,19 +427,49 @@ def test_functional_mtcnn_nets_equal_facenets_modules_bit_for_bit(name):
         assert torch.equal(e, g)
 
 
+def test_pnet_cells_become_facenets_boxes_bit_for_bit():
+    """P-Net cells above the threshold -> boxes (x1, y1, x2, y2, score, 4 offsets) and photo indices:
+    facenet's ``generateBoundingBox`` exactly, at the pyramid scales of many photo sizes, with
+    probabilities on the threshold as float32 (which rounds 0.6 up and 0.7 down) and several photos."""
+    from facenet_pytorch.models.utils.detect_face import generateBoundingBox
+
+    from fahr.faces.mtcnn import MTCNNDetector
+
+    g = torch.Generator().manual_seed(2)
+    for threshold in (0.6, 0.7):
+        det = MTCNNDetector(thresholds=(threshold, 0.7, 0.7))
+        for h, w in [(200, 200), (112, 96), (481, 640), (3000, 4000), (57, 57)]:
+            for scale in det.scales(h, w, 20.0):
+                size = (int(h * scale + 1) - 10) // 2 + 1, (int(w * scale + 1) - 10) // 2 + 1
+                if min(size) < 1:
+                    continue
+                n = int(torch.randint(1, 4, (1,), generator=g))
+                reg = torch.randn(n, 4, *size, generator=g)
+                prob = torch.rand(n, *size, generator=g)
+                prob[prob > 0.9] = torch.tensor(threshold, dtype=torch.float32)
+                expected, expected_photo = generateBoundingBox(reg, prob, scale, threshold)
+                got, got_photo = det._pnet_boxes(reg, prob, scale)
+                assert got.dtype == expected.dtype and torch.equal(got, expected), (threshold, h, w, scale)
+                assert torch.equal(got_photo, expected_photo)
+
+
 def test_nms_is_torchvisions_nms_bit_for_bit():
-    """Random boxes on an integer grid (exact IoU ties with the threshold happen), tied scores, and
-    thresholds that float32 rounds up (0.6) or down (0.7): the same kept indices in the same order."""
+    """Random boxes on an integer grid (exact IoU ties with the threshold happen) or fractional, tied
+    scores, and thresholds that float32 rounds up (0.6) or down (0.7): the same kept indices in the
+    same order."""
     from torchvision.ops import batched_nms as tv_batched_nms
     from torchvision.ops import nms as tv_nms
 
     from fahr.faces.mtcnn import batched_nms, nms
 
     g = torch.Generator().manual_seed(0)
-    for _ in range(400):
+    for case in range(600):
         n = int(torch.randint(1, 120, (1,), generator=g))
-        xy = (torch.rand(n, 2, generator=g) * 60).round()
-        boxes = torch.cat([xy, xy + (torch.rand(n, 2, generator=g) * 30 + 1).round()], 1)
+        xy = torch.rand(n, 2, generator=g) * 60
+        size = torch.rand(n, 2, generator=g) * 30 + 1
+        if case % 3:  # on the grid: exact ties of IoU and threshold; else fractional, as P/R-Net boxes are
+            xy, size = xy.round(), size.round()
+        boxes = torch.cat([xy, xy + size], 1)
         scores = (torch.rand(n, generator=g) * 10).round() / 10
         for threshold in (0.3, 0.5, 0.6, 0.7):
             assert torch.equal(nms(boxes, scores, threshold), tv_nms(boxes, scores, threshold))

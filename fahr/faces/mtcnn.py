@@ -14,7 +14,10 @@ facenet's clip-then-stretch candidate crops); what differs is speed:
 - the three networks run as plain functional calls on facenet's weights (read from the wheel's
   ``data/*.pt`` with ``weights_only``), and non-maximum suppression is :func:`nms` here: the detector
   imports neither facenet-pytorch's package nor torchvision, ~1 s of every detection worker's start,
-  and skips the module-call overhead; outputs are bit-identical (tests/test_align.py).
+  and skips the module-call overhead; outputs are bit-identical (tests/test_align.py);
+- the NMS, the P-Net cells' boxes and the input scaling run in numpy on the same float32 values, op
+  for op (torch's per-op overhead on a few boxes was ~6% of a photo's detection); tests/test_align.py
+  checks them bit for bit against torchvision's ``nms`` and facenet's ``generateBoundingBox``.
 
 PIL's box filter averages exact pixel fractions where ``adaptive_avg_pool2d`` uses overlapping
 integer bins, and rounds to uint8, so network inputs differ slightly from facenet's: with the same
@@ -43,8 +46,9 @@ _BOX = Image.Resampling.BOX
 def _to_input(arrays: list[np.ndarray]) -> torch.Tensor:
     """Stack (h, w, 3) uint8 arrays into MTCNN input: (K, 3, h, w) float32 (v - 127.5) / 128,
     channels-last (2-4x faster convolutions and poolings on CPU)."""
-    x = torch.from_numpy(np.stack(arrays)).float()
-    return ((x - 127.5) * 0.0078125).permute(0, 3, 1, 2)
+    # exact in float32 (uint8 - 127.5, times 2^-7), so numpy gives facenet's values without torch's per-op cost
+    x = (np.stack(arrays).astype(np.float32) - np.float32(127.5)) * np.float32(0.0078125)
+    return torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
 def _crops(pils: list[Image.Image], inds, y0, x0, hgt, wid, out: int) -> torch.Tensor:
@@ -109,13 +113,15 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
     order = torch.sort(scores, stable=True, descending=True).indices
-    x1, y1, x2, y2 = boxes[order].unbind(1)
+    # numpy on the same float32 values, op for op: the same roundings as torch's ops, without their
+    # per-call overhead (a photo's ~7 calls on ~10 boxes each were ~6% of its detection)
+    x1, y1, x2, y2 = boxes.numpy()[order.numpy()].T
     area = (x2 - x1) * (y2 - y1)
-    w = (torch.minimum(x2[:, None], x2[None]) - torch.maximum(x1[:, None], x1[None])).clamp(min=0)
-    h = (torch.minimum(y2[:, None], y2[None]) - torch.maximum(y1[:, None], y1[None])).clamp(min=0)
+    w = np.maximum(np.minimum(x2[:, None], x2[None]) - np.maximum(x1[:, None], x1[None]), np.float32(0))
+    h = np.maximum(np.minimum(y2[:, None], y2[None]) - np.maximum(y1[:, None], y1[None]), np.float32(0))
     inter = w * h
     # (K, K): box i (row) suppresses box j; only j after i in the order counts
-    suppresses = ((inter / (area[:, None] + area[None] - inter)).double() > iou_threshold).numpy()
+    suppresses = (inter / (area[:, None] + area[None] - inter)).astype(np.float64) > iou_threshold
     alive = np.ones(len(order), dtype=bool)
     keep = []
     for i in range(len(order)):
@@ -130,7 +136,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
     Returns the kept indices, highest score first (stable). With one photo this is ``nms`` itself,
     and torchvision's ``batched_nms``; with several, each photo's result is the one it would get
     alone (torchvision shifts boxes by photo, which can round their coordinates)."""
-    photos = torch.unique(idxs)
+    photos = np.unique(idxs.numpy()).tolist()
     if len(photos) <= 1:
         return nms(boxes, scores, iou_threshold)
     kept = torch.cat([torch.nonzero(idxs == j)[:, 0][nms(boxes[idxs == j], scores[idxs == j], iou_threshold)]
@@ -296,10 +302,14 @@ class MTCNNDetector:
     def _pnet_boxes(self, reg: torch.Tensor, prob: torch.Tensor, scale: float):
         """facenet's ``generateBoundingBox``: P-Net cells above threshold -> (K, 9) boxes in photo
         pixels (x1, y1, x2, y2, score, 4 regression offsets) and (K,) photo indices."""
-        mask = prob >= self.thresholds[0]
-        where = mask.nonzero()
-        cell = where[:, 1:].to(reg.dtype).flip(1)  # (x, y) cell index; stride 2, 12-px window
-        q1 = ((2 * cell + 1) / scale).floor()
-        q2 = ((2 * cell + 12) / scale).floor()
-        offsets = reg.permute(0, 2, 3, 1)[mask]
-        return torch.cat([q1, q2, prob[mask][:, None], offsets], 1), where[:, 0]
+        # in numpy on the float32 values, op for op as facenet's torch code (tests/test_align.py checks
+        # them bit for bit): torch's per-op overhead on these few cells was ~5% of a photo's detection
+        prob, reg = prob.numpy(), reg.numpy()
+        mask = prob >= np.float32(self.thresholds[0])
+        photo, y, x = np.nonzero(mask)
+        cell = np.stack([x, y], 1).astype(reg.dtype)  # (x, y) cell index; stride 2, 12-px window
+        q1 = np.floor((2 * cell + 1) / np.float32(scale))
+        q2 = np.floor((2 * cell + 12) / np.float32(scale))
+        offsets = reg.transpose(0, 2, 3, 1)[mask]
+        boxes = np.concatenate([q1, q2, prob[mask][:, None], offsets], 1)
+        return torch.from_numpy(boxes), torch.from_numpy(photo.astype(np.int64))
