@@ -16,7 +16,7 @@ facenet's clip-then-stretch candidate crops); what differs is speed:
   imports neither facenet-pytorch's package nor torchvision, ~1 s of every detection worker's start,
   and skips the module-call overhead; outputs are bit-identical (tests/test_align.py);
 - the NMS, the P-Net cells' boxes and the input scaling run in numpy on the same float32 values, op
-  for op (torch's per-op overhead on a few boxes was ~6% of a photo's detection); tests/test_align.py
+  for op (torch's per-op overhead on a few boxes: 2-4% of a photo's detection); tests/test_align.py
   checks them bit for bit against torchvision's ``nms`` and facenet's ``generateBoundingBox``.
 
 PIL's box filter averages exact pixel fractions where ``adaptive_avg_pool2d`` uses overlapping
@@ -114,7 +114,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
         return torch.zeros(0, dtype=torch.int64)
     order = torch.sort(scores, stable=True, descending=True).indices
     # numpy on the same float32 values, op for op: the same roundings as torch's ops, without their
-    # per-call overhead (a photo's ~7 calls on ~10 boxes each were ~6% of its detection)
+    # per-call overhead (a photo makes ~7 calls on ~10 boxes each)
     x1, y1, x2, y2 = boxes.numpy()[order.numpy()].T
     area = (x2 - x1) * (y2 - y1)
     w = np.maximum(np.minimum(x2[:, None], x2[None]) - np.maximum(x1[:, None], x1[None]), np.float32(0))
@@ -303,7 +303,7 @@ class MTCNNDetector:
         """facenet's ``generateBoundingBox``: P-Net cells above threshold -> (K, 9) boxes in photo
         pixels (x1, y1, x2, y2, score, 4 regression offsets) and (K,) photo indices."""
         # in numpy on the float32 values, op for op as facenet's torch code (tests/test_align.py checks
-        # them bit for bit): torch's per-op overhead on these few cells was ~5% of a photo's detection
+        # them bit for bit), without torch's per-op overhead on these few cells
         prob, reg = prob.numpy(), reg.numpy()
         mask = prob >= np.float32(self.thresholds[0])
         photo, y, x = np.nonzero(mask)
