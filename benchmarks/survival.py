@@ -40,8 +40,8 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,14 +209,20 @@ def run_pycox(train_df: pd.DataFrame, test_df: pd.DataFrame, seed: int, tmp: Pat
             "epochs": len(log.to_pandas())}
 
 
+def pycox_epoch_steps(n_train: int) -> int:
+    """Optimiser steps of one epoch of :func:`run_pycox`'s batches of 256 in fahr, which drops the
+    last partial batch."""
+    return max(1, n_train // 256)
+
+
 def pycox_recipe_overrides(n_train: int) -> list[str]:
     """``fahr finetune-survival`` overrides that train :func:`run_pycox`'s recipe (for survival_speed's
     same-work row): [32, 32] hidden, dropout 0.1, batch 256, Adam (AdamW without decay) at a constant
-    0.01, no gradient clipping, Breslow ties, validation once an epoch (``n_train // 256`` steps: fahr
-    drops the last partial batch), early stopping after 10 validations without a lower loss, at most
-    512 epochs. What stays fahr's: GELU for ReLU, no batch norm, exact tied-time handling, per-step
-    reseeding and the validation C-index it logs."""
-    epoch = max(1, n_train // 256)
+    0.01, no gradient clipping, Breslow ties, validation once an epoch (:func:`pycox_epoch_steps`),
+    early stopping after 10 validations without a lower loss, at most 512 epochs. What stays fahr's:
+    GELU for ReLU, no batch norm, exact tied-time handling, per-step reseeding and the validation
+    C-index it logs."""
+    epoch = pycox_epoch_steps(n_train)
     return ["task.head.hidden=[32,32]", "task.head.dropout=0.1", "data.batch_size=256", "task.base_lr=0.01",
             "task.min_lr=0.01", "task.warmup_steps=0", "task.weight_decay=0", "trainer.gradient_clip_val=null",
             "task.ties=breslow",

@@ -96,7 +96,8 @@ def main() -> None:
 
     import torch
 
-    from survival import SURVIVAL_DATA, _quiet, pycox_recipe_overrides, run_pycox, split_table, validation_part
+    from survival import (SURVIVAL_DATA, _quiet, pycox_epoch_steps, pycox_recipe_overrides, run_pycox, split_table,
+                          validation_part)
 
     if not SURVIVAL_DATA.is_dir():
         sys.exit(f"skipped: {SURVIVAL_DATA} is absent (see ../shared/data/README.md)")
@@ -115,7 +116,7 @@ def main() -> None:
                 frames[name, seed] = (train_df, test_df)
                 jobs.append({"name": name, "seed": seed, "train_csv": str(train_csv), "test_csv": str(test_csv)})
                 n_train = int((~validation_part(train_df, seed)).sum())
-                epoch_steps[name, seed] = max(1, n_train // 256)  # as pycox_recipe_overrides
+                epoch_steps[name, seed] = pycox_epoch_steps(n_train)
                 recipe_jobs.append({**jobs[-1], "extra": pycox_recipe_overrides(n_train)})
         jobs_file, recipe_jobs_file = tmp / "jobs.json", tmp / "recipe_jobs.json"
         jobs_file.write_text(json.dumps(jobs))
@@ -161,9 +162,8 @@ def main() -> None:
             (times["recipe", "fit_s"][k] / (per_fit("recipe", "steps")[k] / epoch_steps[k]))
             / (times["pycox", "fit_s"][k] / per_fit("pycox", "epochs")[k])
             for k in times["recipe", "fit_s"] if k[0] == name)
-        for who in ("now", "pycox", "recipe"):
-            s[f"{who}_c_index_mean"] = statistics.fmean(x["c_index"] for x in runs[who][0] if x["name"] == name)
-        s["c_index_mean"] = s.pop("now_c_index_mean")
+        test_c = {who: statistics.fmean(x["c_index"] for x in runs[who][0] if x["name"] == name) for who in runs}
+        s["c_index_mean"], s["pycox_c_index_mean"], s["recipe_c_index_mean"] = test_c["now"], test_c["pycox"], test_c["recipe"]
         summary[name] = s
         table.append((name.upper(), f"{s['now_fit_s']:.2f}", f"{s['before_fit_s']:.2f}", f"{s['pycox_fit_s']:.2f}",
                       f"**{s['fit_ratio_now_over_pycox']:.1f}**", f"{s['fit_speedup_now_over_before']:.1f}x",
